@@ -1,0 +1,26 @@
+# `make test` and `make demo` are all the set-up a fresh machine needs: they create .venv and install
+# the project with torch pinned by constraints.txt (the CPU wheel), then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m invfx demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/chain_memory.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,578 @@
+"""One mechanism for checkpointed and invertible regions.
+
+A *region* is a function run so that autograd keeps almost nothing of its inside:
+
+* ``checkpoint``: keep the region's inputs, recompute the region in backward.
+* ``invertible``: keep the region's outputs, free the storage of the inputs the caller lists, rebuild the inputs
+  from the outputs in backward (the inverse), put them back into the same storage, recompute, backprop.
+
+Both go through :class:`RegionFunction` and a *replay*, the backward's recomputation. A replay receives a
+:class:`ReplayContext` and returns the region's outputs, recomputed with grad from leaves the context hands out.
+The default replays are "recompute from the kept inputs" and "invert, then recompute"; a fused replay (an
+additive coupling computing ``F(x2)`` once for both the inverse ``x1 = y1 - F(x2)`` and the gradient) is just
+another replay, so the fused backward needs no second mechanism.
+
+Contract (what the runtime guarantees):
+
+* outputs and every gradient equal plain autograd: parameters and other tensors the function reads are found
+  on the autograd graph of the forward and become inputs of the region, so ``torch.autograd.grad`` and
+  ``backward(inputs=...)`` work and nothing is accumulated twice;
+* RNG (CPU and CUDA) and autocast state are replayed; buffers the forward mutated (BatchNorm running statistics)
+  are updated once, by the forward;
+* a freed tensor keeps its object, views and version counter; its storage is restored before any node that
+  saved it can run, and restored without backward when the graph is dropped unused;
+* a second ``backward`` with ``retain_graph=True`` works; double backward (``create_graph=True``) raises.
+
+Caveats (what the caller guarantees):
+
+* ``free`` lists only tensors that nobody reads between this forward and its backward. The runtime refuses
+  anything that could alias other data (views, partial storages, parameters, buffers, outputs, other inputs),
+  but it cannot see future readers: ``x + region(x)`` with ``x`` freed would read freed memory. The fx pass
+  and :class:`invfx.nn.InvertibleSequential` prove their lists from the data flow.
+* The function must not mutate its inputs in place, and must not read tensors that require grad and were
+  computed outside it without passing them as arguments (an :class:`~invfx.RegionError` says so).
+* The inverse of a function with dropout must draw random numbers in the same order as the function does, or
+  not at all; the RNG is reset to the forward's state before the inverse and again before the recomputation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..errors import InverseError, RegionError
+from .state import AutocastState, BufferState, RngState
+from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
+
+__all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region"]
+
+CHECKPOINT = "checkpoint"
+INVERTIBLE = "invertible"
+
+
+@dataclass(frozen=True)
+class Region:
+    """What to run and how to undo it. Cheap to build; reusable across calls.
+
+    ``inverse(outputs, saved) -> inputs``: ``outputs`` is the tuple of the function's outputs (non-tensors
+    included), ``saved`` the frozenset of argument positions whose values are still in memory (they need not be
+    rebuilt; whatever is returned there is ignored). It returns one entry per function argument.
+    ``replay(ctx) -> outputs`` overrides the backward's recomputation (see :class:`ReplayContext`).
+    """
+
+    function: Callable[..., Any]
+    mode: str = CHECKPOINT
+    inverse: Callable[[tuple, frozenset], Sequence[Any]] | None = None
+    replay: Callable[["ReplayContext"], Any] | None = None
+    free: frozenset[int] = frozenset()
+    buffers: Callable[[], Iterable[torch.Tensor]] | tuple = ()
+    preserve_rng_state: bool = True
+    name: str = "region"
+
+    def __post_init__(self):
+        if self.mode not in (CHECKPOINT, INVERTIBLE):
+            raise RegionError(f"{self.name}: unknown mode {self.mode!r}")
+        if self.mode == INVERTIBLE and self.inverse is None and self.replay is None:
+            raise RegionError(f"{self.name}: an invertible region needs an inverse or a replay")
+        if self.mode == CHECKPOINT and self.free:
+            raise RegionError(f"{self.name}: a checkpoint region keeps its inputs; it cannot free them")
+
+
+def checkpoint(function, *args, buffers=(), preserve_rng_state=True, name=None):
+    """Run ``function(*args)`` keeping only its inputs; recompute it in backward."""
+    region = Region(function, CHECKPOINT, buffers=tuple(buffers), preserve_rng_state=preserve_rng_state,
+                    name=name or _name_of(function))
+    return run_region(region, args)
+
+
+def invertible_checkpoint(function, inverse, *args, free=(), replay=None, buffers=(), preserve_rng_state=True,
+                          name=None):
+    """Run ``function(*args)`` keeping only its outputs; rebuild the inputs with ``inverse`` in backward.
+
+    ``inverse(*outputs)`` (or ``inverse(*outputs, saved=...)`` if it takes ``saved``) returns the arguments.
+    ``free`` lists argument positions whose storage may be released until backward (``True``: every tensor
+    argument); see the module docstring for what the caller promises by listing one.
+    """
+    if free is True:
+        free = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    region = Region(function, INVERTIBLE, inverse=_adapt_inverse(inverse), replay=replay, free=frozenset(free),
+                    buffers=tuple(buffers), preserve_rng_state=preserve_rng_state, name=name or _name_of(function))
+    return run_region(region, args)
+
+
+def _name_of(function) -> str:
+    return getattr(function, "__qualname__", None) or type(function).__name__
+
+
+def _adapt_inverse(inverse):
+    if inverse is None:
+        return None
+    try:
+        takes_saved = "saved" in inspect.signature(inverse).parameters
+    except (TypeError, ValueError):
+        takes_saved = False
+    if takes_saved:
+        return lambda outputs, saved: inverse(*outputs, saved=saved)
+    return lambda outputs, saved: inverse(*outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+
+
+def run_region(region: Region, args: Sequence[Any]):
+    """Run ``region`` on ``args``; with grad disabled this is exactly ``region.function(*args)``."""
+    if not torch.is_grad_enabled():
+        return region.function(*args)
+    args = tuple(args)
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    inputs = [args[i] for i in positions]
+    buffers = list(region.buffers() if callable(region.buffers) else region.buffers)
+
+    rng = RngState(inputs + buffers) if region.preserve_rng_state else None
+    autocast = AutocastState()
+    buffer_state = BufferState(buffers)
+    versions = [t._version for t in inputs]
+
+    # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but every
+    # tensor autograd would save is dropped at once, so it costs the memory of a no-grad run.
+    leaves = [_leaf_like(t) for t in inputs]
+    dry_args = list(args)
+    for position, leaf in zip(positions, leaves):
+        dry_args[position] = leaf
+    first_node = _next_sequence_nr()
+    with torch.enable_grad(), _dry_mode(region.name):
+        result = region.function(*dry_args)
+
+    for position, tensor, version in zip(positions, inputs, versions):
+        if tensor._version != version:
+            raise RegionError(f"{region.name}: modifies its argument {position} in place; a region must not "
+                              "mutate its inputs (their values are needed to recompute it)")
+
+    structure = _Structure.of(result)
+    outputs = structure.tensors(result)
+    requires_grad = [o.requires_grad for o in outputs]
+    if not any(requires_grad):
+        return structure.rebuild(result, [o.detach() for o in outputs])
+
+    params = _graph_leaves(outputs, leaves, first_node, region.name)
+    call = _RegionCall(region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
+                       autocast, buffer_state.mutated())
+    del result, dry_args, leaves
+    returned = RegionFunction.apply(call, *inputs, *params)
+    return structure.rebuild(call.non_tensor_result, returned)
+
+
+def _leaf_like(tensor: torch.Tensor) -> torch.Tensor:
+    leaf = tensor.detach()
+    return leaf.requires_grad_() if tensor.requires_grad else leaf
+
+
+@contextlib.contextmanager
+def _dry_mode(name: str):
+    def pack(_):
+        return None
+
+    def unpack(_):
+        raise RegionError(f"{name}: the function computes gradients inside its forward, which a region cannot "
+                          "run without keeping its activations")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _next_sequence_nr() -> int:
+    """Sequence number the next autograd node of this thread will get."""
+    get = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    if get is not None:
+        return get()
+    probe = torch.zeros((), requires_grad=True) * 1
+    return probe.grad_fn._sequence_nr() + 1
+
+
+_ACCUMULATE_GRAD = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+
+
+def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> list[torch.Tensor]:
+    """Tensors requiring grad that the function read without getting them as arguments (its parameters).
+
+    Walks the dry run's graph from the outputs. A node older than the dry run belongs to the caller's graph: the
+    function read a non-leaf tensor that requires grad through a closure, which a region cannot differentiate.
+    """
+    own = {id(leaf) for leaf in own_leaves}
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, _ACCUMULATE_GRAD):
+            variable = node.variable
+            if id(variable) not in own:
+                found.setdefault(id(variable), variable)
+            continue
+        if node._sequence_nr() < first_node:
+            raise RegionError(
+                f"{name}: reads a tensor that requires grad and was computed outside the region "
+                f"(reached through {node.name()}); pass it as an argument instead of capturing it")
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return list(found.values())
+
+
+class _Structure:
+    """Where the tensors sit in a function's result (a tensor, or a tuple/list of anything)."""
+
+    __slots__ = ("kind", "slots", "length")
+
+    def __init__(self, kind, slots, length):
+        self.kind, self.slots, self.length = kind, slots, length
+
+    @classmethod
+    def of(cls, result):
+        if isinstance(result, torch.Tensor):
+            return cls("tensor", [0], 1)
+        if isinstance(result, (tuple, list)):
+            slots = [i for i, r in enumerate(result) if isinstance(r, torch.Tensor)]
+            return cls(type(result), slots, len(result))
+        raise RegionError(f"a region must return a tensor or a tuple/list, not {type(result).__name__}")
+
+    def tensors(self, result) -> list[torch.Tensor]:
+        return [result] if self.kind == "tensor" else [result[i] for i in self.slots]
+
+    def items(self, result) -> tuple:
+        return (result,) if self.kind == "tensor" else tuple(result)
+
+    def rebuild(self, result, tensors):
+        if self.kind == "tensor":
+            return tensors[0]
+        items = list(result)
+        for slot, tensor in zip(self.slots, tensors):
+            items[slot] = tensor
+        return self.kind(items)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One call of a region: what backward needs
+
+
+class _RegionCall:
+    """The state of one forward of a region, held by the autograd node until backward (never a tensor with
+    history, so no reference cycle through the graph)."""
+
+    def __init__(self, region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
+                 autocast, mutated_buffers):
+        self.region = region
+        self.name = region.name
+        self.positions = positions
+        self.position_slot = {p: k for k, p in enumerate(positions)}
+        self.template = tuple(None if isinstance(a, torch.Tensor) else a for a in args)
+        self.input_meta = [(t.shape, t.dtype, t.device, t.requires_grad) for t in inputs]
+        self.num_params = len(params)
+        self.structure = structure
+        # Non-tensor outputs are kept as they are; tensor slots are filled from the saved outputs in backward.
+        self.non_tensor_result = structure.rebuild(result, [None] * len(outputs)) if structure.kind != "tensor" \
+            else None
+        self.outputs, self.output_alias = _outputs_for_return(outputs, inputs)
+        self.output_shapes = [o.shape for o in outputs]
+        self.requires_grad = requires_grad
+        self.rng = rng
+        self.autocast = autocast
+        self.mutated_buffers = mutated_buffers
+        self.freed: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> (alias sharing the storage, nbytes)
+        self.not_freed: dict[int, str] = {}  # position -> why the runtime refused to free it
+        self.weak_inputs: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (weakref, version)
+        self.guard = None
+        self.param_keys = {storage_key(p) for p in params}
+        self.buffer_keys = {storage_key(b) for b in mutated_buffers}
+
+    # -- forward, inside RegionFunction.forward --------------------------------------------------------------
+
+    def release_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Free the inputs the region may free; remember the others weakly (invertible mode)."""
+        wanted = {self.position_slot[p] for p in self.region.free if p in self.position_slot}
+        for p in self.region.free:
+            if p not in self.position_slot:
+                self.not_freed[p] = "not a tensor argument"
+        kept_keys = {storage_key(o) for o in self.outputs} | self.param_keys | self.buffer_keys
+        kept_keys |= {storage_key(inputs[k]) for k in range(len(inputs)) if k not in wanted}
+        freed_keys: dict[tuple, int] = {}
+        for slot in sorted(wanted):
+            tensor = inputs[slot]
+            key = storage_key(tensor)
+            reason = free_blocker(tensor) if key not in freed_keys else None
+            if reason is None and key in kept_keys:
+                reason = "shares its storage with an output, a parameter, a buffer or a kept input"
+            if reason is not None:
+                self.not_freed[self.positions[slot]] = reason
+                continue
+            if key not in freed_keys:
+                freed_keys[key] = free_storage(tensor)
+            self.freed[slot] = (tensor.detach(), freed_keys[key])
+        for slot, tensor in enumerate(inputs):
+            if slot not in self.freed:
+                self.weak_inputs[slot] = (weakref.ref(tensor), tensor._version)
+        if self.freed:
+            self.guard = _RestoreOnDrop(self)
+
+    # -- backward ----------------------------------------------------------------------------------------------
+
+    def backward(self, saved: tuple[torch.Tensor, ...], grad_outputs):
+        region = self.region
+        replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
+        context = ReplayContext(self, saved)
+        rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
+        with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers):
+            context.reset_rng()
+            with torch.enable_grad():
+                result = replay(context)
+            grads = self._gradients(context, result, grad_outputs)
+        self.restored()
+        return grads
+
+    def _gradients(self, context, result, grad_outputs):
+        try:
+            recomputed = self.structure.tensors(result)
+        except (IndexError, TypeError, RegionError):
+            recomputed = None
+        if recomputed is None or len(recomputed) != len(grad_outputs):
+            raise RegionError(f"{self.name}: the recomputation returned a different structure than the forward")
+        roots, root_grads = [], []
+        for output, grad, shape in zip(recomputed, grad_outputs, self.output_shapes):
+            if grad is None:
+                continue
+            if output.shape != shape:
+                raise RegionError(f"{self.name}: the recomputation gave an output of shape {tuple(output.shape)}, "
+                                  f"the forward {tuple(shape)}; the function must be deterministic")
+            if output.requires_grad:
+                roots.append(output)
+                root_grads.append(grad)
+        leaves = [context.input(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
+        wrt = [leaf for leaf in leaves if leaf is not None] + list(context.params)
+        wrt_grads = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True) if roots and wrt else \
+            [None] * len(wrt)
+        it = iter(wrt_grads)
+        input_grads = [next(it) if leaf is not None else None for leaf in leaves]
+        return tuple(input_grads) + tuple(it)
+
+    def restored(self) -> None:
+        """The inputs are back: nothing left to restore if the graph is dropped."""
+        if self.guard is not None:
+            self.guard.disarm()
+            self.guard = None
+
+
+def _outputs_for_return(outputs, inputs):
+    """Detached outputs to hand back from the autograd function, and for each the input slot it aliases.
+
+    An output sharing storage with an input (an identity stream, a reshape) is returned as a *view* of that
+    input (made in ``RegionFunction.forward``), so that a later region sees a view and never frees the input's
+    bytes under its owner. An output sharing storage with an earlier output is copied (rare; freeing one must
+    not free the other).
+    """
+    slot_by_key = {}
+    for slot, tensor in enumerate(inputs):
+        if tensor.numel():
+            slot_by_key.setdefault(storage_key(tensor), slot)
+    returned, alias, seen = [], [], set()
+    for output in outputs:
+        detached = output.detach()
+        key = storage_key(detached)
+        slot = slot_by_key.get(key) if detached.numel() else None
+        if slot is None and detached.numel() and key in seen:
+            detached = detached.clone()
+            key = storage_key(detached)
+        seen.add(key)
+        returned.append(detached)
+        alias.append(slot)
+    return returned, alias
+
+
+class RegionFunction(torch.autograd.Function):
+    """The autograd node of a region. Its inputs: the region's tensor arguments, then the parameters found."""
+
+    @staticmethod
+    def forward(ctx, call: _RegionCall, *tensors):
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        inputs = tensors[:len(call.positions)]
+        params = tensors[len(call.positions):]
+        # An output aliasing an input becomes a view of that input made here, so autograd records it as one.
+        outputs = [o if slot is None else inputs[slot].as_strided(o.size(), o.stride(), o.storage_offset())
+                   for o, slot in zip(call.outputs, call.output_alias)]
+        non_differentiable = [o for o, r in zip(outputs, call.requires_grad) if not r]
+        if non_differentiable:
+            ctx.mark_non_differentiable(*non_differentiable)
+        if call.region.mode == CHECKPOINT:
+            ctx.save_for_backward(*inputs, *params)
+        else:
+            ctx.save_for_backward(*outputs, *params)
+            call.release_inputs(inputs)
+            if call.guard is not None:
+                call.guard.outputs = [o.detach() for o in outputs]
+        call.outputs = None  # the saved tensors hold them from here
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        call = ctx.call
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:
+            raise RegionError(f"{call.name}: backward through a region a second time; pass retain_graph=True "
+                              "to the first backward") from error
+        return (None,) + call.backward(saved, grad_outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward: the replay
+
+
+class ReplayContext:
+    """What a replay may use to recompute a region in backward.
+
+    * ``outputs``: the forward's outputs (invertible mode), detached, as the function returned them;
+    * ``saved``: argument positions whose values are still in memory (no need to rebuild them);
+    * ``input(position, value=None)``: the leaf standing for that argument in the recomputation. For an argument
+      that is not in memory, ``value`` is its rebuilt value: it is written back into the original storage (for
+      a freed input) and the leaf aliases it. Call it once per argument before using the leaf; later calls
+      return the same leaf;
+    * ``reset_rng()``: put the RNG back to the forward's state (no-op if the region does not preserve it);
+    * ``call_function()``: the function on the leaves of every argument (all must be available);
+    * ``inverse(saved=None)``: the region's inverse on the outputs.
+    """
+
+    def __init__(self, call: _RegionCall, saved: tuple[torch.Tensor, ...]):
+        self._call = call
+        self._leaves: dict[int, Any] = {}
+        self._checkpointed = call.region.mode == CHECKPOINT
+        split = len(saved) - call.num_params
+        saved, self.params = saved[:split], saved[split:]
+        if self._checkpointed:
+            self._saved_inputs = saved
+            self.outputs = None
+        else:
+            self._saved_inputs = None
+            self.outputs = call.structure.items(call.structure.rebuild(call.non_tensor_result, list(saved)))
+        self.saved = frozenset(p for p in call.positions if self._available(call.position_slot[p]) is not None) \
+            | frozenset(p for p, a in enumerate(call.template) if p not in call.position_slot)
+
+    def _available(self, slot: int) -> torch.Tensor | None:
+        call = self._call
+        if self._checkpointed:
+            return self._saved_inputs[slot]
+        if slot in call.freed:
+            alias, _ = call.freed[slot]
+            return None if is_freed(alias) else alias
+        ref, version = call.weak_inputs[slot]
+        tensor = ref()
+        if tensor is None or tensor._version != version or is_freed(tensor):
+            return None
+        return tensor
+
+    def input(self, position: int, value: Any = None):
+        if position in self._leaves:
+            return self._leaves[position]
+        call = self._call
+        if position not in call.position_slot:
+            return call.template[position]
+        slot = call.position_slot[position]
+        shape, dtype, device, requires_grad = call.input_meta[slot]
+        tensor = self._available(slot)
+        if tensor is None:
+            if not isinstance(value, torch.Tensor):
+                raise InverseError(f"{call.name}: argument {position} is not in memory and the inverse did not "
+                                   f"rebuild it (got {type(value).__name__})")
+            if value.shape != shape:
+                raise InverseError(f"{call.name}: the inverse rebuilt argument {position} with shape "
+                                   f"{tuple(value.shape)}, expected {tuple(shape)}")
+            if slot in call.freed:
+                alias, nbytes = call.freed[slot]
+                restore_storage(alias, nbytes, value)
+                tensor = alias
+            else:
+                tensor = value.detach().to(dtype=dtype, device=device)
+        leaf = tensor.detach()
+        if requires_grad:
+            leaf.requires_grad_()
+        self._leaves[position] = leaf
+        return leaf
+
+    def reset_rng(self) -> None:
+        if self._call.rng is not None:
+            self._call.rng.set()
+
+    def call_function(self):
+        call = self._call
+        args = [self.input(p) for p in range(len(call.template))]
+        return call.region.function(*args)
+
+    def inverse(self, saved: frozenset | None = None):
+        call = self._call
+        saved = self.saved if saved is None else saved
+        with torch.no_grad():
+            rebuilt = call.region.inverse(self.outputs, saved)
+        if isinstance(rebuilt, torch.Tensor):
+            rebuilt = (rebuilt,)
+        if len(rebuilt) != len(call.template):
+            raise InverseError(f"{call.name}: the inverse returned {len(rebuilt)} values for "
+                               f"{len(call.template)} arguments")
+        return rebuilt
+
+
+def _replay_checkpoint(context: ReplayContext):
+    return context.call_function()
+
+
+def _replay_inverse(context: ReplayContext):
+    call = context._call
+    missing = [p for p in call.positions if p not in context.saved]
+    if missing:
+        rebuilt = context.inverse()
+        for position in missing:
+            context.input(position, rebuilt[position])
+        context.reset_rng()
+    return context.call_function()
+
+
+class _RestoreOnDrop:
+    """Puts freed inputs back if the graph is dropped without a backward (a forward for evaluation, an
+    exception between forward and backward): freed memory must never outlive the graph that owns it."""
+
+    def __init__(self, call: _RegionCall):
+        self.call = call
+        self.outputs = None
+
+    def disarm(self):
+        self.call = self.outputs = None
+
+    def __del__(self):
+        call, outputs = self.call, self.outputs
+        if call is None or outputs is None:
+            return
+        self.disarm()
+        try:
+            if any(is_freed(o) for o in outputs):
+                return  # a later region freed them too and could not restore them: nothing to rebuild from
+            items = call.structure.items(call.structure.rebuild(call.non_tensor_result, outputs))
+            rng = call.rng.forked() if call.rng is not None else contextlib.nullcontext()
+            with rng, call.autocast.replayed(), torch.no_grad():
+                if call.rng is not None:
+                    call.rng.set()
+                rebuilt = call.region.inverse(items, frozenset())
+                if isinstance(rebuilt, torch.Tensor):
+                    rebuilt = (rebuilt,)
+                for slot, (alias, nbytes) in call.freed.items():
+                    if is_freed(alias):
+                        restore_storage(alias, nbytes, rebuilt[call.positions[slot]])
+        except Exception:  # noqa: BLE001 - a destructor must not raise; the data could not be rebuilt
+            pass

@@ -1,0 +1,97 @@
+"""Global state a recomputation must replay: RNG streams, autocast, and buffers the forward mutates.
+
+Each class captures in forward and replays in backward. They know nothing of regions or graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from .storage import restore_storage
+
+__all__ = ["RngState", "AutocastState", "BufferState"]
+
+
+class RngState:
+    """CPU and CUDA random-number-generator state, so that dropout draws the same mask when rerun.
+
+    CUDA state is captured for every CUDA device that the given tensors live on.
+    """
+
+    __slots__ = ("cpu", "cuda")
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self.cpu = torch.get_rng_state()
+        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+
+    @contextlib.contextmanager
+    def forked(self) -> Iterator["RngState"]:
+        """Run a block that may call :meth:`set` without disturbing the caller's RNG streams."""
+        with torch.random.fork_rng(devices=list(self.cuda), enabled=True):
+            yield self
+
+    def set(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+class AutocastState:
+    """Whether (and to which dtype) autocast was on for CPU and CUDA when the forward ran.
+
+    Backward runs in an engine thread with autocast off; recomputing without the forward's autocast would
+    give different dtypes ("mat1 and mat2 must have the same dtype" in the peers).
+    """
+
+    __slots__ = ("devices", "cache")
+
+    def __init__(self):
+        device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self.devices = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types]
+        self.cache = torch.is_autocast_cache_enabled()
+
+    @property
+    def enabled(self) -> bool:
+        return any(enabled for _, enabled, _ in self.devices)
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for device_type, enabled, dtype in self.devices:
+                stack.enter_context(
+                    torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=self.cache))
+            yield
+
+
+class BufferState:
+    """Buffers (BatchNorm running statistics, counters) that the forward mutated in place.
+
+    The forward's update is the one a training step should make. A recomputation in backward would make it a
+    second time, so :meth:`preserved` snapshots the mutated buffers before the recomputation and writes the
+    snapshot back after it. Buffers are found mutated by their version counters, so only those pay.
+    """
+
+    __slots__ = ("buffers", "versions")
+
+    def __init__(self, buffers: Iterable[torch.Tensor]):
+        self.buffers = [b for b in buffers if isinstance(b, torch.Tensor)]
+        self.versions = [b._version for b in self.buffers]
+
+    def mutated(self) -> list[torch.Tensor]:
+        """Buffers whose version moved since construction (call right after the forward)."""
+        return [b for b, v in zip(self.buffers, self.versions) if b._version != v]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def preserved(buffers: list[torch.Tensor]) -> Iterator[None]:
+        snapshot = [b.detach().clone() for b in buffers]
+        try:
+            yield
+        finally:
+            # Through an alias: the restore must not look like a new in-place update to autograd.
+            for buffer, value in zip(buffers, snapshot):
+                restore_storage(buffer, buffer.untyped_storage().nbytes(), value)
