@@ -156,6 +156,8 @@ def run_region(region: Region, args: Sequence[Any]):
             raise RegionError(f"{region.name}: modifies its argument {position} in place; a region must not "
                               "mutate its inputs (their values are needed to recompute it)")
 
+    if rng is not None and not rng.consumed():
+        rng = None  # the function drew no random numbers: nothing to replay
     structure = _Structure.of(result)
     outputs = structure.tensors(result)
     requires_grad = [o.requires_grad for o in outputs]
@@ -364,10 +366,13 @@ class _RegionCall:
         return tuple(input_grads) + tuple(it)
 
     def restored(self) -> None:
-        """The inputs are back: nothing left to restore if the graph is dropped."""
+        """The inputs are back. Nothing is left to restore if the graph is dropped, and the restored storages
+        are no longer ours to hold: whoever saved them (the region upstream) decides how long they live. A
+        second backward (retain_graph) rebuilds them again from the outputs."""
         if self.guard is not None:
             self.guard.disarm()
             self.guard = None
+        self.freed.clear()
 
 
 def _outputs_for_return(outputs, inputs):
@@ -473,6 +478,8 @@ class ReplayContext:
         if slot in call.freed:
             alias, _ = call.freed[slot]
             return None if is_freed(alias) else alias
+        if slot not in call.weak_inputs:
+            return None  # freed, restored by an earlier backward and let go: rebuild it
         ref, version = call.weak_inputs[slot]
         tensor = ref()
         if tensor is None or tensor._version != version or is_freed(tensor):

@@ -28,6 +28,13 @@ class RngState:
         devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
 
+    def consumed(self) -> bool:
+        """Whether any generator moved since the capture. One that did not need not be replayed, and not
+        keeping its state (5 KB on CPU) per region keeps memory flat in depth."""
+        if not torch.equal(self.cpu, torch.get_rng_state()):
+            return True
+        return any(not torch.equal(state, torch.cuda.get_rng_state(d)) for d, state in self.cuda.items())
+
     @contextlib.contextmanager
     def forked(self) -> Iterator["RngState"]:
         """Run a block that may call :meth:`set` without disturbing the caller's RNG streams."""
