@@ -97,7 +97,7 @@ class Module(nn.Module):
             inverse=self._region_inverse if invertible else None,
             replay=self.replay if invertible and not self.reversed else None,
             free=_freeable_positions(inputs) if invertible else frozenset(),
-            buffers=self.buffers,
+            buffers=(self,),
             preserve_rng_state=self.seed,
             name=self._region_name(),
         )

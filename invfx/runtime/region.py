@@ -31,6 +31,10 @@ Caveats (what the caller guarantees):
   and :class:`invfx.nn.InvertibleSequential` prove their lists from the data flow.
 * The function must not mutate its inputs in place, and must not read tensors that require grad and were
   computed outside it without passing them as arguments (an :class:`~invfx.RegionError` says so).
+* A freed input is restored with the *rebuilt* values, exact up to the inverse's rounding, and every node
+  that saved it reads those. Where a producer's backward is discontinuous in its saved output (``relu`` masks
+  on ``output > 0``), the inverse must rebuild its zeros exactly (additive and affine couplings do; a linear
+  solve does not), or the input must not be freed. The fx pass checks this; hand-written callers must.
 * The inverse of a function with dropout must draw random numbers in the same order as the function does, or
   not at all; the RNG is reset to the forward's state before the inverse and again before the recomputation.
 """
@@ -45,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..errors import InverseError, RegionError
 from .state import AutocastState, BufferState, RngState
@@ -65,6 +68,8 @@ class Region:
     included), ``saved`` the frozenset of argument positions whose values are still in memory (they need not be
     rebuilt; whatever is returned there is ignored). It returns one entry per function argument.
     ``replay(ctx) -> outputs`` overrides the backward's recomputation (see :class:`ReplayContext`).
+    ``buffers``: buffers, or modules whose buffers, the function may update in place (BatchNorm statistics);
+    they are kept from being updated a second time by the recomputation.
     """
 
     function: Callable[..., Any]
@@ -72,7 +77,7 @@ class Region:
     inverse: Callable[[tuple, frozenset], Sequence[Any]] | None = None
     replay: Callable[["ReplayContext"], Any] | None = None
     free: frozenset[int] = frozenset()
-    buffers: Callable[[], Iterable[torch.Tensor]] | tuple = ()
+    buffers: tuple[torch.Tensor | torch.nn.Module, ...] = ()
     preserve_rng_state: bool = True
     name: str = "region"
 
@@ -134,11 +139,10 @@ def run_region(region: Region, args: Sequence[Any]):
     args = tuple(args)
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     inputs = [args[i] for i in positions]
-    buffers = list(region.buffers() if callable(region.buffers) else region.buffers)
-
-    rng = RngState(inputs + buffers) if region.preserve_rng_state else None
+    buffer_state = BufferState(region.buffers)
+    rng = RngState(inputs + [b for group in buffer_state.groups for b in group]) \
+        if region.preserve_rng_state else None
     autocast = AutocastState()
-    buffer_state = BufferState(buffers)
     versions = [t._version for t in inputs]
 
     # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but every
@@ -427,9 +431,12 @@ class RegionFunction(torch.autograd.Function):
         return tuple(outputs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grad_outputs):
         call = ctx.call
+        if torch.is_grad_enabled():
+            raise RegionError(f"{call.name}: double backward (create_graph=True) through an invfx region is not "
+                              "supported; run this part plainly (checkpoint=False) to differentiate twice")
+        # (as torch's once_differentiable, but with an error that names the region)
         try:
             saved = ctx.saved_tensors
         except RuntimeError as error:

@@ -79,18 +79,23 @@ class BufferState:
 
     The forward's update is the one a training step should make. A recomputation in backward would make it a
     second time, so :meth:`preserved` snapshots the mutated buffers before the recomputation and writes the
-    snapshot back after it. Buffers are found mutated by their version counters, so only those pay.
+    snapshot back after it.
+
+    Buffers come in groups (the direct buffers of one module). A group counts as mutated when any member's
+    version counter moved: BatchNorm updates its running mean and variance inside the kernel without a version
+    bump, but bumps ``num_batches_tracked`` beside them. Only mutated groups pay for a snapshot.
     """
 
-    __slots__ = ("buffers", "versions")
+    __slots__ = ("groups", "versions")
 
-    def __init__(self, buffers: Iterable[torch.Tensor]):
-        self.buffers = [b for b in buffers if isinstance(b, torch.Tensor)]
-        self.versions = [b._version for b in self.buffers]
+    def __init__(self, owners: Iterable[torch.Tensor | torch.nn.Module]):
+        self.groups = list(_buffer_groups(owners))
+        self.versions = [[b._version for b in group] for group in self.groups]
 
     def mutated(self) -> list[torch.Tensor]:
-        """Buffers whose version moved since construction (call right after the forward)."""
-        return [b for b, v in zip(self.buffers, self.versions) if b._version != v]
+        """Buffers of the groups whose versions moved since construction (call right after the forward)."""
+        return [b for group, versions in zip(self.groups, self.versions)
+                if any(b._version != v for b, v in zip(group, versions)) for b in group]
 
     @staticmethod
     @contextlib.contextmanager
@@ -102,3 +107,17 @@ class BufferState:
             # Through an alias: the restore must not look like a new in-place update to autograd.
             for buffer, value in zip(buffers, snapshot):
                 restore_storage(buffer, buffer.untyped_storage().nbytes(), value)
+
+
+def _buffer_groups(owners) -> Iterator[list[torch.Tensor]]:
+    seen: set[int] = set()
+    for owner in owners:
+        if isinstance(owner, torch.nn.Module):
+            for module in owner.modules():
+                group = [b for b in module.buffers(recurse=False) if id(b) not in seen]
+                seen.update(id(b) for b in group)
+                if group:
+                    yield group
+        elif isinstance(owner, torch.Tensor) and id(owner) not in seen:
+            seen.add(id(owner))
+            yield [owner]
