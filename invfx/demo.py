@@ -89,7 +89,7 @@ def run_demo(depth: int = 16, width: int = 512, batch: int = 256, steps: int = 3
 
     Per mode: a warm-up forward/backward at the initial weights (its gradients are compared with plain's), one
     SGD step measured with :func:`invfx.memory.cpu_peak_memory`, then ``steps`` timed SGD steps; the modes are
-    interleaved step by step so that they share the machine's conditions. Returns the numbers printed, with
+    interleaved (in rotating order) step by step so that they share the machine's conditions. Returns the numbers printed, with
     ``grads_match`` (bool) for the gradient check.
     """
     if width % 2:
@@ -123,7 +123,7 @@ def run_demo(depth: int = 16, width: int = 512, batch: int = 256, steps: int = 3
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     losses: dict[str, float] = {}
     for index in range(steps):
-        for mode in MODES:
+        for mode in MODES[index % 3:] + MODES[:index % 3]:  # rotate, so that no mode always goes first
             start = time.perf_counter()
             losses[mode] = train_step(mode, *data[index + 1])
             times[mode].append(time.perf_counter() - start)

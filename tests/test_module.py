@@ -344,3 +344,18 @@ def test_sequential_inverse_and_whole_chain_region():
         reference = train_step(chain, inputs)
     assert_close(train_step(chain, inputs), reference, rtol=1e-9, atol=1e-10)
     assert_close(chain(x).detach(), expected.detach())
+
+
+def test_sequential_forward_without_backward_restores_every_link():
+    blocks = [seed_linear() for _ in range(5)]
+    chain = inn.InvertibleSequential(*blocks)
+    seen = []
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((out, out.detach().clone())))
+    x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    y = chain(x)
+    assert all(is_freed(out) for out, _ in seen[:-1])
+    del y  # an evaluation under grad, never backpropagated
+    for out, value in seen:
+        assert not is_freed(out)
+        assert_close(out.detach(), value, rtol=1e-8, atol=1e-9)

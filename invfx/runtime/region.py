@@ -296,14 +296,14 @@ class _RegionCall:
         self.freed: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> (alias sharing the storage, nbytes)
         self.not_freed: dict[int, str] = {}  # position -> why the runtime refused to free it
         self.weak_inputs: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (weakref, version)
-        self.guard = None
         self.param_keys = {storage_key(p) for p in params}
         self.buffer_keys = {storage_key(b) for b in mutated_buffers}
 
     # -- forward, inside RegionFunction.forward --------------------------------------------------------------
 
-    def release_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        """Free the inputs the region may free; remember the others weakly (invertible mode)."""
+    def release_inputs(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Free the inputs the region may free; remember the others weakly (invertible mode). Returns whether
+        anything was freed."""
         wanted = {self.position_slot[p] for p in self.region.free if p in self.position_slot}
         for p in self.region.free:
             if p not in self.position_slot:
@@ -326,8 +326,7 @@ class _RegionCall:
         for slot, tensor in enumerate(inputs):
             if slot not in self.freed:
                 self.weak_inputs[slot] = (weakref.ref(tensor), tensor._version)
-        if self.freed:
-            self.guard = _RestoreOnDrop(self)
+        return bool(self.freed)
 
     # -- backward ----------------------------------------------------------------------------------------------
 
@@ -341,7 +340,7 @@ class _RegionCall:
             with torch.enable_grad():
                 result = replay(context)
             grads = self._gradients(context, result, grad_outputs)
-        self.restored()
+        self.freed.clear()
         return grads
 
     def _gradients(self, context, result, grad_outputs):
@@ -368,15 +367,6 @@ class _RegionCall:
         it = iter(wrt_grads)
         input_grads = [next(it) if leaf is not None else None for leaf in leaves]
         return tuple(input_grads) + tuple(it)
-
-    def restored(self) -> None:
-        """The inputs are back. Nothing is left to restore if the graph is dropped, and the restored storages
-        are no longer ours to hold: whoever saved them (the region upstream) decides how long they live. A
-        second backward (retain_graph) rebuilds them again from the outputs."""
-        if self.guard is not None:
-            self.guard.disarm()
-            self.guard = None
-        self.freed.clear()
 
 
 def _outputs_for_return(outputs, inputs):
@@ -424,9 +414,9 @@ class RegionFunction(torch.autograd.Function):
             ctx.save_for_backward(*inputs, *params)
         else:
             ctx.save_for_backward(*outputs, *params)
-            call.release_inputs(inputs)
-            if call.guard is not None:
-                call.guard.outputs = [o.detach() for o in outputs]
+            if call.release_inputs(inputs):
+                # held by the node only (no cycle), so it fires as soon as the graph is dropped
+                ctx.guard = _RestoreOnDrop(call, [o.detach() for o in outputs])
         call.outputs = None  # the saved tensors hold them from here
         return tuple(outputs)
 
@@ -442,7 +432,14 @@ class RegionFunction(torch.autograd.Function):
         except RuntimeError as error:
             raise RegionError(f"{call.name}: backward through a region a second time; pass retain_graph=True "
                               "to the first backward") from error
-        return (None,) + call.backward(saved, grad_outputs)
+        grads = call.backward(saved, grad_outputs)
+        # The inputs are back: nothing is left to restore if the graph is dropped, and the restored storages are
+        # no longer ours to hold (call.backward let them go): whoever saved them decides how long they live. A
+        # second backward (retain_graph) rebuilds them again from the outputs.
+        guard = getattr(ctx, "guard", None)
+        if guard is not None:
+            guard.disarm()
+        return (None,) + grads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,9 +559,9 @@ class _RestoreOnDrop:
     """Puts freed inputs back if the graph is dropped without a backward (a forward for evaluation, an
     exception between forward and backward): freed memory must never outlive the graph that owns it."""
 
-    def __init__(self, call: _RegionCall):
+    def __init__(self, call: _RegionCall, outputs: list[torch.Tensor]):
         self.call = call
-        self.outputs = None
+        self.outputs = outputs
 
     def disarm(self):
         self.call = self.outputs = None
