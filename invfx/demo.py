@@ -89,8 +89,8 @@ def run_demo(depth: int = 16, width: int = 512, batch: int = 256, steps: int = 3
 
     Per mode: a warm-up forward/backward at the initial weights (its gradients are compared with plain's), one
     SGD step measured with :func:`invfx.memory.cpu_peak_memory`, then ``steps`` timed SGD steps; the modes are
-    interleaved (in rotating order) step by step so that they share the machine's conditions. Returns the numbers printed, with
-    ``grads_match`` (bool) for the gradient check.
+    interleaved step by step, in rotating order, so that they share the machine's conditions. Returns the
+    numbers printed, with ``grads_match`` (bool) for the gradient check.
     """
     if width % 2:
         raise ValueError(f"width must be even (the coupling splits it in two), got {width}")

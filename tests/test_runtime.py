@@ -436,6 +436,24 @@ def test_forward_without_backward_restores_freed_inputs():
     assert_close(x, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_chain_dropped_without_backward_restores_every_link():
+    blocks = [LeakyLinear(4) for _ in range(6)]
+    h = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    links = []
+    for i, block in enumerate(blocks):
+        h = invfx.invertible_checkpoint(block, block.inverse, h, free=[0] if i else [])
+        links.append((h.detach(), h.detach().clone()))  # aliases without history: they keep no graph alive
+    assert all(is_freed(alias) for alias, _ in links[:-1])
+    gc.disable()
+    try:
+        del h
+        for alias, value in links:
+            assert not is_freed(alias)
+            assert_close(alias, value, rtol=1e-8, atol=1e-9)
+    finally:
+        gc.enable()
+
+
 def test_no_grad_and_eval_run_plainly():
     block = LeakyLinear(4)
     h = torch.randn(3, 4, dtype=DT, requires_grad=True) * 1

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from torch.nn.modules.module import _global_forward_hooks
+
 from ..utils import pack
 from .module import Module, free
 
@@ -20,7 +22,10 @@ class InvertibleSequential(Module):
     hands it to nobody else, so the proof that freeing is safe is the container's own. Only the last output is
     kept; memory is flat in depth. The container's input (the caller's tensor) is never freed.
 
-    With ``checkpoint=True`` the whole chain is one region (one inverse for the chain).
+    The proof holds while blocks keep no reference to their outputs: an output a forward hook sees is not freed
+    (the hook may keep it), but a block whose ``function`` stores its output somewhere breaks it.
+
+    With ``invertible=True`` the whole chain is one region (one inverse for the chain).
     """
 
     def __init__(self, *modules: torch.nn.Module):
@@ -47,13 +52,17 @@ class InvertibleSequential(Module):
             return super().forward(*inputs)
         outputs = inputs
         blocks = list(self) if not self.reversed else list(reversed(list(self)))
-        for index, block in enumerate(blocks):
-            # links (outputs of an earlier block of this chain) are ours to free; the caller's inputs are not
-            links = () if index == 0 else tuple(t for t in outputs if isinstance(t, torch.Tensor))
+        previous = None
+        for block in blocks:
+            # Links (outputs of the previous block) are ours to free; the caller's inputs are not, nor an output
+            # a forward hook has seen (it may keep it).
+            links = () if previous is None or _hooked(previous) else \
+                tuple(t for t in outputs if isinstance(t, torch.Tensor))
             flip = block.temp_mode(reversed=not block.reversed) if self.reversed else contextlib.nullcontext()
             with free(*links), flip:
                 outputs = pack(block(*outputs))
             del links
+            previous = block
         return outputs[0] if len(outputs) == 1 else outputs
 
     def function(self, *inputs, strict=None):
@@ -67,6 +76,10 @@ class InvertibleSequential(Module):
         for block in reversed(list(self)):
             inputs = pack(_call_inverse(block, inputs))
         return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_hooks_always_called or _global_forward_hooks)
 
 
 def _call_function(block, inputs):
