@@ -28,6 +28,8 @@ class InvertibleSequential(Module):
     With ``invertible=True`` the whole chain is one region (one inverse for the chain).
     """
 
+    is_container = True
+
     def __init__(self, *modules: torch.nn.Module):
         super().__init__()
         for index, module in enumerate(modules):

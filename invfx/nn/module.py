@@ -64,6 +64,7 @@ class Module(nn.Module):
     (BatchNorm's batch statistics), kept for backward but not returned.
     """
 
+    is_container = False  # containers are skipped by a recursive mode()
     num_function_outputs: int | None = None
     num_inverse_outputs: int | None = None
     replay = None  # a fused replay (see invfx.runtime.ReplayContext); None: invert, then recompute
@@ -231,7 +232,7 @@ _FLAGS = ("checkpoint", "invertible", "seed", "reversed")
 @contextlib.contextmanager
 def mode(module: nn.Module, *, recurse: bool = True, **flags) -> Iterator[nn.Module]:
     """Temporarily set flags (``checkpoint``, ``invertible``, ``seed``, ``reversed``) on every
-    :class:`invfx.nn.Module` in ``module``'s tree (or on ``module`` alone with ``recurse=False``).
+    :class:`invfx.nn.Module` in ``module``'s tree but containers (or on ``module`` alone with ``recurse=False``).
 
     ``with invfx.nn.mode(model, checkpoint=False): ...`` runs the model plainly; everything is put back after.
     """
@@ -240,7 +241,10 @@ def mode(module: nn.Module, *, recurse: bool = True, **flags) -> Iterator[nn.Mod
         raise InvfxError(f"invfx.nn.mode: unknown flags {sorted(unknown)}; known: {list(_FLAGS)}")
     if flags.get("checkpoint") is False and flags.get("invertible"):
         raise InvfxError("invfx.nn.mode: invertible=True needs checkpoint=True")
-    targets = [m for m in (module.modules() if recurse else [module]) if isinstance(m, Module)]
+    # Containers keep their own flags under a recursive call: turning a whole InvertibleSequential into one
+    # region is a different memory plan, not a mode of its blocks. Set a container's flags directly.
+    targets = [m for m in module.modules() if isinstance(m, Module) and not m.is_container] if recurse else \
+        [module] if isinstance(module, Module) else []
     saved = [(m, m._checkpoint, m._invertible, m.seed, m._reversed) for m in targets]
     try:
         for m in targets:
