@@ -43,6 +43,6 @@ def test_invertible_chain_peak_is_flat_in_depth():
     assert flat[32] <= flat[4] * 1.05, flat
     plain = {depth: step_peak(depth, {"checkpoint": False}) for depth in (2, 32)}
     checkpointed = step_peak(32, {"invertible": False})
-    # plain grows by several activations per block, checkpoint by one (the kept input) per block
-    assert plain[32] - plain[2] > 30 * 3 * activation, plain
+    # plain keeps two activations per block (F's hidden layer), checkpoint one (the kept input) per block
+    assert plain[32] - plain[2] > 30 * 1.5 * activation, plain
     assert checkpointed > flat[32] + 25 * activation, (checkpointed, flat)
