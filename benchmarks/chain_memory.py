@@ -1,6 +1,6 @@
 """Peak memory and step time of one training step of a chain of invertible couplings, by depth and mode.
 
-What it measures. A chain of N hand-written additive couplings (``y = cat(x1 + F(x2), x2)``, ``F`` a two-layer
+What it measures. A chain of N hand-written additive couplings (``y = cat(x2, x1 + F(x2))``, from ``invfx.demo``, ``F`` a two-layer
 MLP) in an :class:`invfx.nn.InvertibleSequential`, for each N in ``--depths``, trained in three modes set on
 every block (the container's own flags are left alone):
 
@@ -52,6 +52,7 @@ from torch import nn
 
 import invfx
 import invfx.nn as inn
+from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory
 
 MODES = ("plain", "checkpoint", "invertible")
@@ -61,22 +62,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 FULL = dict(depths=(4, 8, 16, 32, 64), width=1024, batch=512, repeats=5)
 QUICK = dict(depths=(4, 8, 16, 32, 64), width=64, batch=32, repeats=3)
-
-
-class AdditiveCoupling(inn.Module):
-    """``y = cat(x1 + F(x2), x2)``; inverse ``x = cat(y1 - F(y2), y2)``."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.F = nn.Sequential(nn.Linear(width // 2, hidden), nn.ReLU(), nn.Linear(hidden, width // 2))
-
-    def function(self, x, strict=None):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 + self.F(x2), x2], dim=-1)
-
-    def inverse(self, y, saved=()):
-        y1, y2 = y.chunk(2, dim=-1)
-        return torch.cat([y1 - self.F(y2), y2], dim=-1)
 
 
 def build_chain(depth: int, width: int, hidden: int, seed: int = 0) -> inn.InvertibleSequential:
@@ -270,7 +255,7 @@ def main(argv=None) -> int:
               f"{mib(activation)} MiB; step = `chain(x).sum().backward()`; time = median of {args.repeats}; "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; "
               f"invfx {invfx.__version__}")
-    lines = [f"# Chain of additive couplings: peak memory and step time of one training step", "",
+    lines = ["# Chain of additive couplings: peak memory and step time of one training step", "",
              config, "", table, "", ratio_line, goal_line, *check_lines, "",
              f"run took {elapsed:.0f} s on {datetime.date.today().isoformat()}"]
     text = "\n".join(lines)

@@ -37,7 +37,10 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 class AdditiveCoupling(inn.Module):
-    """``y = cat(x1 + F(x2), x2)``, ``F`` a two-layer MLP; inverse ``x = cat(y1 - F(y2), y2)``."""
+    """A RevNet block on one tensor: ``y = cat(x2, x1 + F(x2))``, ``F`` a two-layer MLP.
+
+    The halves swap, so across a chain every half is rebuilt by an inverse: ``x = cat(y2 - F(y1), y1)``.
+    """
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -45,11 +48,11 @@ class AdditiveCoupling(inn.Module):
 
     def function(self, x, strict=None):
         x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 + self.F(x2), x2], dim=-1)
+        return torch.cat([x2, x1 + self.F(x2)], dim=-1)
 
     def inverse(self, y, saved=()):
         y1, y2 = y.chunk(2, dim=-1)
-        return torch.cat([y1 - self.F(y2), y2], dim=-1)
+        return torch.cat([y2 - self.F(y1), y1], dim=-1)
 
 
 def _forward(chain: inn.InvertibleSequential, mode: str, x: torch.Tensor) -> torch.Tensor:

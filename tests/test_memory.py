@@ -1,29 +1,14 @@
 """Measured (allocator replay) memory of hand-written invertible chains: flat in depth."""
 
 import torch
-from torch import nn
-
 import invfx.nn as inn
+from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory
-
-
-class Coupling(inn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.F = nn.Sequential(nn.Linear(width // 2, width), nn.ReLU(), nn.Linear(width, width // 2))
-
-    def function(self, x, strict=None):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 + self.F(x2), x2], dim=-1)
-
-    def inverse(self, y, saved=()):
-        y1, y2 = y.chunk(2, dim=-1)
-        return torch.cat([y1 - self.F(y2), y2], dim=-1)
 
 
 def step_peak(depth, flags, width=64, batch=128):
     torch.manual_seed(0)
-    chain = inn.InvertibleSequential(*[Coupling(width) for _ in range(depth)])
+    chain = inn.InvertibleSequential(*[AdditiveCoupling(width, width) for _ in range(depth)])
     x = torch.randn(batch, width)
 
     def step():

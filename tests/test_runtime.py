@@ -564,3 +564,19 @@ def test_cuda_dropout_and_autocast(call):
         return [o.detach() for o in out], x.grad, grads_of(params(block))
 
     assert_close(step(True), step(False), rtol=2e-2, atol=2e-2)
+
+
+def test_wrong_inverse_is_caught_not_silently_wrong():
+    block = LeakyLinear(4)
+    h = torch.randn(3, 4, dtype=DT, requires_grad=True) * 1
+    y = invfx.invertible_checkpoint(block, lambda y: torch.zeros_like(y), h, free=True)
+    with pytest.raises(invfx.InverseError, match="relative error"):
+        y.sum().backward()
+
+
+def test_dropout_without_seed_is_caught_in_invertible_mode():
+    block = Coupling(6, dropout=0.5)
+    a, b = torch.randn(4, 6, dtype=DT), torch.randn(4, 6, dtype=DT, requires_grad=True)
+    out = invfx.invertible_checkpoint(block, block.inverse, a, b * 1, free=True, preserve_rng_state=False)
+    with pytest.raises(invfx.InverseError, match="not deterministic"):
+        sum(o.sum() for o in out).backward()

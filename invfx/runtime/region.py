@@ -44,8 +44,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,6 +58,16 @@ __all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertibl
 
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
+
+#: Largest relative error (max |f(rebuilt inputs) - kept outputs| / max |kept outputs|) an invertible region's
+#: backward accepts, per dtype; a dtype set to None is not checked. Round trips of well-conditioned inverses stay
+#: orders of magnitude below these; a wrong inverse gives errors of order one.
+reconstruction_tolerance: dict[torch.dtype, float | None] = {
+    torch.float64: 1e-7,
+    torch.float32: 1e-3,
+    torch.bfloat16: 1e-1,
+    torch.float16: 5e-2,
+}
 
 
 @dataclass(frozen=True)
@@ -343,6 +353,30 @@ class _RegionCall:
         self.freed.clear()
         return grads
 
+    def _check_reconstruction(self, recomputed, saved) -> None:
+        """The recomputation from rebuilt inputs must give back the outputs the forward kept.
+
+        It costs a comparison (the two sides exist anyway) and turns a wrong inverse, an inverse blown up by
+        ill-conditioning, or a function that is not deterministic into an error instead of wrong gradients.
+        """
+        for index, (output, kept) in enumerate(zip(recomputed, saved)):
+            if not (output.is_floating_point() and kept.is_floating_point()) or output.shape != kept.shape:
+                continue
+            tolerance = reconstruction_tolerance.get(kept.dtype)
+            if tolerance is None or kept.numel() == 0:
+                continue
+            for low_precision in self.autocast.dtypes():  # computed in a lower precision than it is stored in
+                tolerance = max(tolerance, reconstruction_tolerance.get(low_precision) or 0.0)
+            with torch.no_grad():
+                scale = kept.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+                error = ((output.detach().to(kept.dtype) - kept).abs().max().float() / scale).item()
+            if not error <= tolerance:  # also catches NaN
+                raise InverseError(
+                    f"{self.name}: recomputing output {index} from the rebuilt inputs gives a relative error of "
+                    f"{error:.3g} (tolerance {tolerance:g} for {kept.dtype}); the inverse is wrong, blows up "
+                    "numerically, or the function is not deterministic (randomness with seed=False). The "
+                    "gradients would be wrong: use checkpoint mode for this region")
+
     def _gradients(self, context, result, grad_outputs):
         try:
             recomputed = self.structure.tensors(result)
@@ -350,6 +384,8 @@ class _RegionCall:
             recomputed = None
         if recomputed is None or len(recomputed) != len(grad_outputs):
             raise RegionError(f"{self.name}: the recomputation returned a different structure than the forward")
+        if context.output_tensors is not None:
+            self._check_reconstruction(recomputed, context.output_tensors)
         roots, root_grads = [], []
         for output, grad, shape in zip(recomputed, grad_outputs, self.output_shapes):
             if grad is None:
@@ -468,9 +504,10 @@ class ReplayContext:
         saved, self.params = saved[:split], saved[split:]
         if self._checkpointed:
             self._saved_inputs = saved
-            self.outputs = None
+            self.outputs = self.output_tensors = None
         else:
             self._saved_inputs = None
+            self.output_tensors = saved
             self.outputs = call.structure.items(call.structure.rebuild(call.non_tensor_result, list(saved)))
         self.saved = frozenset(p for p in call.positions if self._available(call.position_slot[p]) is not None) \
             | frozenset(p for p, a in enumerate(call.template) if p not in call.position_slot)

@@ -65,6 +65,10 @@ class AutocastState:
     def enabled(self) -> bool:
         return any(enabled for _, enabled, _ in self.devices)
 
+    def dtypes(self) -> list[torch.dtype]:
+        """The dtypes autocast computed in (none when it was off)."""
+        return [dtype for _, enabled, dtype in self.devices if enabled]
+
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
