@@ -580,3 +580,47 @@ def test_dropout_without_seed_is_caught_in_invertible_mode():
     out = invfx.invertible_checkpoint(block, block.inverse, a, b * 1, free=True, preserve_rng_state=False)
     with pytest.raises(invfx.InverseError, match="not deterministic"):
         sum(o.sum() for o in out).backward()
+
+
+class RevBlock(nn.Module):
+    """y1 = x1 + F(x2); y2 = x2 + G(y1), both with dropout: the inverse runs G before F."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.F = nn.Sequential(nn.Linear(width, width, dtype=DT), nn.Dropout(0.5))
+        self.G = nn.Sequential(nn.Linear(width, width, dtype=DT), nn.Dropout(0.5))
+
+    def forward(self, x1, x2):
+        invfx.runtime.rng_mark("F")
+        y1 = x1 + self.F(x2)
+        invfx.runtime.rng_mark("G")
+        return y1, x2 + self.G(y1)
+
+    def inverse(self, y1, y2):
+        invfx.runtime.rng_mark("G")
+        x2 = y2 - self.G(y1)
+        invfx.runtime.rng_mark("F")
+        return y1 - self.F(x2), x2
+
+
+def test_rng_marks_replay_each_subnetwork_mask_when_the_inverse_reorders_them():
+    block = RevBlock(6)
+
+    def inputs():
+        x = torch.randn(8, 12, dtype=DT, requires_grad=True)
+        a, b = (x * 1).chunk(2, dim=1)
+        return (a.contiguous(), b.contiguous()), [x]
+
+    plain, ours = run_both(block, inputs, invertible)
+    assert_close(ours, plain)
+
+
+def test_rng_mark_names_are_unique_per_region():
+    def twice(x):
+        invfx.runtime.rng_mark("a")
+        invfx.runtime.rng_mark("a")
+        return torch.nn.functional.dropout(x, 0.5)
+
+    with pytest.raises(invfx.RegionError, match="twice"):
+        invfx.checkpoint(twice, torch.randn(3, dtype=DT, requires_grad=True))
+    invfx.runtime.rng_mark("outside")  # a no-op outside regions

@@ -42,6 +42,7 @@ Caveats (what the caller guarantees):
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import weakref
 from collections.abc import Callable, Sequence
@@ -54,7 +55,8 @@ from ..errors import InverseError, RegionError
 from .state import AutocastState, BufferState, RngState
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
-__all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region"]
+__all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region",
+           "rng_mark"]
 
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
@@ -122,6 +124,41 @@ def invertible_checkpoint(function, inverse, *args, free=(), replay=None, buffer
     return run_region(region, args)
 
 
+# ("record", RngState) while a region's forward runs, ("replay", RngState) while its backward replays it.
+_RNG_MARKS: contextvars.ContextVar[tuple[str, RngState] | None] = contextvars.ContextVar("invfx_rng_marks",
+                                                                                      default=None)
+
+
+def rng_mark(name: str) -> None:
+    """Mark where a random sub-network starts, so that an inverse or replay that runs sub-networks in another
+    order than the function still draws each one's dropout mask from the forward's RNG state.
+
+    In a region's forward it records the RNG state under ``name``; while the region is rebuilt in backward
+    (inverse, replay or recomputation) it sets the RNG to that recorded state. Call it with the same name
+    before the same sub-network in ``function`` and ``inverse``: for ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` the
+    inverse runs G before F. Names are unique within one region. Outside regions it does nothing.
+    """
+    current = _RNG_MARKS.get()
+    if current is None:
+        return
+    phase, rng = current
+    if phase == "record":
+        if name in rng.marks:
+            raise RegionError(f"rng_mark({name!r}) used twice in one region; names must be unique")
+        rng.mark(name)
+    elif name in rng.marks:
+        rng.marks[name].set()
+
+
+@contextlib.contextmanager
+def _rng_marks(phase: str, rng: RngState | None):
+    token = _RNG_MARKS.set((phase, rng) if rng is not None else None)
+    try:
+        yield
+    finally:
+        _RNG_MARKS.reset(token)
+
+
 def _name_of(function) -> str:
     return getattr(function, "__qualname__", None) or type(function).__name__
 
@@ -162,7 +199,7 @@ def run_region(region: Region, args: Sequence[Any]):
     for position, leaf in zip(positions, leaves):
         dry_args[position] = leaf
     first_node = _next_sequence_nr()
-    with torch.enable_grad(), _dry_mode(region.name):
+    with torch.enable_grad(), _dry_mode(region.name), _rng_marks("record", rng):
         result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -345,7 +382,8 @@ class _RegionCall:
         replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
         context = ReplayContext(self, saved)
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
-        with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers):
+        with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
+                _rng_marks("replay", self.rng):
             context.reset_rng()
             with torch.enable_grad():
                 result = replay(context)
@@ -613,7 +651,7 @@ class _RestoreOnDrop:
                 return  # a later region freed them too and could not restore them: nothing to rebuild from
             items = call.structure.items(call.structure.rebuild(call.non_tensor_result, outputs))
             rng = call.rng.forked() if call.rng is not None else contextlib.nullcontext()
-            with rng, call.autocast.replayed(), torch.no_grad():
+            with rng, call.autocast.replayed(), torch.no_grad(), _rng_marks("replay", call.rng):
                 if call.rng is not None:
                     call.rng.set()
                 rebuilt = call.region.inverse(items, frozenset())

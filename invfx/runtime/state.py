@@ -21,12 +21,20 @@ class RngState:
     CUDA state is captured for every CUDA device that the given tensors live on.
     """
 
-    __slots__ = ("cpu", "cuda")
+    __slots__ = ("cpu", "cuda", "marks")
 
-    def __init__(self, tensors: Iterable[torch.Tensor]):
+    def __init__(self, tensors: Iterable[torch.Tensor] = (), devices: Iterable[int] | None = None):
         self.cpu = torch.get_rng_state()
-        devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        if devices is None:
+            devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
+        self.marks: dict[str, RngState] = {}  # states recorded at rng_mark() calls, by name
+
+    def mark(self, name: str) -> "RngState":
+        """The current state, recorded under ``name`` (see ``invfx.runtime.rng_mark``)."""
+        state = RngState(devices=list(self.cuda))
+        self.marks[name] = state
+        return state
 
     def consumed(self) -> bool:
         """Whether any generator moved since the capture. One that did not need not be replayed, and not
