@@ -1,10 +1,11 @@
 """invfx: memory-efficient training for ordinary PyTorch models, by recomputing or inverting."""
 
-from . import nn, runtime, utils
+from . import inverses, nn, registry, runtime, utils
 from .errors import BudgetError, InverseError, InvfxError, RegionError, TraceError
+from .registry import register_inverse
 from .runtime import checkpoint, invertible_checkpoint
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "runtime", "utils", "checkpoint", "invertible_checkpoint", "InvfxError", "RegionError",
-           "InverseError", "TraceError", "BudgetError"]
+__all__ = ["nn", "runtime", "utils", "registry", "inverses", "checkpoint", "invertible_checkpoint",
+           "register_inverse", "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]
