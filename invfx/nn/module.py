@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import InvfxError
-from ..runtime import CHECKPOINT, INVERTIBLE, Region, run_region
+from ..runtime import CHECKPOINT, INVERTIBLE, Region, rng_marks, run_region
+from ..runtime.state import RngState
 from ..utils import pack
 
 __all__ = ["Module", "free", "mode"]
@@ -202,12 +203,16 @@ class Module(nn.Module):
             for a, b in zip(strict, real))
 
     def check_inverse(self, *inputs, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
-        """Whether ``inverse(*function(*inputs))`` gives back the inputs (under no_grad, same RNG state)."""
-        state = torch.get_rng_state()
-        with torch.no_grad():
-            outputs = pack(self.call_function(*inputs))
-            torch.set_rng_state(state)
-            rebuilt = pack(self.call_inverse(*outputs, saved=()))
+        """Whether ``inverse(*function(*inputs))`` gives back the inputs (under no_grad, with the RNG state and the
+        :func:`~invfx.runtime.rng_mark` states of the function replayed for the inverse). The caller's RNG
+        streams are left as they were."""
+        rng = RngState(inputs)
+        with torch.random.fork_rng(devices=list(rng.cuda)), torch.no_grad():
+            with rng_marks("record", rng):  # sub-networks marked with rng_mark draw the same masks in both
+                outputs = pack(self.call_function(*inputs))
+            rng.set()
+            with rng_marks("replay", rng):
+                rebuilt = pack(self.call_inverse(*outputs, saved=()))
         return len(rebuilt) >= len(inputs) and all(
             _same(a, b, rtol, atol) for a, b in zip(inputs, rebuilt) if isinstance(a, torch.Tensor))
 

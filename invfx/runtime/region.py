@@ -56,7 +56,7 @@ from .state import AutocastState, BufferState, RngState
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
 __all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region",
-           "rng_mark"]
+           "rng_mark", "rng_marks"]
 
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
@@ -151,7 +151,9 @@ def rng_mark(name: str) -> None:
 
 
 @contextlib.contextmanager
-def _rng_marks(phase: str, rng: RngState | None):
+def rng_marks(phase: str, rng: RngState | None):
+    """Within the block, :func:`rng_mark` records into ``rng`` (phase "record") or replays from it
+    ("replay"). Regions do this themselves; :meth:`invfx.nn.Module.check_inverse` uses it too."""
     token = _RNG_MARKS.set((phase, rng) if rng is not None else None)
     try:
         yield
@@ -199,7 +201,7 @@ def run_region(region: Region, args: Sequence[Any]):
     for position, leaf in zip(positions, leaves):
         dry_args[position] = leaf
     first_node = _next_sequence_nr()
-    with torch.enable_grad(), _dry_mode(region.name), _rng_marks("record", rng):
+    with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng):
         result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -383,7 +385,7 @@ class _RegionCall:
         context = ReplayContext(self, saved)
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
         with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
-                _rng_marks("replay", self.rng):
+                rng_marks("replay", self.rng):
             context.reset_rng()
             with torch.enable_grad():
                 result = replay(context)
@@ -651,7 +653,7 @@ class _RestoreOnDrop:
                 return  # a later region freed them too and could not restore them: nothing to rebuild from
             items = call.structure.items(call.structure.rebuild(call.non_tensor_result, outputs))
             rng = call.rng.forked() if call.rng is not None else contextlib.nullcontext()
-            with rng, call.autocast.replayed(), torch.no_grad(), _rng_marks("replay", call.rng):
+            with rng, call.autocast.replayed(), torch.no_grad(), rng_marks("replay", call.rng):
                 if call.rng is not None:
                     call.rng.set()
                 rebuilt = call.region.inverse(items, frozenset())
