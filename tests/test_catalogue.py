@@ -608,3 +608,26 @@ def test_check_inverse_in_training_mode_with_dropout_in_both_subnetworks():
     state = torch.get_rng_state()
     assert layer.check_inverse(x)
     assert torch.equal(state, torch.get_rng_state())  # the caller's stream is untouched
+
+
+def test_invertible_sequential_accumulates_logdets_like_a_hand_loop():
+    fresh = glow()
+    torch.manual_seed(5)
+    x = torch.randn(3, 1, 8, 8, dtype=DT, requires_grad=True)
+
+    loop = copy.deepcopy(fresh)
+    z_loop, logdet_loop = run_flow(loop, x * 1)
+    nll(z_loop, logdet_loop).backward()
+    expected = x.grad.clone(), grads_of(loop.parameters())
+    x.grad = None
+
+    chain = inn.InvertibleSequential(*copy.deepcopy(fresh), logdet=True)
+    z, logdet = chain(x * 1)
+    nll(z, logdet).backward()
+    assert_close((z.detach(), logdet.detach()), (z_loop.detach(), logdet_loop.detach()), **TIGHT)
+    assert_close((x.grad, grads_of(chain.parameters())), expected, **TIGHT)
+    with torch.no_grad():
+        assert_close(chain.inverse(z, logdet), x.detach(), **TIGHT)
+    chain._reversed = True  # (the catalogue's layers are not reversible; force the flag to test the guard)
+    with pytest.raises(invfx.InvfxError, match="reversed"):
+        chain(x)

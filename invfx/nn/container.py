@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from torch.nn.modules.module import _global_forward_hooks
 
+from ..errors import InvfxError
 from ..utils import pack
 from .module import Module, free
 
@@ -26,15 +26,24 @@ class InvertibleSequential(Module):
     (the hook may keep it), but a block whose ``function`` stores its output somewhere breaks it.
 
     With ``invertible=True`` the whole chain is one region (one inverse for the chain).
+
+    With ``logdet=True`` (normalizing flows) every block that has a ``logdet`` flag (the catalogue's layers)
+    computes its log|det J|; the chain returns ``(*outputs, sum of the blocks' logdets)`` and its inverse takes
+    that trailing logdet and ignores it.
     """
 
     is_container = True
 
-    def __init__(self, *modules: torch.nn.Module):
+    def __init__(self, *modules: torch.nn.Module, logdet: bool = False):
         super().__init__()
         for index, module in enumerate(modules):
             self.add_module(str(index), module)
         self.checkpoint = False
+        self.logdet = bool(logdet)
+        if self.logdet:
+            for module in modules:
+                if hasattr(module, "logdet"):
+                    module.logdet = True
 
     def __len__(self) -> int:
         return len(self._modules)
@@ -52,7 +61,9 @@ class InvertibleSequential(Module):
     def forward(self, *inputs):
         if self.checkpoint and torch.is_grad_enabled():
             return super().forward(*inputs)
-        outputs = inputs
+        if self.logdet and self.reversed:
+            raise InvfxError("InvertibleSequential: a reversed chain cannot return log-determinants")
+        outputs, total = inputs, None
         blocks = list(self) if not self.reversed else list(reversed(list(self)))
         previous = None
         for block in blocks:
@@ -64,20 +75,37 @@ class InvertibleSequential(Module):
             with free(*links), flip:
                 outputs = pack(block(*outputs))
             del links
+            outputs, total = self._take_logdet(block, outputs, total)
             previous = block
-        return outputs[0] if len(outputs) == 1 else outputs
+        return self._result(outputs, total)
 
     def function(self, *inputs, strict=None):
-        outputs = inputs
+        outputs, total = inputs, None
         for block in self:
             outputs = pack(_call_function(block, outputs))
-        return outputs[0] if len(outputs) == 1 else outputs
+            outputs, total = self._take_logdet(block, outputs, total)
+        return self._result(outputs, total)
 
     def inverse(self, *outputs, saved=()):
-        inputs = outputs
+        inputs = outputs[:-1] if self.logdet else outputs
         for block in reversed(list(self)):
-            inputs = pack(_call_inverse(block, inputs))
+            with_logdet = self.logdet and getattr(block, "logdet", False)
+            inputs = pack(_call_inverse(block, (*inputs, None) if with_logdet else inputs))
         return inputs[0] if len(inputs) == 1 else inputs
+
+    def _take_logdet(self, block, outputs: tuple, total):
+        if not (self.logdet and getattr(block, "logdet", False)):
+            return outputs, total
+        logdet = outputs[-1]
+        return outputs[:-1], logdet if total is None else total + logdet
+
+    def _result(self, outputs: tuple, total):
+        if self.logdet:
+            if total is None:
+                first = next(t for t in outputs if isinstance(t, torch.Tensor))
+                total = first.new_zeros(first.shape[0])
+            return (*outputs, total)
+        return outputs[0] if len(outputs) == 1 else outputs
 
 
 def _hooked(module: torch.nn.Module) -> bool:

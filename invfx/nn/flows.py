@@ -6,8 +6,8 @@ three modes of the base class (plain, checkpoint, invertible) and inverts exactl
 log-determinants. With ``logdet=True`` a layer's ``function`` returns ``(*outputs, logdet)``, ``logdet`` of
 shape ``(batch,)`` holding ``log|det dy/dx|`` per sample (the batch dimension is dimension 0), and its
 ``inverse`` takes that trailing ``logdet`` and ignores it (it returns only the inputs). Volume-preserving layers
-return zeros. Such a layer does not chain in :class:`~invfx.nn.InvertibleSequential` (the next block would
-receive the logdet as an input); accumulate the logdets in your own loop.
+return zeros. ``InvertibleSequential(*layers, logdet=True)`` turns the flag on in its layers and returns the
+sum of their logdets.
 
 Couplings take one tensor (split in two halves along ``dim``, output concatenated) or two tensors (output a
 tuple). They replay *fused* in invertible mode: the backward runs each sub-network once, to rebuild the input
