@@ -117,7 +117,7 @@ def test_checkpoint_and_free_list_respected():
     h = torch.randn(3, 4, dtype=DT, requires_grad=True) * 1
     invfx.invertible_checkpoint(block, block.inverse, h, free=()).sum().backward()
     assert not is_freed(h)
-    with pytest.raises(invfx.RegionError, match="cannot free"):
+    with pytest.raises(invfx.RegionError, match="free and keep are for invertible"):
         run_region(Region(block, "checkpoint", free=frozenset({0})), (h,))
 
 
@@ -514,7 +514,11 @@ def test_fused_replay_runs_the_subnetwork_once_in_backward():
     x1 = torch.randn(3, 4, dtype=DT, requires_grad=True)
     x2 = torch.randn(3, 4, dtype=DT, requires_grad=True)
     h1, h2 = x1 * 1, x2 * 1
-    region = Region(f, "invertible", replay=fused, free=frozenset({0, 1}))
+    def f_inverse(outputs, saved):
+        y1, y2 = outputs
+        return y1 - net(y2), y2
+
+    region = Region(f, "invertible", inverse=f_inverse, replay=fused, free=frozenset({0, 1}))
     y1, y2 = run_region(region, (h1, h2))
     assert is_freed(h1)
     (y1.pow(2).sum() + y2.pow(3).sum()).backward()
@@ -624,3 +628,36 @@ def test_rng_mark_names_are_unique_per_region():
     with pytest.raises(invfx.RegionError, match="twice"):
         invfx.checkpoint(twice, torch.randn(3, dtype=DT, requires_grad=True))
     invfx.runtime.rng_mark("outside")  # a no-op outside regions
+
+
+def test_kept_inputs_are_saved_and_rebuild_hook_restores_the_rest():
+    """keep: an argument the rebuild reads but does not rebuild is saved; rebuild(ctx) puts back the others,
+    in backward and when the graph is dropped."""
+    w = nn.Parameter(torch.randn(4, 4, dtype=DT))
+
+    def f(x, s):
+        return x + torch.tanh(s @ w)
+
+    def rebuild(ctx):
+        (y,) = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
+        s = ctx.input(1)
+        ctx.input(0, y - torch.tanh(s @ w))
+
+    for drop in (False, True):
+        x0 = torch.randn(3, 4, dtype=DT, requires_grad=True)
+        s0 = torch.randn(3, 4, dtype=DT, requires_grad=True)
+        x, s = x0 * 1, s0 * 1
+        expected_x = x.detach().clone()
+        region = Region(f, "invertible", rebuild=rebuild, free=frozenset({0}), keep=frozenset({1}))
+        y = run_region(region, (x, s))
+        assert is_freed(x) and not is_freed(s)
+        if drop:
+            del y
+            assert_close(x.detach(), expected_x)
+            continue
+        (y * y).sum().backward()
+        got = x0.grad.clone(), s0.grad.clone(), w.grad.clone()
+        x0.grad = s0.grad = w.grad = None
+        (f(x0 * 1, s0 * 1) ** 2).sum().backward()
+        assert_close(got, (x0.grad, s0.grad, w.grad))
+        w.grad = None

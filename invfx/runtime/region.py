@@ -79,9 +79,12 @@ class Region:
     ``inverse(outputs, saved) -> inputs``: ``outputs`` is the tuple of the function's outputs (non-tensors
     included), ``saved`` the frozenset of argument positions whose values are still in memory (they need not be
     rebuilt; whatever is returned there is ignored). It returns one entry per function argument.
-    ``replay(ctx) -> outputs`` overrides the backward's recomputation (see :class:`ReplayContext`).
+    ``replay(ctx) -> outputs`` overrides the backward's recomputation (see :class:`ReplayContext`);
+    ``rebuild(ctx)`` overrides how the inputs are put back (calling ``ctx.input(position, value)`` for each one
+    not in memory) in the default replay and when a graph is dropped without backward.
     ``buffers``: buffers, or modules whose buffers, the function may update in place (BatchNorm statistics);
-    they are kept from being updated a second time by the recomputation.
+    they are kept from being updated a second time by the recomputation. ``keep`` (invertible mode): argument
+    positions saved for backward like a checkpoint's inputs (values the inverse reads but does not rebuild).
     """
 
     function: Callable[..., Any]
@@ -89,6 +92,8 @@ class Region:
     inverse: Callable[[tuple, frozenset], Sequence[Any]] | None = None
     replay: Callable[["ReplayContext"], Any] | None = None
     free: frozenset[int] = frozenset()
+    keep: frozenset[int] = frozenset()
+    rebuild: Callable[["ReplayContext"], None] | None = None
     buffers: tuple[torch.Tensor | torch.nn.Module, ...] = ()
     preserve_rng_state: bool = True
     name: str = "region"
@@ -96,10 +101,13 @@ class Region:
     def __post_init__(self):
         if self.mode not in (CHECKPOINT, INVERTIBLE):
             raise RegionError(f"{self.name}: unknown mode {self.mode!r}")
-        if self.mode == INVERTIBLE and self.inverse is None and self.replay is None:
-            raise RegionError(f"{self.name}: an invertible region needs an inverse or a replay")
-        if self.mode == CHECKPOINT and self.free:
-            raise RegionError(f"{self.name}: a checkpoint region keeps its inputs; it cannot free them")
+        if self.mode == INVERTIBLE and self.inverse is None and self.rebuild is None:
+            raise RegionError(f"{self.name}: an invertible region needs an inverse or a rebuild")
+        if self.mode == CHECKPOINT and (self.free or self.keep):
+            raise RegionError(f"{self.name}: a checkpoint region keeps all its inputs; free and keep are for "
+                              "invertible regions")
+        if self.free & self.keep:
+            raise RegionError(f"{self.name}: arguments {sorted(self.free & self.keep)} are both freed and kept")
 
 
 def checkpoint(function, *args, buffers=(), preserve_rng_state=True, name=None):
@@ -345,6 +353,7 @@ class _RegionCall:
         self.freed: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> (alias sharing the storage, nbytes)
         self.not_freed: dict[int, str] = {}  # position -> why the runtime refused to free it
         self.weak_inputs: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (weakref, version)
+        self.kept_positions = sorted(p for p in region.keep if p in self.position_slot)
         self.param_keys = {storage_key(p) for p in params}
         self.buffer_keys = {storage_key(b) for b in mutated_buffers}
 
@@ -372,8 +381,9 @@ class _RegionCall:
             if key not in freed_keys:
                 freed_keys[key] = free_storage(tensor)
             self.freed[slot] = (tensor.detach(), freed_keys[key])
+        kept = {self.position_slot[p] for p in self.kept_positions}
         for slot, tensor in enumerate(inputs):
-            if slot not in self.freed:
+            if slot not in self.freed and slot not in kept:
                 self.weak_inputs[slot] = (weakref.ref(tensor), tensor._version)
         return bool(self.freed)
 
@@ -489,10 +499,11 @@ class RegionFunction(torch.autograd.Function):
         if call.region.mode == CHECKPOINT:
             ctx.save_for_backward(*inputs, *params)
         else:
-            ctx.save_for_backward(*outputs, *params)
+            kept = [inputs[call.position_slot[p]] for p in call.kept_positions]
+            ctx.save_for_backward(*outputs, *kept, *params)
             if call.release_inputs(inputs):
                 # held by the node only (no cycle), so it fires as soon as the graph is dropped
-                ctx.guard = _RestoreOnDrop(call, [o.detach() for o in outputs])
+                ctx.guard = _RestoreOnDrop(call, [t.detach() for t in (*outputs, *kept, *params)])
         call.outputs = None  # the saved tensors hold them from here
         return tuple(outputs)
 
@@ -547,6 +558,9 @@ class ReplayContext:
             self.outputs = self.output_tensors = None
         else:
             self._saved_inputs = None
+            kept = len(call.kept_positions)
+            saved, kept_values = saved[:len(saved) - kept], saved[len(saved) - kept:]
+            self._kept = {call.position_slot[p]: v for p, v in zip(call.kept_positions, kept_values)}
             self.output_tensors = saved
             self.outputs = call.structure.items(call.structure.rebuild(call.non_tensor_result, list(saved)))
         self.saved = frozenset(p for p in call.positions if self._available(call.position_slot[p]) is not None) \
@@ -556,6 +570,8 @@ class ReplayContext:
         call = self._call
         if self._checkpointed:
             return self._saved_inputs[slot]
+        if slot in self._kept:
+            return self._kept[slot]
         if slot in call.freed:
             alias, _ = call.freed[slot]
             return None if is_freed(alias) else alias
@@ -621,14 +637,22 @@ def _replay_checkpoint(context: ReplayContext):
     return context.call_function()
 
 
-def _replay_inverse(context: ReplayContext):
+def _rebuild_inputs(context: ReplayContext) -> None:
+    """Put back every argument that is not in memory: the region's ``rebuild``, or its inverse."""
     call = context._call
+    if call.region.rebuild is not None:
+        call.region.rebuild(context)
+        return
     missing = [p for p in call.positions if p not in context.saved]
     if missing:
         rebuilt = context.inverse()
         for position in missing:
             context.input(position, rebuilt[position])
-        context.reset_rng()
+
+
+def _replay_inverse(context: ReplayContext):
+    _rebuild_inputs(context)
+    context.reset_rng()
     return context.call_function()
 
 
@@ -636,31 +660,26 @@ class _RestoreOnDrop:
     """Puts freed inputs back if the graph is dropped without a backward (a forward for evaluation, an
     exception between forward and backward): freed memory must never outlive the graph that owns it."""
 
-    def __init__(self, call: _RegionCall, outputs: list[torch.Tensor]):
+    def __init__(self, call: _RegionCall, saved: list[torch.Tensor]):
         self.call = call
-        self.outputs = outputs
+        self.saved = saved  # what the node saved (outputs, kept inputs, parameters), detached
 
     def disarm(self):
-        self.call = self.outputs = None
+        self.call = self.saved = None
 
     def __del__(self):
-        call, outputs = self.call, self.outputs
-        if call is None or outputs is None:
+        call, saved = self.call, self.saved
+        if call is None or saved is None:
             return
         self.disarm()
         try:
-            if any(is_freed(o) for o in outputs):
+            if any(is_freed(t) for t in saved):
                 return  # a later region freed them too and could not restore them: nothing to rebuild from
-            items = call.structure.items(call.structure.rebuild(call.non_tensor_result, outputs))
+            context = ReplayContext(call, tuple(saved))
             rng = call.rng.forked() if call.rng is not None else contextlib.nullcontext()
-            with rng, call.autocast.replayed(), torch.no_grad(), rng_marks("replay", call.rng):
-                if call.rng is not None:
-                    call.rng.set()
-                rebuilt = call.region.inverse(items, frozenset())
-                if isinstance(rebuilt, torch.Tensor):
-                    rebuilt = (rebuilt,)
-                for slot, (alias, nbytes) in call.freed.items():
-                    if is_freed(alias):
-                        restore_storage(alias, nbytes, rebuilt[call.positions[slot]])
+            with rng, call.autocast.replayed(), torch.no_grad(), rng_marks("replay", call.rng), \
+                    BufferState.preserved(call.mutated_buffers):
+                context.reset_rng()
+                _rebuild_inputs(context)  # writes the rebuilt values into the freed storages
         except Exception:  # noqa: BLE001 - a destructor must not raise; the data could not be rebuilt
             pass
