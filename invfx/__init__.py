@@ -2,10 +2,11 @@
 
 from . import inverses, nn, registry, runtime, utils
 from .errors import BudgetError, InverseError, InvfxError, RegionError, TraceError
+from .optimize import OptimizedModule, Plan, optimize
 from .registry import register_inverse
 from .runtime import checkpoint, invertible_checkpoint
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "runtime", "utils", "registry", "inverses", "checkpoint", "invertible_checkpoint",
+__all__ = ["optimize", "OptimizedModule", "Plan", "nn", "runtime", "utils", "registry", "inverses", "checkpoint", "invertible_checkpoint",
            "register_inverse", "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]

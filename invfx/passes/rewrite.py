@@ -1,0 +1,217 @@
+"""Pass 4: rewrite each invertible segment into a region submodule backed by the runtime.
+
+A segment becomes ``inv_<module path>`` (``inv_blocks_3``): its forward is the segment's nodes as a
+GraphModule, its rebuild is generated code that undoes them (registry inverses and recomputed sub-networks),
+both printable (``opt.inv_blocks_3.code``, ``.rebuild_code``). The parent graph calls the region and reads
+its outputs. Random sub-networks are preceded by ``rng_mark`` in both bodies, so the rebuild draws the
+forward's dropout masks whatever order it runs them in.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
+from .segments import Segment, module_path
+
+__all__ = ["InvertibleRegion", "rewrite_segment", "region_name"]
+
+_RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+                     torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+                     torch.nn.functional.feature_alpha_dropout, torch.dropout, torch.bernoulli, torch.rand,
+                     torch.randn, torch.rand_like, torch.randn_like, torch.randint, torch.randperm,
+                     torch.multinomial, torch.normal}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_"}
+
+
+def _is_random(root: nn.Module, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return any(isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                  nn.FeatureAlphaDropout, nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                                  nn.TransformerDecoderLayer))
+                   or not _is_torch_module(m) for m in module.modules())
+    if node.op == "call_function":
+        return node.target in _RANDOM_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RANDOM_METHODS
+    return False
+
+
+def _is_torch_module(module: nn.Module) -> bool:
+    """A torch.nn layer (known not to draw random numbers unless listed above); user code may."""
+    return type(module).__module__.startswith("torch.nn")
+
+
+class InvertibleRegion(nn.Module):
+    """One invertible segment of an optimized model.
+
+    Holds no parameters of its own (its bodies call the model's submodules, so ``state_dict`` is the model's).
+    In training with grad enabled it runs as an invertible region; otherwise its forward is plain code.
+    """
+
+    def __init__(self, name: str, forward_body: fx.GraphModule, rebuild_body: fx.GraphModule,
+                 num_inputs: int, rebuilt: Sequence[int], kept: Sequence[int], free: Sequence[int],
+                 modules: Sequence[nn.Module], source: str):
+        super().__init__()
+        # Bodies are plain attributes, not submodules: their children are the model's own modules, registered
+        # once under their original names.
+        object.__setattr__(self, "forward_body", forward_body)
+        object.__setattr__(self, "rebuild_body", rebuild_body)
+        object.__setattr__(self, "_modules_used", tuple(modules))
+        self.region_name = name
+        self.source = source
+        self.num_inputs = num_inputs
+        self.rebuilt = tuple(rebuilt)
+        self.kept = tuple(kept)
+        self.free = tuple(free)
+
+    @property
+    def code(self) -> str:
+        return self.forward_body.code
+
+    @property
+    def rebuild_code(self) -> str:
+        return self.rebuild_body.code
+
+    def extra_repr(self) -> str:
+        return (f"{self.source or self.region_name}: {self.num_inputs} inputs, rebuilds {list(self.rebuilt)}, "
+                f"keeps {list(self.kept)}, frees {list(self.free)}")
+
+    def forward(self, *inputs):
+        if not (self.training and torch.is_grad_enabled()):
+            return self.forward_body(*inputs)
+        region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
+                        free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
+                        name=f"{self.region_name} ({self.source})" if self.source else self.region_name)
+        return run_region(region, inputs)
+
+    def _rebuild(self, ctx: ReplayContext) -> None:
+        outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
+        kept = [ctx.input(p).detach() for p in self.kept]
+        with torch.no_grad():
+            rebuilt = self.rebuild_body(*[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs], *kept)
+        for position, value in zip(self.rebuilt, rebuilt):
+            ctx.input(position, value)
+
+
+def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: set[str]) -> str:
+    """``inv_`` and the innermost module all ``nodes`` were traced in (``inv_blocks_3``), unique."""
+    paths = [module_path(n) for n in nodes]
+    common = paths[0]
+    for path in paths[1:]:
+        n = 0
+        while n < min(len(common), len(path)) and common[n] == path[n]:
+            n += 1
+        common = common[:n]
+    base = "inv_" + (common[-1].replace(".", "_") if common else f"segment_{index}")
+    name, k = base, 1
+    while hasattr(root, name) or name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+def _get_attr(graph: fx.Graph, env: dict, node: fx.Node) -> fx.Node:
+    if node not in env:
+        env[node] = graph.get_attr(node.target)
+    return env[node]
+
+
+def _map(graph: fx.Graph, env: dict, value):
+    if isinstance(value, fx.Node):
+        if value.op == "get_attr":
+            return _get_attr(graph, env, value)
+        return env[value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(graph, env, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(graph, env, v) for k, v in value.items()}
+    return value
+
+
+def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> InvertibleRegion:
+    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new region submodule ``name``."""
+    paths = [module_path(n) for n in segment.nodes]
+    source = paths[0][-1] if paths[0] and all(p[:len(paths[0])] == paths[0] for p in paths) else ""
+    inputs, outputs = segment.inputs, segment.outputs
+    random_nodes = {n for n in segment.nodes if _is_random(root, n)}
+
+    # forward body: the segment's nodes
+    forward_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = forward_graph.placeholder(node.name)
+    for node in segment.nodes:
+        if node in random_nodes:
+            forward_graph.call_function(rng_mark, (node.name,))
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                _get_attr(forward_graph, env, arg)
+        env[node] = forward_graph.node_copy(node, lambda n: env[n])
+    forward_graph.output(tuple(env[o] for o in outputs))
+
+    # rebuild body: the solver's steps, from the outputs and the kept inputs
+    rebuild_graph = fx.Graph()
+    renv: dict[fx.Node, fx.Node] = {}
+    for node in outputs:
+        renv[node] = rebuild_graph.placeholder(node.name)
+    for node in segment.kept:
+        renv[node] = rebuild_graph.placeholder(node.name)
+    for step in segment.rebuild.steps:
+        if step.kind == "recompute":
+            if step.node in random_nodes:
+                rebuild_graph.call_function(rng_mark, (step.node.name,))
+            for arg in step.node.all_input_nodes:
+                if arg.op == "get_attr":
+                    _get_attr(rebuild_graph, renv, arg)
+            renv[step.node] = rebuild_graph.node_copy(step.node, lambda n: renv[n])
+        elif step.kind == "assemble":
+            renv[step.node] = rebuild_graph.create_node("call_function", tuple, ([renv[r] for r in step.reads],),
+                                                        name=step.node.name)
+        else:
+            rule, call = step.rule, step.call
+            args, kwargs = rule.bind(call)
+            head = (rebuild_graph.get_attr(step.node.target),) if rule.module else ()
+            solved = call.bound[rule.solves]
+            # named after the value it rebuilds, so the rebuild reads against the forward's code
+            result = rebuild_graph.create_node(
+                "call_function", rule.inverse, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
+                _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
+            if isinstance(solved, fx.Node):
+                renv[solved] = result
+            else:  # a list of tensors (cat's inputs): the inverse returns them in order
+                for k, item in enumerate(solved):
+                    if isinstance(item, fx.Node):
+                        renv[item] = rebuild_graph.create_node("call_function", operator.getitem, (result, k),
+                                                               name=item.name)
+    rebuilt = [i for i, node in enumerate(inputs) if node not in segment.kept]
+    rebuild_graph.output(tuple(renv[inputs[i]] for i in rebuilt))
+
+    kept = [i for i, node in enumerate(inputs) if node in segment.kept]
+    free = [i for i, node in enumerate(inputs) if node in segment.freeable]
+    modules = sorted({n.target for n in segment.nodes if n.op == "call_module"})
+    region = InvertibleRegion(
+        name, fx.GraphModule(root, forward_graph, f"{name}_forward"),
+        fx.GraphModule(root, rebuild_graph, f"{name}_rebuild"), len(inputs), rebuilt, kept, free,
+        [root.get_submodule(m) for m in modules], source)
+    root.add_module(name, region)
+
+    # the parent graph: call the region, read its outputs, drop the segment's nodes
+    graph = root.graph
+    with graph.inserting_before(segment.nodes[0]):
+        call = graph.call_module(name, tuple(inputs))
+        reads = [graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
+    inside = set(segment.nodes)
+    for output, read in zip(outputs, reads):
+        output.replace_all_uses_with(read, delete_user_cb=lambda user: user not in inside)
+        read.meta.update(output.meta)
+    for node in reversed(segment.nodes):
+        graph.erase_node(node)
+    return region

@@ -1,0 +1,221 @@
+"""Pass 3b: cut the graph into a chain of segments and find the ones that are invertible.
+
+The graph's compute nodes, in their (topological) order, are cut at boundaries; the values *live* at a boundary
+(made before it, read after it) are what flows from one segment to the next. A segment ``[p, q)`` is invertible
+when the solver rebuilds every input that dies inside it from what is live at ``q``. Inputs that stay live after
+the segment (``x`` in ``x + f(x)``) are kept, not rebuilt. Segments are found greedily, smallest first, and a
+segment that rebuilds all its inputs is preferred to one that keeps some (kept inputs cost memory per segment).
+
+Freeing is proven here: an input is freed by the segment it dies in, only if it is not the caller's input, a
+parameter or buffer, a view (its base may be alive), a relu output (relu's backward masks on its saved output's
+exact zeros, which an inverse rebuilds only up to rounding), or a tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..registry import rules_for
+from .annotate import is_tensor_meta, numel, tuple_metas
+from .solve import Rebuild, solve
+
+__all__ = ["Segment", "find_segments", "live_values"]
+
+COMPUTE = ("call_function", "call_method", "call_module")
+MAX_NODES = 256  # longest segment tried
+
+# ops whose output may alias their input's storage (the runtime refuses to free views anyway)
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "chunk", "split",
+                 "unbind", "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "expand_as", "narrow",
+                 "select", "contiguous", "__getitem__", "detach", "swapaxes", "movedim", "unfold", "as_strided"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.t, torch.chunk, torch.split, torch.unbind,
+                   torch.squeeze, torch.unsqueeze, torch.flatten, torch.unflatten, torch.narrow, torch.select,
+                   torch.movedim, torch.swapaxes, torch.detach}
+_RELU = {torch.relu, torch.nn.functional.relu, "relu", "relu_", torch.nn.ReLU, torch.nn.functional.relu6,
+         torch.nn.ReLU6, torch.nn.functional.hardtanh, torch.nn.Hardtanh, torch.clamp, "clamp"}
+
+
+@dataclass
+class Segment:
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]  # values from before the segment that it reads
+    outputs: list[fx.Node]  # values it makes that are read after it
+    mode: str = "keep"  # "keep" (plain autograd) or "invertible"
+    rebuild: Rebuild | None = None
+    kept: list[fx.Node] = field(default_factory=list)  # inputs still live after it (not rebuilt)
+    freeable: list[fx.Node] = field(default_factory=list)  # rebuilt inputs it may free
+    why: str = ""
+
+
+def live_values(nodes: list[fx.Node]) -> list[set[fx.Node]]:
+    """``live[p]``: values made by ``nodes[:p]`` (or before them) that ``nodes[p:]`` or the output read."""
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use: dict[fx.Node, int] = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = i
+    live: list[set[fx.Node]] = []
+    current: set[fx.Node] = set()
+    for p in range(len(nodes) + 1):
+        if p > 0:
+            made = nodes[p - 1]
+            if last_use.get(made, -1) >= p:
+                current.add(made)
+        current = {v for v in current if last_use.get(v, -1) >= p}
+        live.append(set(current))
+    del index
+    return live
+
+
+def _has_any_rule(module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(rules_for(type(module.get_submodule(node.target))))
+    if node.op in ("call_function", "call_method"):
+        return bool(rules_for(node.target)) or getattr(node.target, "__name__", "") == "getitem"
+    return False
+
+
+def _is_view(module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS or getattr(node.target, "__name__", "") == "getitem"
+    return False
+
+
+def _why_not_freeable(module: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op == "placeholder":
+        return "the caller's input"
+    if node.op == "get_attr":
+        return "a parameter or buffer"
+    if _is_view(module, node):
+        return "a view"
+    producer = type(module.get_submodule(node.target)) if node.op == "call_module" else node.target
+    if producer in _RELU:
+        return "a relu output (its backward needs its exact zeros)"
+    if tuple_metas(node) is not None:
+        return "a tuple"
+    if not is_tensor_meta(node.meta.get("tensor_meta")):
+        return "not a tensor"
+    return None
+
+
+def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[Segment]:
+    """The chain of segments covering every compute node, invertible where the solver succeeds."""
+    everything = list(module.graph.nodes)
+    compute = [n for n in everything if n.op in COMPUTE]
+    order = {n: i for i, n in enumerate(everything)}
+    live_all = live_values(everything)
+    # live set at the boundary before compute[i] (in the full node order)
+    live = [live_all[order[n]] for n in compute] + [live_all[len(everything) - 1]]
+    live = [{v for v in s if v.op != "get_attr"} for s in live]
+    invertible_allowed = "invertible" in modes
+
+    segments: list[Segment] = []
+    plain: list[fx.Node] = []
+
+    def flush_plain(end: int):
+        if plain:
+            segments.append(_make(module, plain, live, compute, end - len(plain), end, "keep"))
+            plain.clear()
+
+    p = 0
+    while p < len(compute):
+        found = _find_from(module, compute, live, p) if invertible_allowed else None
+        if found is None:
+            plain.append(compute[p])
+            p += 1
+            continue
+        q, segment = found
+        flush_plain(p)
+        segments.append(segment)
+        p = q
+    flush_plain(len(compute))
+    return segments
+
+
+def _segment_io(nodes_range: list[fx.Node], live_p: set[fx.Node], live_q: set[fx.Node]):
+    inside = set(nodes_range)
+    inputs = [v for v in _ordered(live_p) if any(u in inside for u in v.users)]
+    outputs = [v for v in nodes_range if v in live_q]
+    return inputs, outputs
+
+
+def _ordered(values: set[fx.Node]) -> list[fx.Node]:
+    return sorted(values, key=lambda n: n._sort_key if hasattr(n, "_sort_key") else 0) if values and \
+        hasattr(next(iter(values)), "_sort_key") else sorted(values, key=lambda n: n.name)
+
+
+def _find_from(module, compute, live, p):
+    """The first segment starting at ``p`` that is invertible, frees an input, keeps none and hands the next
+    segment outputs it can free (not views); failing that, the first invertible one that frees something."""
+    fallback = None
+    first = compute[p]
+    if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem":
+        return None  # never start inside a tuple
+    for q in range(p + 1, min(len(compute), p + MAX_NODES) + 1):
+        nodes = compute[p:q]
+        inputs, outputs = _segment_io(nodes, live[p], live[q])
+        dying = [v for v in inputs if v not in live[q]]
+        kept = [v for v in inputs if v in live[q]]
+        if not dying or not outputs:
+            continue
+        if not any(_why_not_freeable(module, d) is None for d in dying):
+            continue  # frees nothing: no memory to gain
+        if sum(numel(o) for o in outputs) < sum(numel(d) for d in dying):
+            continue  # fewer numbers out than in: no bijection
+        inside = set(nodes)
+        if any(not any(_has_any_rule(module, u) for u in d.users if u in inside) for d in dying):
+            continue  # some dying input has no consumer an inverse rule knows
+        rebuild = solve(module, nodes, dying, list(outputs) + kept)
+        if isinstance(rebuild, str):
+            continue
+        segment = _invertible(module, nodes, inputs, outputs, kept, dying, rebuild)
+        clean = not kept and not any(_why_not_freeable(module, o) for o in outputs)
+        if clean and (q == len(compute) or not _inside(compute[q], nodes)):
+            return q, segment
+        # a clean cut inside a module (between a coupling and its cat) is second best: the whole module reads
+        # better as one region, and costs nothing more if it is invertible too
+        rank = 1 if clean else 2
+        if fallback is None or rank < fallback[0]:
+            fallback = (rank, q, segment)
+    return fallback[1:] if fallback else None
+
+
+def module_path(node: fx.Node) -> tuple[str, ...]:
+    """The module path a node was traced in (``("blocks", "blocks.3")``), its own for a module call."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = tuple(value[0] for value in stack.values())
+    if node.op == "call_module" and (not path or path[-1] != node.target):
+        path += (node.target,)
+    return path
+
+
+def _inside(node: fx.Node, nodes: list[fx.Node]) -> bool:
+    """Whether ``node`` belongs to the innermost module that all of ``nodes`` share (the segment ends inside
+    a module)."""
+    common = module_path(nodes[0])
+    for other in nodes[1:]:
+        path = module_path(other)
+        n = 0
+        while n < min(len(common), len(path)) and common[n] == path[n]:
+            n += 1
+        common = common[:n]
+    if not common:
+        return False
+    return module_path(node)[:len(common)] == common
+
+
+def _invertible(module, nodes, inputs, outputs, kept, dying, rebuild) -> Segment:
+    freeable = [d for d in dying if _why_not_freeable(module, d) is None]
+    why = "rebuilt from its outputs by " + ", ".join(
+        sorted({s.rule.name for s in rebuild.steps if s.rule is not None}) or ["recomputation"])
+    return Segment(list(nodes), inputs, outputs, "invertible", rebuild, kept, freeable, why)
+
+
+def _make(module, nodes, live, compute, start, end, mode) -> Segment:
+    inputs, outputs = _segment_io(list(nodes), live[start], live[end])
+    return Segment(list(nodes), inputs, outputs, mode, why="no inverse found")

@@ -1,0 +1,201 @@
+"""Pass 3a: can a segment's inputs be rebuilt from its outputs? Solve backwards with the registry.
+
+Starting from what backward will have (the segment's outputs, the inputs it keeps, parameters and constants),
+repeat until nothing changes: a node whose output is known and whose registry rule's other arguments are known
+gives back one of its arguments (an *invert* step); a node whose arguments are all known is recomputed (a
+*recompute* step: how ``y1 = x1 + F(x2)`` is undone for any ``F``: ``F(x2)`` is recomputed, never inverted); a
+tuple is known once all its items are. The segment is invertible when every input it does not keep is known.
+Steps no goal depends on are pruned. Pure function of the graph: nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..registry import InverseRule, OpCall, Risk, bind_arguments, rules_for
+from .annotate import is_tensor_meta, producer_of, tuple_metas
+
+__all__ = ["Step", "Rebuild", "solve", "op_call"]
+
+_RISK_ORDER = {Risk.EXACT: 0, Risk.WELL_CONDITIONED: 1, Risk.MAY_BLOW_UP: 2}
+
+
+@dataclass
+class Step:
+    kind: str  # "invert", "recompute" or "assemble" (a tuple from its items)
+    node: fx.Node  # the node undone (invert), rerun (recompute) or whose tuple is assembled
+    produces: list[fx.Node]
+    reads: list[fx.Node]
+    rule: InverseRule | None = None
+    call: OpCall | None = None  # the node's call with fx Nodes as values (for code generation)
+
+
+@dataclass
+class Rebuild:
+    steps: list[Step]
+    goals: list[fx.Node]
+    risk: Risk = Risk.EXACT
+    inverse_flops: float = 0.0
+    recomputed: list[fx.Node] = field(default_factory=list)
+
+
+def _target(module: fx.GraphModule, node: fx.Node):
+    return type(module.get_submodule(node.target)) if node.op == "call_module" else node.target
+
+
+def op_call(module: fx.GraphModule, node: fx.Node, rule: InverseRule, values: bool) -> OpCall:
+    """The call of ``node`` as a rule sees it. ``values``: parameters and buffers (get_attr) as their tensors
+    (for conditions); else every argument as its fx Node (for code generation)."""
+    submodule = module.get_submodule(node.target) if node.op == "call_module" else None
+
+    def resolve(arg):
+        if isinstance(arg, fx.Node) and values and arg.op == "get_attr":
+            return _fetch(module, arg.target)
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(resolve(a) for a in arg)
+        return arg
+
+    bound = bind_arguments(rule.params, [resolve(a) for a in node.args],
+                           {k: resolve(v) for k, v in node.kwargs.items()}, rule.target)
+    metas, producers = {}, {}
+    for name, arg in zip([p.name for p in rule.params], _args_by_name(rule, node)):
+        if isinstance(arg, fx.Node):
+            meta = arg.meta.get("tensor_meta")
+            if is_tensor_meta(meta):
+                metas[name] = (tuple(meta.shape), meta.dtype)
+            producers[name] = producer_of(module, arg)
+        elif isinstance(arg, (list, tuple)) and arg and all(isinstance(a, fx.Node) for a in arg):
+            item_metas = [a.meta.get("tensor_meta") for a in arg]
+            if all(is_tensor_meta(m) for m in item_metas):
+                metas[name] = ([tuple(m.shape) for m in item_metas], item_metas[0].dtype)
+    out = node.meta.get("tensor_meta")
+    out_meta = None
+    if is_tensor_meta(out):
+        out_meta = (tuple(out.shape), out.dtype)
+    elif isinstance(out, (tuple, list)) and out and all(is_tensor_meta(m) for m in out):
+        out_meta = ([tuple(m.shape) for m in out], out[0].dtype)
+    return OpCall(rule.target, bound, module=submodule, out_meta=out_meta, metas=metas, producers=producers)
+
+
+def _args_by_name(rule: InverseRule, node: fx.Node):
+    bound = bind_arguments(rule.params, node.args, node.kwargs, rule.target)
+    return [bound[p.name] for p in rule.params]
+
+
+def _fetch(module: fx.GraphModule, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _nodes_in(value) -> list[fx.Node]:
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [n for item in value for n in _nodes_in(item)]
+    if isinstance(value, dict):
+        return [n for item in value.values() for n in _nodes_in(item)]
+    return []
+
+
+def _tuple_length(node: fx.Node) -> int | None:
+    metas = tuple_metas(node)
+    return len(metas) if metas is not None else None
+
+
+def solve(module: fx.GraphModule, segment: Sequence[fx.Node], goals: Iterable[fx.Node],
+          known: Iterable[fx.Node]) -> Rebuild | str:
+    """How to rebuild ``goals`` (inputs of ``segment``) from ``known`` values; or why it cannot be done."""
+    goals = list(goals)
+    in_segment = set(segment)
+    known_set = set(known)
+    steps: list[Step] = []
+    items: dict[fx.Node, set[int]] = {}
+
+    def is_known(node: fx.Node) -> bool:
+        return node in known_set or node.op == "get_attr"
+
+    def learn(step: Step) -> None:
+        steps.append(step)
+        known_set.update(step.produces)
+
+    progress = True
+    while progress and not all(is_known(g) for g in goals):
+        progress = False
+        for node in reversed(segment):  # invert from the outputs back
+            if not is_known(node):
+                continue
+            if node.op == "call_function" and node.target.__name__ == "getitem" and \
+                    isinstance(node.args[0], fx.Node) and node.args[0] in in_segment | set(goals) and \
+                    not is_known(node.args[0]) and isinstance(node.args[1], int):
+                tup = node.args[0]
+                length = _tuple_length(tup)
+                seen = items.setdefault(tup, set())
+                if node.args[1] not in seen and length:
+                    seen.add(node.args[1] % length)
+                    if len(seen) == length:
+                        parts = sorted((u for u in tup.users if u.op == "call_function"
+                                        and getattr(u.target, "__name__", "") == "getitem"
+                                        and isinstance(u.args[1], int) and is_known(u)),
+                                       key=lambda u: u.args[1] % length)
+                        by_index = {u.args[1] % length: u for u in parts}
+                        if len(by_index) == length:
+                            learn(Step("assemble", tup, [tup], [by_index[i] for i in range(length)]))
+                            progress = True
+                continue
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            for rule in rules_for(_target(module, node)):
+                if rule.extra_outputs is not None:
+                    continue  # needs the forward rewritten to return statistics (not done by the pass yet)
+                try:
+                    call = op_call(module, node, rule, values=True)
+                except Exception:  # noqa: BLE001 - the rule's signature does not fit this call
+                    continue
+                unknown = [n for n in _nodes_in(call.bound.get(rule.solves)) if not is_known(n)]
+                if not unknown:
+                    continue
+                if any(not all(is_known(n) for n in _nodes_in(call.bound.get(name))) for name in rule.needs):
+                    continue
+                if rule.why_not(call) is not None:
+                    continue
+                reads = [node] + [n for name in rule.needs for n in _nodes_in(call.bound.get(name))]
+                learn(Step("invert", node, _nodes_in(call.bound.get(rule.solves)), reads, rule,
+                           op_call(module, node, rule, values=False)))
+                progress = True
+                break
+        for node in segment:  # recompute what the known values determine
+            if is_known(node) or node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            reads = _nodes_in((node.args, node.kwargs))
+            if all(is_known(n) for n in reads):
+                learn(Step("recompute", node, [node], reads))
+                progress = True
+    missing = [g for g in goals if not is_known(g)]
+    if missing:
+        return "cannot rebuild " + ", ".join(g.name for g in missing) + " from the outputs"
+    return _prune(steps, goals)
+
+
+def _prune(steps: list[Step], goals: list[fx.Node]) -> Rebuild:
+    needed = set(goals)
+    kept: list[Step] = []
+    for step in reversed(steps):
+        if any(p in needed for p in step.produces):
+            kept.append(step)
+            needed.update(step.reads)
+    kept.reverse()
+    risk, flops = Risk.EXACT, 0.0
+    for step in kept:
+        if step.rule is not None:
+            if _RISK_ORDER[step.rule.risk] > _RISK_ORDER[risk]:
+                risk = step.rule.risk
+            try:
+                flops += float(step.rule.cost(step.call))
+            except Exception:  # noqa: BLE001 - a cost that cannot be computed counts as unknown (0)
+                pass
+    return Rebuild(kept, goals, risk, flops, [s.node for s in kept if s.kind == "recompute"])
