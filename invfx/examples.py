@@ -1,0 +1,121 @@
+"""Plainly written models (no invfx import in their definitions) used by the tests, the benchmarks, the demo
+and the notebooks: what ``invfx.optimize`` must handle as users write it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CouplingBlock", "RevNetMLP", "GlowStep", "Glow", "ReversibleBlock", "ReversibleTransformer"]
+
+
+class CouplingBlock(nn.Module):
+    """RevNet block: ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, on the two halves of the last dimension."""
+
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        half = width // 2
+
+        def mlp():
+            return nn.Sequential(nn.LayerNorm(half), nn.Linear(half, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, half))
+
+        self.F, self.G = mlp(), mlp()
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=-1)
+        y1 = x1 + self.F(x2)
+        y2 = x2 + self.G(y1)
+        return torch.cat([y1, y2], dim=-1)
+
+
+class RevNetMLP(nn.Module):
+    """A stem, ``depth`` coupling blocks, a head."""
+
+    def __init__(self, depth: int = 8, width: int = 64, hidden: int = 128, classes: int = 10,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.stem = nn.Linear(width, width)
+        self.blocks = nn.ModuleList([CouplingBlock(width, hidden, dropout) for _ in range(depth)])
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+class GlowStep(nn.Module):
+    """Glow's step written out: actnorm ``(x + loc) * exp(logs)``, an invertible 1x1 convolution through
+    ``F.conv2d`` with a square weight, an affine coupling with a sigmoid scale."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        rotation = torch.linalg.qr(torch.randn(channels, channels))[0]
+        self.weight = nn.Parameter(rotation.reshape(channels, channels, 1, 1))
+        self.net = nn.Sequential(nn.Conv2d(channels // 2, hidden, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(hidden, channels, 3, padding=1))
+
+    def forward(self, x):
+        x = (x + self.loc) * torch.exp(self.logs)
+        x = F.conv2d(x, self.weight)
+        x1, x2 = x.chunk(2, dim=1)
+        shift, scale = self.net(x2).chunk(2, dim=1)
+        y1 = x1 * torch.sigmoid(scale + 2.0) + shift
+        return torch.cat([y1, x2], dim=1)
+
+
+class Glow(nn.Module):
+    """``levels`` times: squeeze (``pixel_unshuffle``) then ``depth`` Glow steps."""
+
+    def __init__(self, channels: int = 3, levels: int = 2, depth: int = 4, hidden: int = 32):
+        super().__init__()
+        self.levels = nn.ModuleList()
+        for _ in range(levels):
+            channels *= 4
+            self.levels.append(nn.ModuleList([GlowStep(channels, hidden) for _ in range(depth)]))
+
+    def forward(self, x):
+        for steps in self.levels:
+            x = F.pixel_unshuffle(x, 2)
+            for step in steps:
+                x = step(x)
+        return x
+
+
+class ReversibleBlock(nn.Module):
+    """Two streams: ``y1 = x1 + attention(ln(x2))``, ``y2 = x2 + mlp(ln(y1))``."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x1, x2):
+        h = self.ln1(x2)
+        y1 = x1 + self.attention(h, h, h, need_weights=False)[0]
+        y2 = x2 + self.mlp(self.ln2(y1))
+        return y1, y2
+
+
+class ReversibleTransformer(nn.Module):
+    """An embedding, ``depth`` two-stream blocks, the streams joined for the head."""
+
+    def __init__(self, features: int = 16, dim: int = 32, depth: int = 4, heads: int = 4, hidden: int = 64,
+                 classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.blocks = nn.ModuleList([ReversibleBlock(dim, heads, hidden, dropout) for _ in range(depth)])
+        self.head = nn.Linear(2 * dim, classes)
+
+    def forward(self, x):
+        x1 = x2 = self.embed(x)
+        for block in self.blocks:
+            x1, x2 = block(x1, x2)
+        return self.head(torch.cat([x1, x2], dim=-1))
