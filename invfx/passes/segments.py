@@ -20,12 +20,13 @@ import torch.fx as fx
 
 from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
-from .solve import Rebuild, solve
+from .solve import CallCache, Rebuild, solve
 
 __all__ = ["Segment", "find_segments", "live_values"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 MAX_NODES = 256  # longest segment tried
+MAX_ATTEMPTS = 24  # failed solves from one start before giving up on it
 
 # ops whose output may alias their input's storage (the runtime refuses to free views anyway)
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "chunk", "split",
@@ -122,9 +123,10 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
             segments.append(_make(module, plain, live, compute, end - len(plain), end, "keep"))
             plain.clear()
 
+    cache = CallCache(module)
     p = 0
     while p < len(compute):
-        found = _find_from(module, compute, live, p) if invertible_allowed else None
+        found = _find_from(module, compute, live, p, cache) if invertible_allowed else None
         if found is None:
             plain.append(compute[p])
             p += 1
@@ -149,10 +151,11 @@ def _ordered(values: set[fx.Node]) -> list[fx.Node]:
         hasattr(next(iter(values)), "_sort_key") else sorted(values, key=lambda n: n.name)
 
 
-def _find_from(module, compute, live, p):
+def _find_from(module, compute, live, p, cache):
     """The first segment starting at ``p`` that is invertible, frees an input, keeps none and hands the next
     segment outputs it can free (not views); failing that, the first invertible one that frees something."""
     fallback = None
+    attempts = 0
     first = compute[p]
     if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem":
         return None  # never start inside a tuple
@@ -165,13 +168,19 @@ def _find_from(module, compute, live, p):
             continue
         if not any(_why_not_freeable(module, d) is None for d in dying):
             continue  # frees nothing: no memory to gain
-        if sum(numel(o) for o in outputs) < sum(numel(d) for d in dying):
+        numbers_in, numbers_out = sum(numel(d) for d in dying), sum(numel(o) for o in outputs)
+        if numbers_out < numbers_in:
             continue  # fewer numbers out than in: no bijection
+        if numbers_out > 2 * numbers_in:
+            continue  # the cut is wide (intermediate values cross it): not where a chain link ends
         inside = set(nodes)
         if any(not any(_has_any_rule(module, u) for u in d.users if u in inside) for d in dying):
             continue  # some dying input has no consumer an inverse rule knows
-        rebuild = solve(module, nodes, dying, list(outputs) + kept)
+        rebuild = solve(module, nodes, dying, list(outputs) + kept, cache)
+        attempts += 1
         if isinstance(rebuild, str):
+            if attempts >= MAX_ATTEMPTS:
+                break
             continue
         segment = _invertible(module, nodes, inputs, outputs, kept, dying, rebuild)
         clean = not kept and not any(_why_not_freeable(module, o) for o in outputs)

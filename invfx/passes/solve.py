@@ -18,7 +18,7 @@ import torch.fx as fx
 from ..registry import InverseRule, OpCall, Risk, bind_arguments, rules_for
 from .annotate import is_tensor_meta, producer_of, tuple_metas
 
-__all__ = ["Step", "Rebuild", "solve", "op_call"]
+__all__ = ["Step", "Rebuild", "solve", "op_call", "CallCache"]
 
 _RISK_ORDER = {Risk.EXACT: 0, Risk.WELL_CONDITIONED: 1, Risk.MAY_BLOW_UP: 2}
 
@@ -107,9 +107,34 @@ def _tuple_length(node: fx.Node) -> int | None:
     return len(metas) if metas is not None else None
 
 
+class CallCache:
+    """The rules that apply to each node, with its calls, computed once per graph (solve runs many times)."""
+
+    def __init__(self, module: fx.GraphModule):
+        self.module = module
+        self._entries: dict[fx.Node, list[tuple[InverseRule, OpCall, OpCall]]] = {}
+
+    def rules(self, node: fx.Node) -> list[tuple[InverseRule, OpCall, OpCall]]:
+        entry = self._entries.get(node)
+        if entry is None:
+            entry = []
+            for rule in rules_for(_target(self.module, node)):
+                if rule.extra_outputs is not None:
+                    continue  # needs the forward rewritten to return statistics (not done by the pass yet)
+                try:
+                    values = op_call(self.module, node, rule, values=True)
+                    nodes = op_call(self.module, node, rule, values=False)
+                except Exception:  # noqa: BLE001 - the rule's signature does not fit this call
+                    continue
+                entry.append((rule, values, nodes))
+            self._entries[node] = entry
+        return entry
+
+
 def solve(module: fx.GraphModule, segment: Sequence[fx.Node], goals: Iterable[fx.Node],
-          known: Iterable[fx.Node]) -> Rebuild | str:
+          known: Iterable[fx.Node], cache: CallCache | None = None) -> Rebuild | str:
     """How to rebuild ``goals`` (inputs of ``segment``) from ``known`` values; or why it cannot be done."""
+    cache = cache or CallCache(module)
     goals = list(goals)
     in_segment = set(segment)
     known_set = set(known)
@@ -149,13 +174,7 @@ def solve(module: fx.GraphModule, segment: Sequence[fx.Node], goals: Iterable[fx
                 continue
             if node.op not in ("call_function", "call_method", "call_module"):
                 continue
-            for rule in rules_for(_target(module, node)):
-                if rule.extra_outputs is not None:
-                    continue  # needs the forward rewritten to return statistics (not done by the pass yet)
-                try:
-                    call = op_call(module, node, rule, values=True)
-                except Exception:  # noqa: BLE001 - the rule's signature does not fit this call
-                    continue
+            for rule, call, call_nodes in cache.rules(node):
                 unknown = [n for n in _nodes_in(call.bound.get(rule.solves)) if not is_known(n)]
                 if not unknown:
                     continue
@@ -164,8 +183,7 @@ def solve(module: fx.GraphModule, segment: Sequence[fx.Node], goals: Iterable[fx
                 if rule.why_not(call) is not None:
                     continue
                 reads = [node] + [n for name in rule.needs for n in _nodes_in(call.bound.get(name))]
-                learn(Step("invert", node, _nodes_in(call.bound.get(rule.solves)), reads, rule,
-                           op_call(module, node, rule, values=False)))
+                learn(Step("invert", node, _nodes_in(call.bound.get(rule.solves)), reads, rule, call_nodes))
                 progress = True
                 break
         for node in segment:  # recompute what the known values determine
