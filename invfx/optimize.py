@@ -112,11 +112,15 @@ def _row(name: str, segment: Segment) -> dict:
 
 
 def _share_everything(optimized: nn.Module, model: nn.Module) -> None:
-    """Give the optimized module the model's own children, parameters and buffers under their own names, so
-    that its state_dict keys are the model's and an optimizer built on model.parameters() trains it."""
-    for name, child in model.named_children():
-        optimized._modules[name] = child
-    for name, param in model.named_parameters(recurse=False):
-        optimized._parameters[name] = param
-    for name, buffer in model.named_buffers(recurse=False):
-        optimized._buffers[name] = buffer
+    """Give the optimized module the model's own children, parameters and buffers, under their names and in
+    their order (then the regions), so that its state_dict is the model's and an optimizer built on
+    model.parameters() trains it."""
+    regions = {n: m for n, m in optimized._modules.items() if n not in model._modules}
+    optimized._modules.clear()
+    optimized._modules.update(model._modules)
+    optimized._modules.update(regions)
+    optimized._parameters.clear()
+    optimized._parameters.update(model._parameters)
+    optimized._buffers.clear()
+    optimized._buffers.update(model._buffers)
+    optimized._non_persistent_buffers_set = set(model._non_persistent_buffers_set)

@@ -1,0 +1,263 @@
+"""invfx.optimize on plainly written models: the plain outputs and every gradient, regions where expected,
+memory flat in depth, and clear errors for what it cannot do."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import invfx
+from invfx.examples import Glow, RevNetMLP, ReversibleTransformer
+from invfx.memory import cpu_peak_memory
+
+from conftest import assert_close
+
+DT = torch.float64
+
+
+def step(model, x, seed=1, params=None):
+    """One training step's outputs and gradients (input, and every parameter in the order of ``params``)."""
+    params = list(model.parameters()) if params is None else params
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    out = model(x)
+    (out.pow(2).mean() + out.sum()).backward()
+    return out.detach(), x.grad, [p.grad for p in params]
+
+
+def compare(model, x, optimized=None, **tolerance):
+    optimized = optimized or invfx.optimize(model, x)
+    got = step(optimized, x, params=list(model.parameters()))
+    expected = step(model, x)
+    assert_close(got, expected, **(tolerance or dict(rtol=1e-9, atol=1e-11)))
+    return optimized
+
+
+MODELS = {
+    "revnet": (lambda: RevNetMLP(depth=4, width=16, hidden=32), lambda: torch.randn(6, 16)),
+    "revnet-dropout": (lambda: RevNetMLP(depth=3, width=16, hidden=32, dropout=0.3), lambda: torch.randn(6, 16)),
+    "glow": (lambda: Glow(channels=3, levels=2, depth=2, hidden=8), lambda: torch.randn(2, 3, 8, 8)),
+    "transformer": (lambda: ReversibleTransformer(features=8, dim=16, depth=3, heads=2, hidden=32),
+                    lambda: torch.randn(2, 5, 8)),
+    "transformer-dropout": (lambda: ReversibleTransformer(features=8, dim=16, depth=3, heads=2, hidden=32,
+                                                          dropout=0.2), lambda: torch.randn(2, 5, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_plain_models_give_plain_outputs_and_gradients(name):
+    build, data = MODELS[name]
+    torch.manual_seed(0)
+    model, x = build().to(DT), data().to(DT)
+    optimized = compare(model, x)
+    depth = 4 if name == "revnet" else 3 if name != "glow" else 4
+    regions = [r for r in optimized.plan.rows if r["mode"] == "invertible"]
+    assert len(regions) >= depth - 1, str(optimized.plan)
+    assert any(r["freed_bytes"] > 0 for r in regions)
+
+
+def test_a_region_per_block_with_printable_forward_and_rebuild():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8)
+    optimized = invfx.optimize(model, torch.randn(4, 8))
+    names = [r["name"] for r in optimized.plan.rows if r["mode"] == "invertible"]
+    assert names[-2:] == ["inv_blocks_1", "inv_blocks_2"]
+    assert "self.inv_blocks_2(" in optimized.code
+    region = optimized.inv_blocks_2
+    assert "torch.cat" in region.code and "add_solve_input" in region.rebuild_code
+    assert "split_inverse" in region.rebuild_code and "blocks.2" in repr(region)
+    text = str(optimized.plan)
+    assert "inv_blocks_2" in text and "invertible" in text and "add_solve_input" in text
+
+
+def test_shares_parameters_state_dict_and_trains_with_the_models_optimizer():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    assert {id(p) for p in optimized.parameters()} == {id(p) for p in model.parameters()}
+    for net, opt in ((optimized, torch.optim.SGD(model.parameters(), lr=0.1)),
+                     (twin, torch.optim.SGD(twin.parameters(), lr=0.1))):
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    assert_close([p.detach() for p in model.parameters()], [p.detach() for p in twin.parameters()],
+                 rtol=1e-9, atol=1e-11)
+    fresh = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    fresh.load_state_dict(optimized.state_dict())
+    assert_close(fresh(x), optimized(x).detach())
+
+
+def test_eval_and_no_grad_run_plain_code():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=2, width=8, hidden=8)
+    x = torch.randn(4, 8)
+    optimized = invfx.optimize(model, x)
+    with torch.no_grad():
+        assert_close(optimized(x), model(x))
+    optimized.eval()
+    assert not model.blocks.training  # the same modules
+    y = optimized(x)
+    assert "Region" not in type(y.grad_fn).__name__
+    optimized.train()
+    assert "Region" in type(optimized.inv_blocks_1(torch.randn(4, 8, requires_grad=True))[0].grad_fn).__name__
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y * 2 if y.sum() > 0 else y - 1
+
+
+class WithOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = RevNetMLP(depth=2, width=8, hidden=8, classes=8)
+        self.odd = DataDependent()
+
+    def forward(self, x):
+        return self.odd(self.net(x))
+
+
+def test_untraceable_submodule_becomes_an_opaque_leaf_named_in_the_plan():
+    torch.manual_seed(0)
+    model = WithOpaque().to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = compare(model, x)
+    assert "odd" in optimized.plan.opaque and "control flow" in optimized.plan.opaque["odd"]
+    assert "not traced" in str(optimized.plan) and "odd" in str(optimized.plan)
+
+
+def test_root_that_cannot_be_traced_is_a_trace_error():
+    with pytest.raises(invfx.TraceError, match="DataDependent.*cannot be traced"):
+        invfx.optimize(DataDependent(), torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("args, match", [
+    ((lambda x: x, torch.randn(2)), "must be an nn.Module"),
+    ((nn.Linear(2, 2), [1, 2]), "tensor or a tuple of tensors"),
+    ((nn.Linear(2, 2), "x"), "tensor or a tuple of tensors"),
+])
+def test_bad_arguments_are_clear_errors(args, match):
+    with pytest.raises(invfx.InvfxError, match=match):
+        invfx.optimize(*args)
+    with pytest.raises(invfx.InvfxError, match="unknown modes"):
+        invfx.optimize(nn.Linear(2, 2), torch.randn(1, 2), modes=("fast",))
+
+
+class Residual(nn.Module):
+    """x + f(x) around an invertible-looking block: x is read after it, so it is kept, never freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.block = RevNetMLP(depth=1, width=8, hidden=8, classes=8).blocks[0]
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x) * 1.5
+        return self.head(h + self.block(h))
+
+
+def test_value_read_after_a_segment_is_never_freed():
+    torch.manual_seed(0)
+    model = Residual().to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = compare(model, x)
+    for row in optimized.plan.rows:
+        assert "mul" not in row["freed"], row  # h (the mul) is read after the block
+
+
+class BatchNormCoupling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(8, 8)
+        self.F = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+        self.G = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for _ in range(2):
+            a, b = h.chunk(2, dim=1)
+            a = a + self.F(b)
+            b = b + self.G(a)
+            h = torch.cat([a, b], dim=1)
+        return self.head(h)
+
+
+def test_batchnorm_inside_regions_updates_running_statistics_once():
+    torch.manual_seed(0)
+    model = BatchNormCoupling().to(DT)
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    assert any(r["mode"] == "invertible" for r in optimized.plan.rows)
+    assert_close(step(optimized, x, params=list(model.parameters())), step(twin, x))
+    for ours, theirs in zip(model.buffers(), twin.buffers()):
+        assert_close(ours, theirs)
+    assert int(model.F[1].num_batches_tracked) == 2  # used twice per step, once each
+
+
+def test_optimize_leaves_the_model_state_and_rng_alone():
+    torch.manual_seed(0)
+    model = BatchNormCoupling()
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(6, 8)
+    state = torch.get_rng_state()
+    invfx.optimize(model, x)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+def test_float32_at_depth_32_within_1e_4_of_plain():
+    torch.manual_seed(0)
+    for model, x in ((RevNetMLP(depth=32, width=32, hidden=32), torch.randn(8, 32)),
+                     (ReversibleTransformer(features=8, dim=16, depth=32, heads=2, hidden=32),
+                      torch.randn(2, 4, 8)),
+                     (Glow(channels=3, levels=2, depth=16, hidden=8), torch.randn(2, 3, 8, 8))):
+        optimized = invfx.optimize(model, x)
+        got, expected = step(optimized, x, params=list(model.parameters())), step(model, x)
+        for a, b in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
+            relative = (a - b).norm() / b.norm().clamp_min(1e-12)
+            assert relative <= 1e-4, (type(model).__name__, float(relative))
+
+
+def peak(model, x, flags=None):
+    model(x).sum().backward()  # allocate .grad first
+    for p in model.parameters():
+        p.grad.zero_()
+    return cpu_peak_memory(lambda: model(x).sum().backward())[0]
+
+
+def test_coupling_stack_memory_flat_in_depth():
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)
+    peaks = {}
+    for depth in (8, 32):
+        model = RevNetMLP(depth=depth, width=64, hidden=64)
+        peaks[depth] = (peak(invfx.optimize(model, x), x), peak(model, x))
+    assert peaks[32][0] <= 1.05 * peaks[8][0], peaks
+    assert peaks[32][1] > 3 * peaks[8][0], peaks  # plain grows with depth
+
+
+def test_function_arguments_keep_working_after_optimize():
+    """The caller's input is never freed, even when the first block could rebuild it."""
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=2, width=8, hidden=8)
+    model.stem = nn.Identity()
+    x = torch.randn(4, 8, requires_grad=True)
+    optimized = invfx.optimize(model, x)
+    expected = x.detach().clone()
+    optimized(x).sum().backward()
+    assert_close(x.detach(), expected, rtol=0, atol=0)
