@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import InvfxError
 from ..runtime import ReplayContext, rng_mark
+from ..runtime.graft import graft, stand_in
 from .module import Module
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "ActNorm", "InvertibleLinear", "InvertibleConv1x1",
@@ -110,53 +111,12 @@ def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(1)
 
 
-class _Box:
-    """Holds tensors for :class:`_Graft` without making them inputs of the autograd function."""
-
-    __slots__ = ("output", "stand_in", "params")
-
-    def __init__(self, output, stand_in, params):
-        self.output, self.stand_in, self.params = output, stand_in, params
-
-
-class _Graft(torch.autograd.Function):
-    """Attach a sub-network output computed on a stand-in leaf to the graph of the tensor the stand-in stood for.
-
-    A fused replay must run a sub-network before the leaf of its input exists (the input is rebuilt from the
-    sub-network's own output). It runs it once, on a stand-in leaf holding the same values; this node then
-    passes the output on as a function of the real tensor ``attach``: backward differentiates the sub-network's
-    graph once, handing the stand-in's gradient to ``attach`` and the parameters' gradients to them.
-    """
-
-    @staticmethod
-    def forward(ctx, box, attach, *params):
-        ctx.box = box
-        return box.output.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        box = ctx.box
-        ctx.box = None
-        needs = ctx.needs_input_grad
-        nones = (None,) * (1 + len(box.params))
-        if grad is None or box is None or not box.output.requires_grad:
-            return (None,) + nones
-        wrt = [box.stand_in] if needs[1] else []
-        wrt += [p for p, need in zip(box.params, needs[2:]) if need]
-        if not wrt:
-            return (None,) + nones
-        grads = iter(torch.autograd.grad(box.output, wrt, grad, allow_unused=True))
-        attach_grad = next(grads) if needs[1] else None
-        param_grads = [next(grads) if need else None for need in needs[2:]]
-        return (None, attach_grad, *param_grads)
-
-
 def _graft(output: torch.Tensor, stand_in: torch.Tensor, attach: torch.Tensor, ctx: ReplayContext):
-    return _Graft.apply(_Box(output, stand_in, list(ctx.params)), attach, *ctx.params)
+    """``output``, computed from the leaf ``stand_in``, as a function of ``attach`` (see invfx.runtime.graft)."""
+    return graft([output], [stand_in], [attach], list(ctx.params))[0]
 
 
-def _stand_in(value: torch.Tensor) -> torch.Tensor:
-    return value.detach().requires_grad_()
+_stand_in = stand_in
 
 
 # ----------------------------------------------------------------------------------------------------------
