@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
+from .fuse import FusedReplay
 from .segments import Segment, module_path
 
 __all__ = ["InvertibleRegion", "rewrite_segment", "region_name"]
@@ -64,6 +65,8 @@ class InvertibleRegion(nn.Module):
         object.__setattr__(self, "forward_body", forward_body)
         object.__setattr__(self, "rebuild_body", rebuild_body)
         object.__setattr__(self, "_modules_used", tuple(modules))
+        object.__setattr__(self, "fused_replay", FusedReplay(forward_body, rebuild_body, tuple(rebuilt), tuple(kept)))
+        self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
         self.region_name = name
         self.source = source
         self.num_inputs = num_inputs
@@ -87,6 +90,7 @@ class InvertibleRegion(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self.forward_body(*inputs)
         region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
+                        replay=self.fused_replay if self.fused else None,
                         free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
                         name=f"{self.region_name} ({self.source})" if self.source else self.region_name)
         return run_region(region, inputs)
@@ -118,6 +122,13 @@ def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: se
     return name
 
 
+def _tag(copy: fx.Node, original: fx.Node) -> fx.Node:
+    """Record which value of the original graph ``copy`` computes: the fused replay matches the two bodies'
+    nodes by it."""
+    copy.meta["invfx_value"] = original.name
+    return copy
+
+
 def _get_attr(graph: fx.Graph, env: dict, node: fx.Node) -> fx.Node:
     if node not in env:
         env[node] = graph.get_attr(node.target)
@@ -147,23 +158,23 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
     forward_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
-        env[node] = forward_graph.placeholder(node.name)
+        env[node] = _tag(forward_graph.placeholder(node.name), node)
     for node in segment.nodes:
         if node in random_nodes:
             forward_graph.call_function(rng_mark, (node.name,))
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
-        env[node] = forward_graph.node_copy(node, lambda n: env[n])
+        env[node] = _tag(forward_graph.node_copy(node, lambda n: env[n]), node)
     forward_graph.output(tuple(env[o] for o in outputs))
 
     # rebuild body: the solver's steps, from the outputs and the kept inputs
     rebuild_graph = fx.Graph()
     renv: dict[fx.Node, fx.Node] = {}
     for node in outputs:
-        renv[node] = rebuild_graph.placeholder(node.name)
+        renv[node] = _tag(rebuild_graph.placeholder(node.name), node)
     for node in segment.kept:
-        renv[node] = rebuild_graph.placeholder(node.name)
+        renv[node] = _tag(rebuild_graph.placeholder(node.name), node)
     for step in segment.rebuild.steps:
         if step.kind == "recompute":
             if step.node in random_nodes:
@@ -171,10 +182,11 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
             for arg in step.node.all_input_nodes:
                 if arg.op == "get_attr":
                     _get_attr(rebuild_graph, renv, arg)
-            renv[step.node] = rebuild_graph.node_copy(step.node, lambda n: renv[n])
+            renv[step.node] = _tag(rebuild_graph.node_copy(step.node, lambda n: renv[n]), step.node)
+            renv[step.node].meta["invfx_recompute"] = True
         elif step.kind == "assemble":
-            renv[step.node] = rebuild_graph.create_node("call_function", tuple, ([renv[r] for r in step.reads],),
-                                                        name=step.node.name)
+            renv[step.node] = _tag(rebuild_graph.create_node(
+                "call_function", tuple, ([renv[r] for r in step.reads],), name=step.node.name), step.node)
         else:
             rule, call = step.rule, step.call
             args, kwargs = rule.bind(call)
@@ -185,12 +197,12 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
                 "call_function", rule.inverse, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
                 _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
             if isinstance(solved, fx.Node):
-                renv[solved] = result
+                renv[solved] = _tag(result, solved)
             else:  # a list of tensors (cat's inputs): the inverse returns them in order
                 for k, item in enumerate(solved):
                     if isinstance(item, fx.Node):
-                        renv[item] = rebuild_graph.create_node("call_function", operator.getitem, (result, k),
-                                                               name=item.name)
+                        renv[item] = _tag(rebuild_graph.create_node(
+                            "call_function", operator.getitem, (result, k), name=item.name), item)
     rebuilt = [i for i, node in enumerate(inputs) if node not in segment.kept]
     rebuild_graph.output(tuple(renv[inputs[i]] for i in rebuilt))
 
