@@ -156,8 +156,14 @@ def memcnn_stack(model: Stack) -> Stack:
     return Stack(model.stem, body, model.head)
 
 
-#: name -> (distribution to import / report the version of, wrapper); add ``invfx`` here once it exists.
+def invfx_stack(model: Stack) -> nn.Module:
+    """invfx finds the couplings in the plain model by itself: no wrapping, only an example input."""
+    return invfx.optimize(model, torch.randn(2, model.stem.in_features))
+
+
+#: name -> (distribution to import / report the version of, wrapper)
 PEERS: dict[str, tuple[str, Callable[[Stack], nn.Module]]] = {
+    "invfx": ("invfx", invfx_stack),
     "revlib": ("revlib", revlib_stack),
     "memcnn": ("memcnn", memcnn_stack),
 }

@@ -419,7 +419,9 @@ class _RegionCall:
                 tolerance = max(tolerance, reconstruction_tolerance.get(low_precision) or 0.0)
             with torch.no_grad():
                 scale = kept.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-                error = ((output.detach().to(kept.dtype) - kept).abs().max().float() / scale).item()
+                difference = output.detach().to(kept.dtype) - kept
+                error = (difference.abs_().max().float() / scale).item()  # one temporary, not two
+                del difference
             if not error <= tolerance:  # also catches NaN
                 raise InverseError(
                     f"{self.name}: recomputing output {index} from the rebuilt inputs gives a relative error of "
@@ -434,8 +436,6 @@ class _RegionCall:
             recomputed = None
         if recomputed is None or len(recomputed) != len(grad_outputs):
             raise RegionError(f"{self.name}: the recomputation returned a different structure than the forward")
-        if context.output_tensors is not None:
-            self._check_reconstruction(recomputed, context.output_tensors)
         roots, root_grads = [], []
         for output, grad, shape in zip(recomputed, grad_outputs, self.output_shapes):
             if grad is None:
@@ -450,6 +450,11 @@ class _RegionCall:
         wrt = [leaf for leaf in leaves if leaf is not None] + list(context.params)
         wrt_grads = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True) if roots and wrt else \
             [None] * len(wrt)
+        del roots, root_grads
+        if context.output_tensors is not None:
+            # after the gradient, when the recomputation's graph is gone: the check's temporary does not add to
+            # the backward's peak
+            self._check_reconstruction(recomputed, context.output_tensors)
         it = iter(wrt_grads)
         input_grads = [next(it) if leaf is not None else None for leaf in leaves]
         return tuple(input_grads) + tuple(it)
