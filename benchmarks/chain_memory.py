@@ -51,6 +51,7 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
+from invfx.argtypes import depths, even, positive
 import invfx.nn as inn
 from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory
@@ -151,40 +152,16 @@ def check_gradients(depth: int, width: int, hidden: int, batch: int) -> dict[str
     return results
 
 
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"depths must be positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _even(text: str) -> int:
-    value = _positive(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"width must be even (the coupling splits it in two), got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Exact CPU peak memory and step time of one training step of a chain of invertible "
                     "couplings, in plain / checkpoint / invertible mode.")
-    parser.add_argument("--depths", type=_depths, help=f"comma-separated chain depths (default "
+    parser.add_argument("--depths", type=depths, help=f"comma-separated chain depths (default "
                         f"{','.join(map(str, FULL['depths']))})")
-    parser.add_argument("--width", type=_even, help=f"features per sample (default {FULL['width']})")
-    parser.add_argument("--hidden", type=_positive, help="hidden width of each coupling's MLP (default: width)")
-    parser.add_argument("--batch", type=_positive, help=f"batch size (default {FULL['batch']})")
-    parser.add_argument("--repeats", type=_positive, help=f"timed steps per mode and depth, median reported "
+    parser.add_argument("--width", type=even, help=f"features per sample (default {FULL['width']})")
+    parser.add_argument("--hidden", type=positive, help="hidden width of each coupling's MLP (default: width)")
+    parser.add_argument("--batch", type=positive, help=f"batch size (default {FULL['batch']})")
+    parser.add_argument("--repeats", type=positive, help=f"timed steps per mode and depth, median reported "
                         f"(default {FULL['repeats']})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (width "
                         f"{QUICK['width']}, batch {QUICK['batch']}, {QUICK['repeats']} repeats); explicit "

@@ -66,7 +66,8 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.memory import cpu_peak_memory
+from invfx.argtypes import depths, even, positive
+from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory
 
 RTOL, ATOL = 1e-4, 1e-5
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -282,9 +283,6 @@ def peak_of_step(module: nn.Module, x: torch.Tensor) -> int:
     return peak
 
 
-_SECOND_STEP = "peers_bench_second_step"
-
-
 def steady_peak_of_step(module: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes of the second of two profiled steps, above the running total at its start.
 
@@ -294,39 +292,10 @@ def steady_peak_of_step(module: nn.Module, x: torch.Tensor) -> int:
     matching free. Here the first profiled step allocates that state inside the profile, so the second step's
     frees are seen and its peak is the steady-state one. Same replay as :func:`invfx.memory.cpu_peak_memory`.
     """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     zero_grads(module)
     step(module, x)  # warm-up, outside the profile
     zero_grads(module)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(module, x)
-        zero_grads(module)
-        with record_function(_SECOND_STEP):
-            step(module, x)
-    events, boundary = [], None
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
-        stack.extend(event.children)
-        if event.tag == _EventType.Allocation:
-            allocation = event.typed[1]
-            if allocation.device.type == "cpu":
-                events.append((event.start_time_ns, allocation.alloc_size))
-        elif event.name == _SECOND_STEP:
-            boundary = event.start_time_ns
-    if boundary is None:
-        raise RuntimeError("profiler lost the marker of the second step")
-    events.sort()
-    running, start, peak = 0, None, 0
-    for when, size in events:
-        if when >= boundary and start is None:
-            start = peak = running
-        running += size
-        if start is not None:
-            peak = max(peak, running)
-    return 0 if start is None else peak - start
+    return cpu_steady_peak_memory(lambda: step(module, x), between=lambda: zero_grads(module))
 
 
 def measure(module: nn.Module | Mapping[str, nn.Module], x: torch.Tensor, steps: int
@@ -359,40 +328,16 @@ def measure(module: nn.Module | Mapping[str, nn.Module], x: torch.Tensor, steps:
 # --------------------------------------------------------------------------------------------- main
 
 
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"depths must be positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _even(text: str) -> int:
-    value = _positive(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"width must be even (the coupling splits it in two), got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     d = DEFAULTS
     parser = argparse.ArgumentParser(description="Peak memory and step time of one training step of the same "
                                                  "additive coupling MLP stack: plain autograd, revlib, memcnn.")
-    parser.add_argument("--depths", type=_depths, help=f"comma-separated depths (default "
+    parser.add_argument("--depths", type=depths, help=f"comma-separated depths (default "
                         f"{','.join(map(str, d['depths']))})")
-    parser.add_argument("--width", type=_even, help=f"features per sample (default {d['width']})")
-    parser.add_argument("--hidden", type=_positive, help=f"hidden width of F and G (default {d['hidden']})")
-    parser.add_argument("--batch", type=_positive, help=f"batch size (default {d['batch']})")
-    parser.add_argument("--repeats", type=_positive, help=f"timed steps per library and depth, median reported "
+    parser.add_argument("--width", type=even, help=f"features per sample (default {d['width']})")
+    parser.add_argument("--hidden", type=positive, help=f"hidden width of F and G (default {d['hidden']})")
+    parser.add_argument("--batch", type=positive, help=f"batch size (default {d['batch']})")
+    parser.add_argument("--repeats", type=positive, help=f"timed steps per library and depth, median reported "
                         f"(default {d['repeats']})")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test (depths "
                         f"{','.join(map(str, QUICK['depths']))}, width {QUICK['width']}, batch {QUICK['batch']}, "

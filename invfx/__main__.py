@@ -6,22 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _even(text: str) -> int:
-    value = _positive(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"expected an even width (the coupling splits it in two), got {value}")
-    return value
+from .argtypes import even, positive
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a chain of hand-written additive couplings with SGD in three ways (plain autograd, "
                     "torch.utils.checkpoint, invfx invertible) and print the exact CPU peak memory of one "
                     "training step, the median step time, and whether invfx's gradients equal plain's.")
-    demo.add_argument("--depth", type=_positive, default=16, help="number of couplings (default 16)")
-    demo.add_argument("--width", type=_even, default=512, help="features per sample, even (default 512)")
-    demo.add_argument("--batch", type=_positive, default=256, help="batch size (default 256)")
-    demo.add_argument("--steps", type=_positive, default=3, help="timed SGD steps per mode (default 3)")
+    demo.add_argument("--depth", type=positive, default=16, help="number of couplings (default 16)")
+    demo.add_argument("--width", type=even, default=512, help="features per sample, even (default 512)")
+    demo.add_argument("--batch", type=positive, default=256, help="batch size (default 256)")
+    demo.add_argument("--steps", type=positive, default=3, help="timed SGD steps per mode (default 3)")
     return parser
 
 

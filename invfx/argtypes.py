@@ -1,0 +1,34 @@
+"""argparse types shared by ``python -m invfx`` and the benchmark scripts."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["positive", "even", "depths"]
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def even(text: str) -> int:
+    value = positive(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"expected an even width (the coupling splits it in two), got {value}")
+    return value
+
+
+def depths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"depths must be positive integers, got {text!r}")
+    return tuple(sorted(set(values)))
