@@ -25,7 +25,8 @@ from torch import nn
 
 from .errors import InverseError
 
-__all__ = ["Risk", "OpCall", "InverseRule", "register_inverse", "rules_for", "find_rule", "all_rules",
+__all__ = ["Risk", "OpCall", "InverseRule", "register_inverse", "rules_for", "find_rule", "all_rules", "snapshot",
+           "restore",
            "provably_nonzero", "Param", "numel"]
 
 
@@ -266,6 +267,19 @@ def find_rule(call: OpCall, solves: str, known: Iterable[str] = ()) -> tuple[Inv
 
 def all_rules() -> list[InverseRule]:
     return [rule for rules in _RULES.values() for rule in rules]
+
+
+def snapshot() -> tuple[dict, dict]:
+    """The registry's state, for :func:`restore` (tests that register rules put it back after)."""
+    return {k: list(v) for k, v in _RULES.items()}, dict(_SIGNATURES)
+
+
+def restore(state: tuple[dict, dict]) -> None:
+    rules, signatures = state
+    _RULES.clear()
+    _RULES.update({k: list(v) for k, v in rules.items()})
+    _SIGNATURES.clear()
+    _SIGNATURES.update(signatures)
 
 
 def register_inverse(*targets, solves: str = "input", params: Sequence[str] | None = None,

@@ -8,6 +8,16 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Rules a test registers (or the README's example registers) do not leak into other tests."""
+    from invfx import registry
+
+    state = registry.snapshot()
+    yield
+    registry.restore(state)
+
+
 def grads_of(tensors):
     return [None if t.grad is None else t.grad.clone() for t in tensors]
 
