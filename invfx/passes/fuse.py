@@ -10,6 +10,8 @@ before all its inputs exist is simply run again (correct, not fused).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -89,8 +91,8 @@ class FusedReplay:
 class _Rebuild(fx.Interpreter):
     """Phase A: the rebuild body under no_grad, but recomputed sub-networks with grad from stand-ins."""
 
-    def __init__(self, module, fused: FusedReplay):
-        super().__init__(module, garbage_collect_values=False)
+    def __init__(self, module, fused: FusedReplay, garbage_collect: bool = False):
+        super().__init__(module, garbage_collect_values=garbage_collect)
         self.fused = fused
         self.graph_values: dict[str, object] = {}
         self.stand_ins: dict[str, torch.Tensor] = {}
@@ -159,3 +161,264 @@ class _Forward(fx.Interpreter):
         self.grafted.update(zip(component.frontier, grafted))
         return True
 
+
+
+class StagedReplay(FusedReplay):
+    """The fused replay with revlib's memory: backpropagate each sub-network as soon as it is rebuilt.
+
+    The rebuild runs step by step; between steps the backward sweeps the forward body from its end, node by node
+    (each one recomputed from its known input values and differentiated alone) and sub-network by sub-network
+    (the rebuild's graph differentiated, then dropped), as far as the values known so far allow. For a coupling
+    ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` this is revlib's order: G is rebuilt and backpropagated before F is
+    rebuilt, so one sub-network's graph is alive at a time. The replay hands the runtime the gradients itself.
+    """
+
+    def __init__(self, forward_body, rebuild_body, rebuilt, kept):
+        super().__init__(forward_body, rebuild_body, rebuilt, kept)
+        nodes = [n for n in forward_body.graph.nodes]
+        self.output_node = nodes[-1]
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        units, seen = [], set()
+        for node in reversed(nodes[:-1]):
+            component = self.component_of.get(_value(node))
+            if component is not None:
+                if id(component) not in seen:
+                    seen.add(id(component))
+                    units.append(component)
+            elif node.op != "placeholder" and node.target is not rng_mark_target():
+                units.append(node)
+        self.units = units  # reverse topological order; a sub-network where its last node is
+        self.readers: dict[str, int] = {}  # how many node units read each value (it is dropped after the last)
+        for unit in units:
+            if isinstance(unit, fx.Node):
+                for arg in unit.all_input_nodes:
+                    if arg.op != "get_attr":
+                        self.readers[_value(arg)] = self.readers.get(_value(arg), 0) + 1
+
+    def __call__(self, ctx: ReplayContext):
+        return _Sweep(self, ctx).run()
+
+
+def rng_mark_target():
+    from ..runtime import rng_mark
+
+    return rng_mark
+
+
+class _Sweep:
+    def __init__(self, staged: StagedReplay, ctx: ReplayContext):
+        self.staged, self.ctx = staged, ctx
+        self.values: dict[str, object] = {}
+        self.grads: dict[str, object] = {}
+        self.param_grads: dict[int, torch.Tensor] = {}
+        self.params = {id(p): p for p in ctx.params}
+        self.recomputed: dict[str, torch.Tensor] = {}
+        self.evaluated: dict[str, tuple] = {}  # filled values whose graph awaits their own backward
+        self.internal = {v for c in staged.components for v in c.values if v not in c.frontier}
+        self.readers = dict(staged.readers)
+        self.forward = fx.Interpreter(staged.forward_body)
+        self.rebuild = _Rebuild(staged.rebuild_body, staged, garbage_collect=True)
+
+    # -- driving -----------------------------------------------------------------------------------------------
+
+    def run(self):
+        staged, ctx = self.staged, self.ctx
+        outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
+        kept = {p: ctx.input(p) for p in staged.kept}
+        for node, grad in zip(staged.output_node.args[0], ctx.grad_outputs):
+            if isinstance(node, fx.Node) and grad is not None:
+                self._add_grad(_value(node), grad)
+        rebuild = self.rebuild
+        rebuild.args_iter = iter([o.detach() if isinstance(o, torch.Tensor) else o for o in outputs] +
+                                 [kept[p].detach() for p in staged.kept])
+        rebuild.env = {}
+        pending = list(staged.units)
+        rebuilt = None
+        for node in staged.rebuild_body.graph.nodes:
+            if node.op == "output":
+                rebuilt = [rebuild.env[a] for a in node.args[0]]
+                break
+            result = rebuild.run_node(node)
+            rebuild.env[node] = result
+            for used in rebuild.user_to_last_uses.get(node, []):
+                del rebuild.env[used]  # (a sub-network's graph lives on in graph_values until its backward)
+            value = _value(node)
+            if value is not None and value not in self.internal:
+                # (a sub-network's inner values are only read inside its graph: holding them would keep the
+                # graph's memory alive after its backward)
+                self.values[value] = _detached(result)
+            pending = self._sweep(pending)
+        for position, value in zip(staged.rebuilt, rebuilt or []):
+            ctx.input(position, value.detach())  # back into the freed storage
+        for position in staged.kept:
+            self.values.setdefault(_value(staged.placeholders[position]), kept[position].detach())
+        pending = self._sweep(pending, final=True)
+        if pending:
+            raise RuntimeError(f"staged replay stopped with {len(pending)} units left")
+        input_grads = {p: self.grads.get(_value(node)) for p, node in enumerate(staged.placeholders)}
+        ctx.gradients = (input_grads, self.param_grads)
+        names = [_value(a) if isinstance(a, fx.Node) else None for a in staged.output_node.args[0]]
+        return tuple(self.recomputed.get(n) for n in names)
+
+    def _sweep(self, pending, final=False):
+        while pending:
+            unit = pending[0]
+            done = self._component(unit) if isinstance(unit, _Component) else self._node(unit, final)
+            if not done:
+                break
+            pending = pending[1:]
+            if isinstance(unit, fx.Node):
+                for arg in unit.all_input_nodes:
+                    name = _value(arg)
+                    if name in self.readers:
+                        self.readers[name] -= 1
+                        if self.readers[name] == 0:
+                            self.values.pop(name, None)  # no unit left reads it
+        return pending
+
+    # -- one unit ----------------------------------------------------------------------------------------------
+
+    def _component(self, component: _Component) -> bool:
+        graph_values = self.rebuild.graph_values
+        if any(v not in graph_values for v in component.values):
+            return False  # not rebuilt yet
+        roots = [(graph_values[v], self.grads.get(v)) for v in component.frontier]
+        roots = [(o, g) for o, g in roots if isinstance(o, torch.Tensor) and g is not None and o.requires_grad]
+        stand_ins = [(v, self.rebuild.stand_ins[v]) for v in component.external if v in self.rebuild.stand_ins]
+        wrt_inputs = [(v, s) for v, s in stand_ins if s.requires_grad]
+        params = [p for p in self.params.values() if p.requires_grad]
+        if roots and (wrt_inputs or params):
+            found = torch.autograd.grad([o for o, _ in roots], [s for _, s in wrt_inputs] + params,
+                                        [g for _, g in roots], allow_unused=True)
+            for (v, _), grad in zip(wrt_inputs, found[:len(wrt_inputs)]):
+                self._add_grad(v, grad)
+            for p, grad in zip(params, found[len(wrt_inputs):]):
+                self._add_param_grad(p, grad)
+        for v in component.values:  # its graph and gradients are done with
+            graph_values.pop(v, None)
+            self.grads.pop(v, None)
+        return True
+
+    def _node(self, node: fx.Node, final: bool) -> bool:
+        name = _value(node)
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            grad = self.grads.get(name)
+            if grad is not None:
+                source = _value(node.args[0])
+                items = self.grads.setdefault(source, {})
+                items[node.args[1]] = grad if node.args[1] not in items else items[node.args[1]] + grad
+            return True
+        grad = self.grads.get(name)
+        if grad is None:
+            return True  # nothing flows back through it
+        if name in self.evaluated:  # run with grad already, to give a later node its input: not again
+            out, leaves = self.evaluated.pop(name)
+        else:
+            if any(a.op != "get_attr" and _value(a) not in self.values for a in node.all_input_nodes):
+                if not final:
+                    return False
+                for arg in node.all_input_nodes:
+                    self._fill(arg)
+            out, leaves = self._with_grad(node)
+        self.grads.pop(name, None)  # consumed here
+        if name in self._output_names() and isinstance(out, torch.Tensor):
+            self.ctx.check_output(self._output_index(name), out)  # now: keeping it would cost memory
+        outs, grads = _pairs(out, grad)
+        if not outs:
+            return True
+        params = [p for p in self._params_of(node) if p.requires_grad]
+        wrt = [leaf for leaf in leaves.values()] + params
+        if wrt:
+            found = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+            for arg, grad_in in zip(leaves, found[:len(leaves)]):
+                self._add_grad(_value(arg), grad_in)
+            for p, grad_p in zip(params, found[len(leaves):]):
+                self._add_param_grad(p, grad_p)
+        return True
+
+    def _with_grad(self, node: fx.Node):
+        """``node`` run with grad from leaves standing for its (known) input values."""
+        leaves: dict[fx.Node, torch.Tensor] = {}
+
+        def feed(arg: fx.Node):
+            if arg.op == "get_attr":
+                return self.forward.fetch_attr(arg.target)
+            if arg in leaves:  # one leaf per value, however often the node reads it (attention(h, h, h))
+                return leaves[arg]
+            value = self.values[_value(arg)]
+            if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+                leaves[arg] = value.detach().requires_grad_()
+                return leaves[arg]
+            return value
+
+        args = fx.node.map_arg(node.args, feed)
+        kwargs = fx.node.map_arg(node.kwargs, feed)
+        with torch.enable_grad():
+            out = self._evaluate(node, args, kwargs)
+        return out, leaves
+
+    def _fill(self, node: fx.Node) -> None:
+        """A forward value the rebuild did not make, computed from the inputs up. It is computed with grad and
+        its graph kept for the node's own backward, which comes later in the sweep: each node runs once."""
+        if node.op in ("get_attr", "placeholder") or _value(node) in self.values:
+            return
+        for arg in node.all_input_nodes:
+            self._fill(arg)
+        out, leaves = self._with_grad(node)
+        self.evaluated[_value(node)] = (out, leaves)
+        self.values[_value(node)] = _detached(out)
+
+    def _evaluate(self, node: fx.Node, args, kwargs):
+        if node.prev.op == "call_function" and node.prev.target is rng_mark_target():
+            node.prev.target(*node.prev.args)  # this node's dropout mask, as in the forward
+        return getattr(self.forward, node.op)(node.target, args, kwargs)
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+
+    def _output_index(self, name: str) -> int:
+        names = [_value(a) if isinstance(a, fx.Node) else None for a in self.staged.output_node.args[0]]
+        return names.index(name)
+
+    def _output_names(self):
+        return {_value(a) for a in self.staged.output_node.args[0] if isinstance(a, fx.Node)}
+
+    def _params_of(self, node: fx.Node) -> list[torch.Tensor]:
+        found = []
+        if node.op == "call_module":
+            found = [p for p in self.forward.fetch_attr(node.target).parameters() if id(p) in self.params]
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                value = self.forward.fetch_attr(arg.target)
+                if isinstance(value, torch.Tensor) and id(value) in self.params:
+                    found.append(value)
+        return found
+
+    def _add_grad(self, name, grad) -> None:
+        if grad is None:
+            return
+        current = self.grads.get(name)
+        self.grads[name] = grad if current is None else current + grad
+
+    def _add_param_grad(self, param, grad) -> None:
+        if grad is None:
+            return
+        current = self.param_grads.get(id(param))
+        self.param_grads[id(param)] = grad if current is None else current + grad
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _pairs(out, grad):
+    """Outputs that require grad with their gradients (a tuple output's gradients come by item index)."""
+    if isinstance(out, torch.Tensor):
+        return ([out], [grad]) if grad is not None and out.requires_grad else ([], [])
+    if isinstance(out, (tuple, list)) and isinstance(grad, dict):
+        pairs = [(out[i], g) for i, g in grad.items() if isinstance(out[i], torch.Tensor) and out[i].requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+    return [], []

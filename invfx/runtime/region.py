@@ -393,6 +393,7 @@ class _RegionCall:
         region = self.region
         replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
         context = ReplayContext(self, saved)
+        context.grad_outputs = grad_outputs
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
         with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
                 rng_marks("replay", self.rng):
@@ -403,13 +404,24 @@ class _RegionCall:
         self.freed.clear()
         return grads
 
-    def _check_reconstruction(self, recomputed, saved) -> None:
+    def _provided_gradients(self, context, result):
+        """The replay computed the gradients itself (a staged replay): check and hand them on."""
+        inputs, params = context.gradients
+        if result is not None and context.output_tensors is not None:
+            recomputed = self.structure.tensors(result)
+            self._check_reconstruction(recomputed, context.output_tensors)
+        input_grads = [inputs.get(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
+        return tuple(input_grads) + tuple(params.get(id(p)) for p in context.params)
+
+    def _check_reconstruction(self, recomputed, saved, first_index: int = 0) -> None:
         """The recomputation from rebuilt inputs must give back the outputs the forward kept.
 
         It costs a comparison (the two sides exist anyway) and turns a wrong inverse, an inverse blown up by
         ill-conditioning, or a function that is not deterministic into an error instead of wrong gradients.
         """
-        for index, (output, kept) in enumerate(zip(recomputed, saved)):
+        for index, (output, kept) in enumerate(zip(recomputed, saved), start=first_index):
+            if output is None:
+                continue  # not recomputed (no gradient flowed through it)
             if not (output.is_floating_point() and kept.is_floating_point()) or output.shape != kept.shape:
                 continue
             tolerance = reconstruction_tolerance.get(kept.dtype)
@@ -430,6 +442,8 @@ class _RegionCall:
                     "gradients would be wrong: use checkpoint mode for this region")
 
     def _gradients(self, context, result, grad_outputs):
+        if context.gradients is not None:
+            return self._provided_gradients(context, result)
         try:
             recomputed = self.structure.tensors(result)
         except (IndexError, TypeError, RegionError):
@@ -554,6 +568,10 @@ class ReplayContext:
 
     def __init__(self, call: _RegionCall, saved: tuple[torch.Tensor, ...]):
         self._call = call
+        self.grad_outputs = None  # the gradients of the outputs, in backward
+        # A replay may compute the gradients itself and set (input grads by position, parameter grads by id);
+        # it then returns the recomputed outputs (None where it recomputed none) for the reconstruction check.
+        self.gradients: tuple[dict, dict] | None = None
         self._leaves: dict[int, Any] = {}
         self._checkpointed = call.region.mode == CHECKPOINT
         split = len(saved) - call.num_params
@@ -615,6 +633,12 @@ class ReplayContext:
             leaf.requires_grad_()
         self._leaves[position] = leaf
         return leaf
+
+    def check_output(self, index: int, recomputed: torch.Tensor) -> None:
+        """Check one recomputed output against the kept one now (a replay that computes the gradients itself
+        and does not want to hold every recomputed output to the end)."""
+        if self.output_tensors is not None:
+            self._call._check_reconstruction([recomputed], [self.output_tensors[index]], first_index=index)
 
     def reset_rng(self) -> None:
         if self._call.rng is not None:
