@@ -631,3 +631,22 @@ def test_invertible_sequential_accumulates_logdets_like_a_hand_loop():
     chain._reversed = True  # (the catalogue's layers are not reversible; force the flag to test the guard)
     with pytest.raises(invfx.InvfxError, match="reversed"):
         chain(x)
+
+
+def test_fused_coupling_parameter_hook_fires_once():
+    torch.manual_seed(0)
+    layer = inn.AdditiveCoupling(nn.Sequential(nn.Linear(3, 3), nn.Tanh())).double()
+    calls = []
+    handle = layer.F[0].weight.register_hook(lambda g: calls.append(1) or g * 3)
+    try:
+        x = torch.randn(4, 6, dtype=torch.float64)
+        with inn.free():
+            layer(x * 1).pow(2).sum().backward()
+        got = layer.F[0].weight.grad.clone()
+        assert len(calls) == 1
+        layer.F[0].weight.grad = None
+        with inn.mode(layer, checkpoint=False):
+            layer(x * 1).pow(2).sum().backward()
+        assert_close(got, layer.F[0].weight.grad)
+    finally:
+        handle.remove()

@@ -301,3 +301,43 @@ def test_fused_backward_runs_each_subnetwork_once(name, watched):
             handle.remove()
     assert_close(got, unfused, rtol=1e-9, atol=1e-11)
     assert_close(got, step(model, x), rtol=1e-9, atol=1e-11)
+
+
+def test_autograd_grad_backward_inputs_and_parameter_hooks_through_regions():
+    """Gradients go into .grad during the region's backward only when backward() would put them there; hooks
+    see every gradient once."""
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    params = list(model.parameters())
+    expected = torch.autograd.grad(model(x).pow(2).sum(), params)
+
+    got = torch.autograd.grad(optimized(x).pow(2).sum(), params)
+    assert_close(got, expected, rtol=1e-9, atol=1e-11)
+    assert all(p.grad is None for p in params)  # autograd.grad accumulates nothing
+
+    weight = model.blocks[2].F[1].weight
+    optimized(x).pow(2).sum().backward(inputs=[weight])
+    index = next(i for i, p in enumerate(params) if p is weight)
+    assert_close(weight.grad, expected[index], rtol=1e-9, atol=1e-11)
+    assert all(p.grad is None for p in params if p is not weight)
+    weight.grad = None
+
+    seen, hooked = {}, []
+
+    def record(p):
+        assert id(p) not in seen, "a post-accumulate hook fired twice"
+        seen[id(p)] = p.grad.clone()
+
+    handles = [p.register_post_accumulate_grad_hook(record) for p in params]
+    handles.append(model.blocks[1].G[1].weight.register_hook(lambda g: hooked.append(g) or g * 1))
+    try:
+        optimized(x).pow(2).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == len(params) and len(hooked) == 1
+    assert_close([p.grad for p in params], list(expected), rtol=1e-9, atol=1e-11)
+    # each hook saw the whole gradient already in .grad
+    assert_close([seen[id(p)] for p in params], list(expected), rtol=1e-9, atol=1e-11)

@@ -661,3 +661,21 @@ def test_kept_inputs_are_saved_and_rebuild_hook_restores_the_rest():
         (f(x0 * 1, s0 * 1) ** 2).sum().backward()
         assert_close(got, (x0.grad, s0.grad, w.grad))
         w.grad = None
+
+
+@pytest.mark.parametrize("call", [checkpointed, invertible], ids=["checkpoint", "invertible"])
+def test_parameter_hooks_fire_once(call):
+    """A hook that scales a parameter's gradient must scale it once, as in plain autograd."""
+    block = LeakyLinear(4)
+    calls = []
+    handle = block.linear.weight.register_hook(lambda g: calls.append(1) or g * 2)
+    try:
+        x = torch.randn(3, 4, dtype=DT, requires_grad=True)
+        call(block, x * 1).sum().backward()
+        got = block.linear.weight.grad.clone()
+        assert len(calls) == 1
+        block.linear.weight.grad = None
+        block(x * 1).sum().backward()
+        assert_close(got, block.linear.weight.grad)
+    finally:
+        handle.remove()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import RegionError
+from .state import hooks_silenced
 
 __all__ = ["graft", "stand_in"]
 
@@ -55,7 +56,8 @@ class _Graft(torch.autograd.Function):
                   if need and (i >= count or box.stand_ins[i].requires_grad)]
         if roots and wanted:
             wrt = [box.stand_ins[i] if i < count else box.params[i - count] for i in wanted]
-            found = torch.autograd.grad([o for o, _ in roots], wrt, [g for _, g in roots], allow_unused=True)
+            with hooks_silenced(box.params):
+                found = torch.autograd.grad([o for o, _ in roots], wrt, [g for _, g in roots], allow_unused=True)
             for i, grad in zip(wanted, found):
                 result[i] = grad
         return (None, *result)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 
 from ..errors import InverseError, RegionError
-from .state import AutocastState, BufferState, RngState
+from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
 __all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region",
@@ -225,9 +225,10 @@ def run_region(region: Region, args: Sequence[Any]):
     if not any(requires_grad):
         return structure.rebuild(result, [o.detach() for o in outputs])
 
-    params = _graph_leaves(outputs, leaves, first_node, region.name)
+    params, accumulators = _graph_leaves(outputs, leaves, first_node, region.name)
     call = _RegionCall(region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
                        autocast, buffer_state.mutated())
+    call.accumulators = accumulators
     del result, dry_args, leaves
     returned = RegionFunction.apply(call, *inputs, *params)
     return structure.rebuild(call.non_tensor_result, returned)
@@ -263,7 +264,7 @@ def _next_sequence_nr() -> int:
 _ACCUMULATE_GRAD = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
 
 
-def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> list[torch.Tensor]:
+def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> tuple[list[torch.Tensor], list]:
     """Tensors requiring grad that the function read without getting them as arguments (its parameters).
 
     Walks the dry run's graph from the outputs. A node older than the dry run belongs to the caller's graph: the
@@ -271,6 +272,7 @@ def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> list[torch
     """
     own = {id(leaf) for leaf in own_leaves}
     found: dict[int, torch.Tensor] = {}
+    accumulators: dict[int, object] = {}
     seen: set[int] = set()
     stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
     while stack:
@@ -282,13 +284,14 @@ def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> list[torch
             variable = node.variable
             if id(variable) not in own:
                 found.setdefault(id(variable), variable)
+                accumulators.setdefault(id(variable), node)
             continue
         if node._sequence_nr() < first_node:
             raise RegionError(
                 f"{name}: reads a tensor that requires grad and was computed outside the region "
                 f"(reached through {node.name()}); pass it as an argument instead of capturing it")
         stack.extend(n for n, _ in node.next_functions if n is not None)
-    return list(found.values())
+    return list(found.values()), [accumulators[k] for k in found]
 
 
 class _Structure:
@@ -394,6 +397,7 @@ class _RegionCall:
         replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
         context = ReplayContext(self, saved)
         context.grad_outputs = grad_outputs
+        context.direct_params = self._direct_params(context.params)
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
         with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
                 rng_marks("replay", self.rng):
@@ -403,6 +407,31 @@ class _RegionCall:
             grads = self._gradients(context, result, grad_outputs)
         self.freed.clear()
         return grads
+
+    def _direct_params(self, params) -> set[int]:
+        """Parameters whose gradient a replay may add into ``.grad`` itself, as soon as it has it.
+
+        Only in a ``backward()`` that will accumulate into them anyway (the engine will run their AccumulateGrad
+        node: not under ``autograd.grad``, not left out by ``backward(inputs=...)``), and only plain dense
+        parameters with no tensor hooks (a hook must see the gradient). The node then returns None for them,
+        and the engine's AccumulateGrad runs with nothing to add, so its post-accumulate hooks fire once, after
+        the gradient is in ``.grad``. Holding every gradient of a region to its end would cost its parameters'
+        size (8 MiB for a width-1024 coupling).
+        """
+        direct = set()
+        for param, node in zip(params, getattr(self, "accumulators", ())):
+            if not param.requires_grad or param._backward_hooks or param.is_sparse or \
+                    type(param) not in (torch.Tensor, torch.nn.Parameter):
+                continue
+            grad = param.grad
+            if grad is not None and (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype):
+                continue
+            try:
+                if torch._C._will_engine_execute_node(node):
+                    direct.add(id(param))
+            except RuntimeError:  # autograd.grad: gradients are returned, never accumulated
+                return set()
+        return direct
 
     def _provided_gradients(self, context, result):
         """The replay computed the gradients itself (a staged replay): check and hand them on."""
@@ -462,8 +491,9 @@ class _RegionCall:
                 root_grads.append(grad)
         leaves = [context.input(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
         wrt = [leaf for leaf in leaves if leaf is not None] + list(context.params)
-        wrt_grads = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True) if roots and wrt else \
-            [None] * len(wrt)
+        with hooks_silenced(context.params):
+            wrt_grads = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True) if roots and wrt else \
+                [None] * len(wrt)
         del roots, root_grads
         if context.output_tensors is not None:
             # after the gradient, when the recomputation's graph is gone: the check's temporary does not add to
@@ -569,6 +599,7 @@ class ReplayContext:
     def __init__(self, call: _RegionCall, saved: tuple[torch.Tensor, ...]):
         self._call = call
         self.grad_outputs = None  # the gradients of the outputs, in backward
+        self.direct_params: set[int] = set()  # parameters whose gradients may go into .grad directly
         # A replay may compute the gradients itself and set (input grads by position, parameter grads by id);
         # it then returns the recomputed outputs (None where it recomputed none) for the reconstruction check.
         self.gradients: tuple[dict, dict] | None = None

@@ -12,7 +12,7 @@ import torch
 
 from .storage import restore_storage
 
-__all__ = ["RngState", "AutocastState", "BufferState"]
+__all__ = ["RngState", "AutocastState", "BufferState", "hooks_silenced"]
 
 
 class RngState:
@@ -133,3 +133,24 @@ def _buffer_groups(owners) -> Iterator[list[torch.Tensor]]:
         elif isinstance(owner, torch.Tensor) and id(owner) not in seen:
             seen.add(id(owner))
             yield [owner]
+
+
+@contextlib.contextmanager
+def hooks_silenced(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Tensor hooks of ``tensors`` (parameters) do not fire inside the block.
+
+    A region's backward differentiates its recomputation with respect to the parameters and hands the
+    gradients to the engine, which runs the parameters' hooks on them: they must not also fire in the inner
+    differentiation (a hook that scales a gradient would scale it twice).
+    """
+    silenced = []
+    for tensor in tensors:
+        hooks = getattr(tensor, "_backward_hooks", None)
+        if hooks:
+            silenced.append((tensor, hooks))
+            tensor._backward_hooks = type(hooks)()
+    try:
+        yield
+    finally:
+        for tensor, hooks in silenced:
+            tensor._backward_hooks = hooks
