@@ -21,6 +21,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/chain_memory.py
+	$(BIN)/python benchmarks/optimize_depth.py
+	$(BIN)/python benchmarks/peers.py  # revlib and memcnn columns need: pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
