@@ -1,11 +1,13 @@
-"""The fused replay of a rewritten region: each recomputed sub-network runs once in backward.
+"""The fused replay of a rewritten region: each recomputed sub-network runs once in backward, and one
+sub-network's graph is alive at a time.
 
-The rebuild body recomputes sub-networks (``F(x2)``) to undo the segment; the forward body computes them again
-for the gradient. The fused replay runs the rebuild with grad on the recomputed nodes only, from *stand-in*
-leaves for their inputs, then runs the forward body on the rebuilt input leaves, and where the forward body
-reaches a recomputed sub-network it *grafts* the rebuild's evaluation in (``invfx.runtime.graft``) instead of
-running it again. Recomputed nodes are grouped into connected sub-networks; one that the forward body reaches
-before all its inputs exist is simply run again (correct, not fused).
+The rebuild body undoes the segment, recomputing sub-networks (``F(x2)``) as it goes; it runs them with grad,
+from *stand-in* leaves for their inputs, and everything else without. Between its steps a backward sweep
+walks the forward body from its end: a node is recomputed from its known input values and differentiated
+alone; a recomputed sub-network is differentiated through the rebuild's own graph, which is then dropped. For a
+coupling ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` this is revlib's order: G is rebuilt and backpropagated before F
+is rebuilt. The replay hands the runtime the gradients itself (``ctx.gradients``), adding parameter gradients
+into ``.grad`` at once where the engine would (``ctx.direct_params``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime import ReplayContext
-from ..runtime.graft import graft, stand_in
+from ..runtime.graft import stand_in
 from ..runtime.state import hooks_silenced
 
 __all__ = ["FusedReplay"]
@@ -35,8 +37,8 @@ class _Component:
         self.external: list[str] = []  # values it reads from outside (stand-ins in the rebuild)
 
 
-class FusedReplay:
-    """A replay for :class:`invfx.runtime.Region` built from a region's forward and rebuild bodies."""
+class _Analysis:
+    """Which forward values the rebuild recomputes, grouped into connected sub-networks."""
 
     def __init__(self, forward_body: fx.GraphModule, rebuild_body: fx.GraphModule, rebuilt: tuple[int, ...],
                  kept: tuple[int, ...]):
@@ -77,22 +79,11 @@ class FusedReplay:
             component.external = list(external)
         return list(groups.values())
 
-    def __call__(self, ctx: ReplayContext):
-        outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
-        kept = {p: ctx.input(p) for p in self.kept}
-        phase_a = _Rebuild(self.rebuild_body, self)
-        rebuilt = phase_a.run(*[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs],
-                              *[kept[p].detach() for p in self.kept])
-        for position, value in zip(self.rebuilt, rebuilt):
-            ctx.input(position, value.detach())
-        return _Forward(self.forward_body, self, phase_a, ctx).run(
-            *[ctx.input(p) for p in range(len(self.rebuilt) + len(self.kept))])
-
 
 class _Rebuild(fx.Interpreter):
     """Phase A: the rebuild body under no_grad, but recomputed sub-networks with grad from stand-ins."""
 
-    def __init__(self, module, fused: FusedReplay, garbage_collect: bool = False):
+    def __init__(self, module, fused: _Analysis, garbage_collect: bool = False):
         super().__init__(module, garbage_collect_values=garbage_collect)
         self.fused = fused
         self.graph_values: dict[str, object] = {}
@@ -122,50 +113,8 @@ class _Rebuild(fx.Interpreter):
         return result
 
 
-class _Forward(fx.Interpreter):
-    """Phase B: the forward body on the input leaves, grafting the rebuild's sub-network evaluations."""
-
-    def __init__(self, module, fused: FusedReplay, rebuild: _Rebuild, ctx: ReplayContext):
-        super().__init__(module, garbage_collect_values=False)
-        self.fused, self.rebuild, self.ctx = fused, rebuild, ctx
-        self.by_value: dict[str, object] = {}
-        self.grafted: dict[str, torch.Tensor] = {}
-        self.unfused: set[int] = set()
-        self.done: set[int] = set()
-
-    def run_node(self, n: fx.Node):
-        value = _value(n)
-        component = self.fused.component_of.get(value)
-        if component is not None and id(component) not in self.unfused:
-            if id(component) not in self.done and not self._graft(component):
-                self.unfused.add(id(component))
-            else:
-                self.done.add(id(component))
-                result = self.grafted.get(value)  # internal nodes are never read outside their sub-network
-                self.by_value[value] = result
-                return result
-        result = super().run_node(n)
-        if value is not None:
-            self.by_value[value] = result
-        return result
-
-    def _graft(self, component: _Component) -> bool:
-        if any(v not in self.by_value for v in component.external):
-            return False  # an input of the sub-network is not computed yet here: run it again instead
-        outputs = [self.rebuild.graph_values.get(v) for v in component.frontier]
-        if any(not isinstance(o, torch.Tensor) for o in outputs):
-            return False
-        stand_ins = [self.rebuild.stand_ins.get(v) for v in component.external]
-        attach = [self.by_value[v] for v in component.external]
-        pairs = [(s, a) for s, a in zip(stand_ins, attach) if isinstance(s, torch.Tensor)]
-        grafted = graft(outputs, [s for s, _ in pairs], [a for _, a in pairs], list(self.ctx.params))
-        self.grafted.update(zip(component.frontier, grafted))
-        return True
-
-
-
-class StagedReplay(FusedReplay):
-    """The fused replay with revlib's memory: backpropagate each sub-network as soon as it is rebuilt.
+class FusedReplay(_Analysis):
+    """The fused replay of a region: backpropagate each sub-network as soon as it is rebuilt.
 
     The rebuild runs step by step; between steps the backward sweeps the forward body from its end, node by node
     (each one recomputed from its known input values and differentiated alone) and sub-network by sub-network
@@ -207,7 +156,7 @@ def rng_mark_target():
 
 
 class _Sweep:
-    def __init__(self, staged: StagedReplay, ctx: ReplayContext):
+    def __init__(self, staged: FusedReplay, ctx: ReplayContext):
         self.staged, self.ctx = staged, ctx
         self.values: dict[str, object] = {}
         self.grads: dict[str, object] = {}

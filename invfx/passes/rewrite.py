@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
-from .fuse import StagedReplay
+from .fuse import FusedReplay
 from .segments import Segment, module_path
 
 __all__ = ["InvertibleRegion", "rewrite_segment", "region_name"]
@@ -65,7 +65,7 @@ class InvertibleRegion(nn.Module):
         object.__setattr__(self, "forward_body", forward_body)
         object.__setattr__(self, "rebuild_body", rebuild_body)
         object.__setattr__(self, "_modules_used", tuple(modules))
-        object.__setattr__(self, "fused_replay", StagedReplay(forward_body, rebuild_body, tuple(rebuilt), tuple(kept)))
+        object.__setattr__(self, "fused_replay", FusedReplay(forward_body, rebuild_body, tuple(rebuilt), tuple(kept)))
         self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
         self.region_name = name
         self.source = source
