@@ -593,7 +593,15 @@ class ReplayContext:
       return the same leaf;
     * ``reset_rng()``: put the RNG back to the forward's state (no-op if the region does not preserve it);
     * ``call_function()``: the function on the leaves of every argument (all must be available);
-    * ``inverse(saved=None)``: the region's inverse on the outputs.
+    * ``inverse(saved=None)``: the region's inverse on the outputs;
+    * ``params``: the parameters the forward read (the node's extra inputs).
+
+    A replay returns the outputs recomputed with grad, and the runtime differentiates them. A replay may instead
+    differentiate itself (the fx pass's staged replay does, to hold one sub-network's graph at a time): it reads
+    ``grad_outputs``, sets ``gradients = (input grads by position, parameter grads by id)``, may add the
+    gradients of parameters in ``direct_params`` into their ``.grad`` itself (the node then returns None for
+    them), checks recomputed outputs with ``check_output(index, tensor)`` or returns them (None for those it did
+    not recompute).
     """
 
     def __init__(self, call: _RegionCall, saved: tuple[torch.Tensor, ...]):
