@@ -341,3 +341,29 @@ def test_autograd_grad_backward_inputs_and_parameter_hooks_through_regions():
     assert_close([p.grad for p in params], list(expected), rtol=1e-9, atol=1e-11)
     # each hook saw the whole gradient already in .grad
     assert_close([seen[id(p)] for p in params], list(expected), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["revnet", "glow", "transformer"])
+def test_other_batch_sizes_than_the_example(name):
+    build, data = MODELS[name]
+    torch.manual_seed(0)
+    model = build().to(DT)
+    example = data().to(DT)
+    optimized = invfx.optimize(model, example[:1])
+    bigger = torch.cat([example, example * 0.5, example - 1])
+    compare(model, bigger, optimized)
+
+
+def test_cpu_bf16_autocast_through_optimize():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=16, hidden=32)
+    x = torch.randn(8, 16)
+    optimized = invfx.optimize(model, x)
+
+    def autocast_step(net):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step(net, x, params=list(model.parameters()))
+
+    got, expected = autocast_step(optimized), autocast_step(model)
+    assert_close(got, expected, rtol=3e-2, atol=3e-2)
+    assert all(g.dtype == torch.float32 for g in got[2])

@@ -262,6 +262,9 @@ class _Sweep:
         grad = self.grads.get(name)
         if grad is None:
             return True  # nothing flows back through it
+        if name not in self._output_names() and self._plumbing(node, grad):
+            self.grads.pop(name, None)
+            return True
         if name in self.evaluated:  # run with grad already, to give a later node its input: not again
             out, leaves = self.evaluated.pop(name)
         else:
@@ -287,6 +290,63 @@ class _Sweep:
             for p, grad_p in zip(params, found[len(leaves):]):
                 self._add_param_grad(p, grad_p)
         return True
+
+    def _plumbing(self, node: fx.Node, grad) -> bool:
+        """The backward of add, sub and cat without recomputing them: it needs no values, only shapes, taken
+        from the runtime values when known, else from the example run when they cannot have changed (an operand
+        of the output's own shape keeps it). Outputs of the region are still recomputed: the reconstruction
+        check compares them."""
+        if not isinstance(grad, torch.Tensor) or node.op not in ("call_function", "call_method"):
+            return False
+        target = node.target
+        if target in _CAT and node.op == "call_function":
+            tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if not isinstance(tensors, (list, tuple)) or set(node.kwargs) - {"dim"} or \
+                    not all(isinstance(t, fx.Node) for t in tensors):
+                return False
+            sizes = [self._runtime_shape(t) for t in tensors]
+            if any(size is None for size in sizes):
+                return False
+            sizes = [size[dim] for size in sizes]
+            if sum(sizes) != grad.shape[dim]:
+                return False
+            for arg, piece in zip(tensors, grad.split(sizes, dim)):
+                self._send(arg, piece)
+            return True
+        if (target in _ADD or target in _SUB) and not node.kwargs and len(node.args) == 2:
+            out_meta = node.meta.get("tensor_meta")
+            routes = []
+            for arg, sign in zip(node.args, (1, 1 if target in _ADD else -1)):
+                if not isinstance(arg, fx.Node):
+                    continue
+                shape = self._runtime_shape(arg)
+                if shape is None:
+                    meta = arg.meta.get("tensor_meta")
+                    if not (hasattr(meta, "shape") and hasattr(out_meta, "shape") and meta.shape == out_meta.shape
+                            and meta.dtype == out_meta.dtype):
+                        return False  # broadcast or promoted: recompute instead
+                    shape = tuple(grad.shape)
+                routes.append((arg, sign, shape))
+            for arg, sign, shape in routes:
+                piece = grad if sign == 1 else -grad
+                self._send(arg, piece if tuple(piece.shape) == shape else piece.sum_to_size(shape))
+            return True
+        return False
+
+    def _runtime_shape(self, node: fx.Node):
+        value = self.forward.fetch_attr(node.target) if node.op == "get_attr" else self.values.get(_value(node))
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def _send(self, arg: fx.Node, grad: torch.Tensor) -> None:
+        if arg.op == "get_attr":
+            param = self.forward.fetch_attr(arg.target)
+            if isinstance(param, torch.Tensor) and id(param) in self.params and param.requires_grad:
+                self._add_param_grad(param, grad.to(param.dtype))
+        else:
+            value = self.values.get(_value(arg))
+            if isinstance(value, torch.Tensor) and value.dtype != grad.dtype:
+                grad = grad.to(value.dtype)
+            self._add_grad(_value(arg), grad)
 
     def _with_grad(self, node: fx.Node):
         """``node`` run with grad from leaves standing for its (known) input values."""
@@ -364,6 +424,11 @@ class _Sweep:
             return
         current = self.param_grads.get(id(param))
         self.param_grads[id(param)] = grad if current is None else current + grad
+
+
+_ADD = {operator.add, torch.add, "add"}
+_SUB = {operator.sub, torch.sub, "sub"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _detached(value):

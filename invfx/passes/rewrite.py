@@ -123,9 +123,11 @@ def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: se
 
 
 def _tag(copy: fx.Node, original: fx.Node) -> fx.Node:
-    """Record which value of the original graph ``copy`` computes: the fused replay matches the two bodies'
-    nodes by it."""
+    """Record which value of the original graph ``copy`` computes (the fused replay matches the two bodies'
+    nodes by it), and its shape."""
     copy.meta["invfx_value"] = original.name
+    if "tensor_meta" in original.meta:
+        copy.meta.setdefault("tensor_meta", original.meta["tensor_meta"])
     return copy
 
 
