@@ -1,7 +1,8 @@
 """Peak memory and step time of one training step of a chain of invertible couplings, by depth and mode.
 
 What it measures. A chain of N hand-written additive couplings (``y = cat(x2, x1 + F(x2))``, from
-``invfx.demo``, ``F`` a two-layer MLP) in an :class:`invfx.nn.InvertibleSequential`, for each N in ``--depths``, trained in three modes set on
+``invfx.demo``, ``F`` a two-layer MLP) in an :class:`invfx.nn.InvertibleSequential`, for each N in
+``--depths``, trained in three modes set on
 every block (the container's own flags are left alone):
 
 * ``plain``: ``block.checkpoint = False``, ordinary autograd; activations grow linearly with N;

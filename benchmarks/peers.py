@@ -22,7 +22,8 @@ the same weights on the same batch:
   split_dim=-1), keep_input=False, keep_input_inverse=False)``. ``AdditiveCoupling`` computes
   ``y1 = x1 + Fm(x2); y2 = x2 + Gm(y1); cat([y1, y2], split_dim)``: the same math and order.
 
-A peer that is not installed is skipped with a note (``pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy``
+A peer that is not installed is skipped with a note
+(``pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy``
 installs them without touching torch; see ``pyproject.toml``). To add another column (e.g. ``invfx.optimize``),
 add a ``name: wrap(model) -> nn.Module`` entry to :data:`PEERS`.
 

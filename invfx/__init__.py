@@ -8,5 +8,6 @@ from .runtime import checkpoint, invertible_checkpoint
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "OptimizedModule", "Plan", "nn", "runtime", "utils", "registry", "inverses", "checkpoint", "invertible_checkpoint",
+__all__ = ["optimize", "OptimizedModule", "Plan", "nn", "runtime", "utils", "registry", "inverses", "checkpoint",
+           "invertible_checkpoint",
            "register_inverse", "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]

@@ -367,3 +367,33 @@ def test_cpu_bf16_autocast_through_optimize():
     got, expected = autocast_step(optimized), autocast_step(model)
     assert_close(got, expected, rtol=3e-2, atol=3e-2)
     assert all(g.dtype == torch.float32 for g in got[2])
+
+
+def test_freezing_and_unfreezing_parameters_between_steps():
+    """Regions remember what their dry forward found; a change of requires_grad makes them look again."""
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    frozen = model.blocks[2].F[1].weight
+    for flags in (True, False, True):
+        frozen.requires_grad_(flags)
+        got = step(optimized, x, params=list(model.parameters()))
+        expected = step(model, x)
+        assert_close(got, expected, rtol=1e-9, atol=1e-11)
+        assert (frozen.grad is None) == (not flags)
+
+
+def test_torch_save_and_load_of_an_optimized_module(tmp_path):
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    step(optimized, x)
+    torch.save(optimized, tmp_path / "optimized.pt")
+    loaded = torch.load(tmp_path / "optimized.pt", weights_only=False)
+    assert "inv_blocks_2" in loaded.code and str(loaded.plan) == str(optimized.plan)
+    assert_close(step(loaded, x), step(optimized, x), rtol=1e-12, atol=1e-12)
+    twin = copy.deepcopy(optimized)
+    assert_close(step(twin, x, params=list(twin.parameters())), step(optimized, x, params=list(optimized.parameters())),
+                 rtol=1e-12, atol=1e-12)

@@ -135,7 +135,7 @@ class FusedReplay(_Analysis):
                 if id(component) not in seen:
                     seen.add(id(component))
                     units.append(component)
-            elif node.op != "placeholder" and node.target is not rng_mark_target():
+            elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
         self.units = units  # reverse topological order; a sub-network where its last node is
         self.readers: dict[str, int] = {}  # how many node units read each value (it is dropped after the last)
@@ -148,11 +148,18 @@ class FusedReplay(_Analysis):
     def __call__(self, ctx: ReplayContext):
         return _Sweep(self, ctx).run()
 
+    # the analysis refers to fx nodes; a pickled copy (torch.save) redoes it from the two bodies
+    def __getstate__(self):
+        return {"bodies": (self.forward_body, self.rebuild_body, self.rebuilt, self.kept)}
 
-def rng_mark_target():
-    from ..runtime import rng_mark
+    def __setstate__(self, state):
+        self.__init__(*state["bodies"])
 
-    return rng_mark
+
+def _is_mark(body, node: fx.Node) -> bool:
+    from .rewrite import is_rng_mark  # (rewrite imports this module)
+
+    return is_rng_mark(body, node)
 
 
 class _Sweep:
@@ -381,8 +388,8 @@ class _Sweep:
         self.values[_value(node)] = _detached(out)
 
     def _evaluate(self, node: fx.Node, args, kwargs):
-        if node.prev.op == "call_function" and node.prev.target is rng_mark_target():
-            node.prev.target(*node.prev.args)  # this node's dropout mask, as in the forward
+        if _is_mark(self.staged.forward_body, node.prev):
+            self.forward.fetch_attr(node.prev.target)()  # this node's dropout mask, as in the forward
         return getattr(self.forward, node.op)(node.target, args, kwargs)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------

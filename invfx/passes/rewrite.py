@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
+from ..runtime.region import Discovery
 from .fuse import FusedReplay
 from .segments import Segment, module_path
 
@@ -49,6 +50,85 @@ def _is_torch_module(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torch.nn")
 
 
+class Inverse(nn.Module):
+    """A registry inverse called from a rebuild body. A module, not a function call: fx re-traces a body's
+    code when it is unpickled (torch.load), and would trace into the inverse's Python instead of calling it."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+
+class RngMark(nn.Module):
+    """``rng_mark(name)`` in a body, as a module for the same reason (a call with constant arguments would run
+    during the re-trace instead of being recorded)."""
+
+    def __init__(self, mark: str):
+        super().__init__()
+        self.mark = mark
+
+    def forward(self):
+        rng_mark(self.mark)
+
+    def extra_repr(self) -> str:
+        return repr(self.mark)
+
+
+class ShapeMeta(tuple):
+    """Shape and dtype of a value, standing in for fx's TensorMetadata in pickled bodies."""
+
+    def __new__(cls, shape, dtype):
+        return super().__new__(cls, (tuple(shape), dtype))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    shape = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+
+
+def _portable_graph(graph: fx.Graph, keep: Sequence[str]) -> fx.Graph:
+    """A copy of ``graph`` whose nodes keep only the ``keep`` meta, in a form that pickles."""
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = copy.node_copy(node, lambda n: env[n])
+        env[node].meta = {k: _portable(node.meta[k]) for k in keep if k in node.meta}
+    return copy
+
+
+def _named_objects(body: fx.GraphModule) -> dict:
+    """The modules and tensors a body's call_module and get_attr nodes name."""
+    return {n.target: body.get_submodule(n.target) if n.op == "call_module" else _fetch_attr(body, n.target)
+            for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
+
+
+def _fetch_attr(module: nn.Module, target: str):
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _portable(value):
+    """Node meta that pickles (TensorMetadata carries a memory format, which does not under torch.save)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return ShapeMeta(value.shape, value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, ShapeMeta):
+        return type(value)(_portable(v) for v in value) if type(value) in (tuple, list) else value
+    return value
+
+
+def is_rng_mark(body: nn.Module, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(body.get_submodule(node.target), RngMark)
+
+
 class InvertibleRegion(nn.Module):
     """One invertible segment of an optimized model.
 
@@ -65,14 +145,47 @@ class InvertibleRegion(nn.Module):
         object.__setattr__(self, "forward_body", forward_body)
         object.__setattr__(self, "rebuild_body", rebuild_body)
         object.__setattr__(self, "_modules_used", tuple(modules))
-        object.__setattr__(self, "fused_replay", FusedReplay(forward_body, rebuild_body, tuple(rebuilt), tuple(kept)))
-        self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
         self.region_name = name
         self.source = source
         self.num_inputs = num_inputs
         self.rebuilt = tuple(rebuilt)
         self.kept = tuple(kept)
         self.free = tuple(free)
+        self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
+        self._derive()
+
+    def _derive(self) -> None:
+        """State computed from the bodies: the fused replay's analysis, the dry-run cache."""
+        object.__setattr__(self, "fused_replay", FusedReplay(self.forward_body, self.rebuild_body, self.rebuilt,
+                                                             self.kept))
+        candidates = {id(p): p for m in self._modules_used for p in m.parameters()}
+        for node in self.forward_body.graph.nodes:
+            if node.op == "get_attr":
+                value = _fetch_attr(self.forward_body, node.target)
+                if isinstance(value, torch.Tensor):
+                    candidates[id(value)] = value
+        object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
+
+    # A GraphModule pickles as code and is re-traced on load, which loses the nodes' meta (the fused replay's
+    # bookkeeping) and would trace into helpers: bodies travel as graphs instead, with the objects they name.
+    _CARRIED_META = ("invfx_value", "invfx_recompute", "tensor_meta")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("fused_replay", None)
+        state.pop("discovery", None)
+        for key in ("forward_body", "rebuild_body"):
+            body = state.pop(key)
+            state[key + "_graph"] = (_portable_graph(body.graph, self._CARRIED_META), _named_objects(body),
+                                     type(body).__name__)
+        return state
+
+    def __setstate__(self, state):
+        bodies = {key: state.pop(key + "_graph") for key in ("forward_body", "rebuild_body")}
+        super().__setstate__(state)
+        for key, (graph, objects, class_name) in bodies.items():
+            object.__setattr__(self, key, fx.GraphModule(objects, graph, class_name))
+        self._derive()
 
     @property
     def code(self) -> str:
@@ -89,7 +202,7 @@ class InvertibleRegion(nn.Module):
     def forward(self, *inputs):
         if not (self.training and torch.is_grad_enabled()):
             return self.forward_body(*inputs)
-        region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
+        region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
                         replay=self.fused_replay if self.fused else None,
                         free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
                         name=f"{self.region_name} ({self.source})" if self.source else self.region_name)
@@ -120,6 +233,15 @@ def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: se
         name = f"{base}_{k}"
     taken.add(name)
     return name
+
+
+def _attributes(root: nn.Module, graph: fx.Graph, helpers: dict[str, nn.Module]) -> dict:
+    """What a body's call_module and get_attr nodes name: the model's own modules and tensors, and helpers."""
+    found = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            found[node.target] = helpers[node.target] if node.target in helpers else _fetch_attr(root, node.target)
+    return found
 
 
 def _tag(copy: fx.Node, original: fx.Node) -> fx.Node:
@@ -161,9 +283,16 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
     env: dict[fx.Node, fx.Node] = {}
     for node in inputs:
         env[node] = _tag(forward_graph.placeholder(node.name), node)
+    helpers: dict[str, nn.Module] = {}
+
+    def mark(graph: fx.Graph, node: fx.Node) -> None:
+        target = f"mark_{node.name}"
+        helpers.setdefault(target, RngMark(node.name))
+        graph.call_module(target, ())
+
     for node in segment.nodes:
         if node in random_nodes:
-            forward_graph.call_function(rng_mark, (node.name,))
+            mark(forward_graph, node)
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
@@ -180,7 +309,7 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
     for step in segment.rebuild.steps:
         if step.kind == "recompute":
             if step.node in random_nodes:
-                rebuild_graph.call_function(rng_mark, (step.node.name,))
+                mark(rebuild_graph, step.node)
             for arg in step.node.all_input_nodes:
                 if arg.op == "get_attr":
                     _get_attr(rebuild_graph, renv, arg)
@@ -195,8 +324,12 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
             head = (rebuild_graph.get_attr(step.node.target),) if rule.module else ()
             solved = call.bound[rule.solves]
             # named after the value it rebuilds, so the rebuild reads against the forward's code
+            helper = rule.inverse.__name__
+            if helpers.setdefault(helper, Inverse(rule.inverse)).function is not rule.inverse:
+                helper = f"{helper}_{len(helpers)}"
+                helpers[helper] = Inverse(rule.inverse)
             result = rebuild_graph.create_node(
-                "call_function", rule.inverse, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
+                "call_module", helper, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
                 _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
             if isinstance(solved, fx.Node):
                 renv[solved] = _tag(result, solved)
@@ -212,8 +345,9 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
     free = [i for i, node in enumerate(inputs) if node in segment.freeable]
     modules = sorted({n.target for n in segment.nodes if n.op == "call_module"})
     region = InvertibleRegion(
-        name, fx.GraphModule(root, forward_graph, f"{name}_forward"),
-        fx.GraphModule(root, rebuild_graph, f"{name}_rebuild"), len(inputs), rebuilt, kept, free,
+        name, fx.GraphModule(_attributes(root, forward_graph, helpers), forward_graph, f"{name}_forward"),
+        fx.GraphModule(_attributes(root, rebuild_graph, helpers), rebuild_graph, f"{name}_rebuild"), len(inputs),
+        rebuilt, kept, free,
         [root.get_submodule(m) for m in modules], source)
     root.add_module(name, region)
 

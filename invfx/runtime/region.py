@@ -55,7 +55,8 @@ from ..errors import InverseError, RegionError
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
-__all__ = ["Region", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint", "run_region",
+__all__ = ["Region", "Discovery", "ReplayContext", "RegionFunction", "checkpoint", "invertible_checkpoint",
+           "run_region",
            "rng_mark", "rng_marks"]
 
 CHECKPOINT = "checkpoint"
@@ -70,6 +71,28 @@ reconstruction_tolerance: dict[torch.dtype, float | None] = {
     torch.bfloat16: 1e-1,
     torch.float16: 5e-2,
 }
+
+
+class Discovery:
+    """What the dry forward found, kept for a function whose graph does not change from call to call (the
+    fx pass's regions): which outputs need grad and which parameters it reads. While the requires-grad flags
+    of the inputs and of every ``candidates`` tensor (all the parameters the function could read) stay the
+    same, later calls run the forward under no_grad instead of the dry run."""
+
+    def __init__(self, candidates: Sequence[torch.Tensor]):
+        self.candidates = list(candidates)
+        self.key = None
+        self.requires_grad: list[bool] = []
+        self.params: list[torch.Tensor] = []
+        self.accumulators: list = []
+
+    def key_for(self, inputs: Sequence[torch.Tensor]) -> tuple:
+        return (tuple(t.requires_grad for t in inputs), tuple(p.requires_grad for p in self.candidates),
+                torch.is_autocast_enabled("cpu"))
+
+    def __getstate__(self):  # autograd nodes do not pickle; a copy rediscovers
+        return {"candidates": self.candidates, "key": None, "requires_grad": [], "params": [],
+                "accumulators": []}
 
 
 @dataclass(frozen=True)
@@ -94,6 +117,7 @@ class Region:
     free: frozenset[int] = frozenset()
     keep: frozenset[int] = frozenset()
     rebuild: Callable[["ReplayContext"], None] | None = None
+    discovery: "Discovery | None" = None
     buffers: tuple[torch.Tensor | torch.nn.Module, ...] = ()
     preserve_rng_state: bool = True
     name: str = "region"
@@ -202,15 +226,23 @@ def run_region(region: Region, args: Sequence[Any]):
     autocast = AutocastState()
     versions = [t._version for t in inputs]
 
-    # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but every
-    # tensor autograd would save is dropped at once, so it costs the memory of a no-grad run.
-    leaves = [_leaf_like(t) for t in inputs]
-    dry_args = list(args)
-    for position, leaf in zip(positions, leaves):
-        dry_args[position] = leaf
-    first_node = _next_sequence_nr()
-    with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng):
-        result = region.function(*dry_args)
+    discovery = region.discovery
+    key = discovery.key_for(inputs) if discovery is not None else None
+    known = discovery is not None and discovery.key == key
+    if known:
+        # the same graph with the same flags as the last call: what the dry run would find is known
+        with torch.no_grad(), rng_marks("record", rng):
+            result = region.function(*args)
+    else:
+        # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
+        # every tensor autograd would save is dropped at once, so it costs the memory of a no-grad run.
+        leaves = [_leaf_like(t) for t in inputs]
+        dry_args = list(args)
+        for position, leaf in zip(positions, leaves):
+            dry_args[position] = leaf
+        first_node = _next_sequence_nr()
+        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng):
+            result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
         if tensor._version != version:
@@ -221,15 +253,24 @@ def run_region(region: Region, args: Sequence[Any]):
         rng = None  # the function drew no random numbers: nothing to replay
     structure = _Structure.of(result)
     outputs = structure.tensors(result)
-    requires_grad = [o.requires_grad for o in outputs]
+    if known:
+        requires_grad, params, accumulators = discovery.requires_grad, discovery.params, discovery.accumulators
+        if len(requires_grad) != len(outputs):
+            raise RegionError(f"{region.name}: the function returned {len(outputs)} tensors, earlier "
+                              f"{len(requires_grad)}; a region with a discovery cache must not change its graph")
+    else:
+        requires_grad = [o.requires_grad for o in outputs]
     if not any(requires_grad):
         return structure.rebuild(result, [o.detach() for o in outputs])
-
-    params, accumulators = _graph_leaves(outputs, leaves, first_node, region.name)
+    if not known:
+        params, accumulators = _graph_leaves(outputs, leaves, first_node, region.name)
+        if discovery is not None:
+            discovery.key, discovery.requires_grad = key, requires_grad
+            discovery.params, discovery.accumulators = params, accumulators
     call = _RegionCall(region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
                        autocast, buffer_state.mutated())
     call.accumulators = accumulators
-    del result, dry_args, leaves
+    del result
     returned = RegionFunction.apply(call, *inputs, *params)
     return structure.rebuild(call.non_tensor_result, returned)
 
