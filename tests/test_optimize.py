@@ -397,3 +397,65 @@ def test_torch_save_and_load_of_an_optimized_module(tmp_path):
     twin = copy.deepcopy(optimized)
     assert_close(step(twin, x, params=list(twin.parameters())), step(optimized, x, params=list(optimized.parameters())),
                  rtol=1e-12, atol=1e-12)
+
+
+class SlicedCoupling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+
+    def forward(self, x):
+        x1, x2 = x[:, :4], x[:, 4:]
+        return torch.cat([x1 + self.f(x2), x2], 1)
+
+
+class ShapeQueries(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b = x.size(0)
+        x1, x2 = x.reshape(b, 2, 4).unbind(1)
+        return torch.stack([x1 + self.f(x2), x2], 1).reshape(b, -1)
+
+
+class InPlaceAfterAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, 1)
+        y1 = (x1 + self.f(x2)).mul_(0.5)
+        return torch.cat([y1, x2], 1)
+
+
+class Stack(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+        self.blocks = nn.ModuleList([block() for _ in range(3)])
+
+    def forward(self, x):
+        h = self.stem(x) * 2
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("block", [SlicedCoupling, ShapeQueries, InPlaceAfterAdd])
+def test_other_ways_of_writing_a_coupling(block):
+    """Slices, shape queries, tuples crossing a cut, in-place ops: whatever is found, gradients are plain's,
+    at the example's batch size and another."""
+    torch.manual_seed(0)
+    model = Stack(block).to(DT)
+    x = torch.randn(5, 8, dtype=DT)
+    optimized = compare(model, x)
+    compare(model, torch.randn(7, 8, dtype=DT), optimized)
+    assert any(r["mode"] == "invertible" for r in optimized.plan.rows)
+
+
+def test_a_region_returning_a_nested_tuple_is_refused_not_detached():
+    with pytest.raises(invfx.RegionError, match="nested"):
+        invfx.checkpoint(lambda t: ((t * 2, t * 3),), torch.randn(3, requires_grad=True))

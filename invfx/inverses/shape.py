@@ -18,8 +18,16 @@ def _input_shape(call):
     return shape
 
 
+def _batch_free_shape(call):
+    """The input's shape with its first dimension left to the data (-1): the shapes seen when the graph was
+    annotated are an example's, and the batch size may change. Were another dimension to change too, the reshape
+    fails loudly (and the runtime checks every rebuilt input's shape)."""
+    shape = _input_shape(call)
+    return (-1, *shape[1:]) if len(shape) > 0 else shape
+
+
 def _reshape_rule(*targets, params):
-    register_inverse(*targets, params=params, bind=lambda call: ((_input_shape(call),), {}), needs=(),
+    register_inverse(*targets, params=params, bind=lambda call: ((_batch_free_shape(call),), {}), needs=(),
                      cost=0)(reshape_inverse)
 
 
@@ -34,7 +42,8 @@ _reshape_rule(torch.flatten, "flatten", params=("input", "start_dim=0", "end_dim
 _reshape_rule(torch.unflatten, "unflatten", params=("input", "dim", "sizes"))
 _reshape_rule(torch.squeeze, "squeeze", params=("input", "dim=None"))
 _reshape_rule(torch.unsqueeze, "unsqueeze", params=("input", "dim"))
-@register_inverse(nn.Flatten, nn.Unflatten, module=True, bind=lambda call: ((_input_shape(call),), {}), cost=0)
+@register_inverse(nn.Flatten, nn.Unflatten, module=True, bind=lambda call: ((_batch_free_shape(call),), {}),
+                  cost=0)
 def flatten_module_inverse(module, out, shape):
     return out.reshape(shape)
 

@@ -182,8 +182,9 @@ class _Sweep:
         staged, ctx = self.staged, self.ctx
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
         kept = {p: ctx.input(p) for p in staged.kept}
-        for node, grad in zip(staged.output_node.args[0], ctx.grad_outputs):
-            if isinstance(node, fx.Node) and grad is not None:
+        # grad_outputs has one entry per *tensor* output (a region may also return sizes and other values)
+        for node, grad in zip(self._tensor_outputs(), ctx.grad_outputs):
+            if grad is not None:
                 self._add_grad(_value(node), grad)
         rebuild = self.rebuild
         rebuild.args_iter = iter([o.detach() if isinstance(o, torch.Tensor) else o for o in outputs] +
@@ -394,9 +395,15 @@ class _Sweep:
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
+    def _tensor_outputs(self) -> list[fx.Node]:
+        """The forward body's outputs that are tensors, in order (as the runtime counts outputs)."""
+        outputs = self.ctx.outputs if isinstance(self.ctx.outputs, tuple) else (self.ctx.outputs,)
+        return [node for node, value in zip(self.staged.output_node.args[0], outputs)
+                if isinstance(value, torch.Tensor)]
+
     def _output_index(self, name: str) -> int:
-        names = [_value(a) if isinstance(a, fx.Node) else None for a in self.staged.output_node.args[0]]
-        return names.index(name)
+        """Index among the tensor outputs (``ctx.check_output`` counts those)."""
+        return [_value(n) for n in self._tensor_outputs()].index(name)
 
     def _output_names(self):
         return {_value(a) for a in self.staged.output_node.args[0] if isinstance(a, fx.Node)}

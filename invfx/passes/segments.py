@@ -166,6 +166,8 @@ def _find_from(module, compute, live, p, cache):
         kept = [v for v in inputs if v in live[q]]
         if not dying or not outputs:
             continue
+        if any(tuple_metas(o) is not None for o in outputs):
+            continue  # a tuple crossing the cut (chunk's result): regions hand on tensors, not tuples
         if not any(_why_not_freeable(module, d) is None for d in dying):
             continue  # frees nothing: no memory to gain
         numbers_in, numbers_out = sum(numel(d) for d in dying), sum(numel(o) for o in outputs)

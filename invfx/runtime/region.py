@@ -335,6 +335,16 @@ def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> tuple[list
     return list(found.values()), [accumulators[k] for k in found]
 
 
+def _holds_tensor(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
 class _Structure:
     """Where the tensors sit in a function's result (a tensor, or a tuple/list of anything)."""
 
@@ -348,6 +358,11 @@ class _Structure:
         if isinstance(result, torch.Tensor):
             return cls("tensor", [0], 1)
         if isinstance(result, (tuple, list)):
+            for item in result:
+                if isinstance(item, (tuple, list, dict)) and _holds_tensor(item):
+                    raise RegionError("a region must return tensors at the top level of its result (a tensor or a "
+                                      "tuple/list of tensors and other values), not nested in "
+                                      f"{type(item).__name__}s: their gradients would be lost")
             slots = [i for i, r in enumerate(result) if isinstance(r, torch.Tensor)]
             return cls(type(result), slots, len(result))
         raise RegionError(f"a region must return a tensor or a tuple/list, not {type(result).__name__}")
