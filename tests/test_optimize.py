@@ -459,3 +459,19 @@ def test_other_ways_of_writing_a_coupling(block):
 def test_a_region_returning_a_nested_tuple_is_refused_not_detached():
     with pytest.raises(invfx.RegionError, match="nested"):
         invfx.checkpoint(lambda t: ((t * 2, t * 3),), torch.randn(3, requires_grad=True))
+
+
+def test_leaf_modules_and_modes():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    from invfx.examples import CouplingBlock
+
+    whole = compare(model, x, invfx.optimize(model, x, leaf_modules=[CouplingBlock]))
+    assert "self.blocks" in whole.code and "chunk" not in whole.code  # blocks called whole, not traced
+    assert not any(r["mode"] == "invertible" for r in whole.plan.rows)  # no rule inverts a CouplingBlock
+
+    kept = compare(model, x, invfx.optimize(model, x, modes=("keep",)))
+    assert all(r["mode"] == "keep" for r in kept.plan.rows)
+    with pytest.raises(invfx.InvfxError, match="memory_budget"):
+        invfx.optimize(model, x, memory_budget=0.5)
