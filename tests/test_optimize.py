@@ -475,3 +475,42 @@ def test_leaf_modules_and_modes():
     assert all(r["mode"] == "keep" for r in kept.plan.rows)
     with pytest.raises(invfx.InvfxError, match="memory_budget"):
         invfx.optimize(model, x, memory_budget=0.5)
+
+
+class Sinhs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.stem(x) * 2
+        for _ in range(3):
+            h = torch.sinh(h) * 0.5
+        return self.head(h)
+
+
+def test_a_wrong_inverse_is_caught_where_it_is_used():
+    """Each inverse step is checked against the op it undoes: a wrong rule is an error, not wrong gradients."""
+
+    @invfx.register_inverse(torch.sinh, risk="well-conditioned")
+    def sinh_inverse(out):
+        return torch.asinh(out) * 1.01  # wrong on purpose
+
+    torch.manual_seed(0)
+    model = Sinhs().to(DT)
+    x = torch.randn(6, 4, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    assert "sinh_inverse" in str(optimized.plan)
+    with pytest.raises(invfx.InverseError, match="sinh"):
+        optimized(x).sum().backward()
+
+
+def test_a_right_user_inverse_trains_like_plain():
+    @invfx.register_inverse(torch.sinh, risk="well-conditioned")
+    def sinh_inverse(out):
+        return torch.asinh(out)
+
+    torch.manual_seed(0)
+    model = Sinhs().to(DT)
+    optimized = compare(model, torch.randn(6, 4, dtype=DT))
+    assert "sinh_inverse" in str(optimized.plan)

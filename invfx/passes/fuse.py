@@ -47,6 +47,7 @@ class _Analysis:
         recomputed = {_value(n) for n in rebuild_body.graph.nodes if n.meta.get("invfx_recompute")}
         forward_nodes = {_value(n): n for n in forward_body.graph.nodes if _value(n) is not None}
         self.recomputed = {v for v in recomputed if v in forward_nodes}
+        self.forward_nodes = forward_nodes
         self.components = self._components(forward_nodes)
         self.component_of = {v: c for c in self.components for v in c.values}
 
@@ -172,6 +173,7 @@ class _Sweep:
         self.recomputed: dict[str, torch.Tensor] = {}
         self.evaluated: dict[str, tuple] = {}  # filled values whose graph awaits their own backward
         self.internal = {v for c in staged.components for v in c.values if v not in c.frontier}
+        self.checks: list[str] = []  # inverted forward values whose inverse step awaits its check
         self.readers = dict(staged.readers)
         self.forward = fx.Interpreter(staged.forward_body)
         self.rebuild = _Rebuild(staged.rebuild_body, staged, garbage_collect=True)
@@ -200,12 +202,16 @@ class _Sweep:
             rebuild.env[node] = result
             for used in rebuild.user_to_last_uses.get(node, []):
                 del rebuild.env[used]  # (a sub-network's graph lives on in graph_values until its backward)
+            if "invfx_inverts" in node.meta:
+                self.checks.append(node.meta["invfx_inverts"])
             value = _value(node)
             if value is not None and value not in self.internal:
                 # (a sub-network's inner values are only read inside its graph: holding them would keep the
                 # graph's memory alive after its backward)
                 self.values[value] = _detached(result)
+            self._verify()
             pending = self._sweep(pending)
+        self._verify(final=True)
         for position, value in zip(staged.rebuilt, rebuilt or []):
             ctx.input(position, value.detach())  # back into the freed storage
         for position in staged.kept:
@@ -217,6 +223,32 @@ class _Sweep:
         ctx.gradients = (input_grads, self.param_grads)
         names = [_value(a) if isinstance(a, fx.Node) else None for a in staged.output_node.args[0]]
         return tuple(self.recomputed.get(n) for n in names)
+
+    def _verify(self, final: bool = False) -> None:
+        """Each inverse step, once the values it involves are known: rerun the op it undid on the rebuilt
+        argument and the known ones, and compare with the op's output. A wrong or blown-up inverse is an error
+        where it happens, at the cost of one forward op per inverse step (never a sub-network)."""
+        remaining = []
+        nodes = self.staged.forward_nodes
+        for name in self.checks:
+            node = nodes.get(name)
+            if node is None:
+                continue
+            if name not in self.values or any(a.op != "get_attr" and _value(a) not in self.values
+                                               for a in node.all_input_nodes):
+                remaining.append(name)
+                continue
+            args = fx.node.map_arg(node.args, self._known)
+            kwargs = fx.node.map_arg(node.kwargs, self._known)
+            with torch.no_grad():
+                redone = self._evaluate(node, args, kwargs)
+            expected = self.values[name]
+            for got, want in zip(_tensors(redone), _tensors(expected)):
+                self.ctx.check_value(got, want, f"{name} (undone by {node.target if isinstance(node.target, str) else getattr(node.target, '__name__', node.target)})")
+        self.checks = remaining if not final else []
+
+    def _known(self, arg: fx.Node):
+        return self.forward.fetch_attr(arg.target) if arg.op == "get_attr" else self.values[_value(arg)]
 
     def _sweep(self, pending, final=False):
         while pending:
@@ -270,7 +302,7 @@ class _Sweep:
         grad = self.grads.get(name)
         if grad is None:
             return True  # nothing flows back through it
-        if name not in self._output_names() and self._plumbing(node, grad):
+        if self._plumbing(node, grad):
             self.grads.pop(name, None)
             return True
         if name in self.evaluated:  # run with grad already, to give a later node its input: not again
@@ -443,6 +475,14 @@ class _Sweep:
 _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _tensors(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for item in value for v in _tensors(item)]
+    return []
 
 
 def _detached(value):

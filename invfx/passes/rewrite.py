@@ -168,7 +168,7 @@ class InvertibleRegion(nn.Module):
 
     # A GraphModule pickles as code and is re-traced on load, which loses the nodes' meta (the fused replay's
     # bookkeeping) and would trace into helpers: bodies travel as graphs instead, with the objects they name.
-    _CARRIED_META = ("invfx_value", "invfx_recompute", "tensor_meta")
+    _CARRIED_META = ("invfx_value", "invfx_recompute", "invfx_inverts", "tensor_meta")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -331,6 +331,7 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
             result = rebuild_graph.create_node(
                 "call_module", helper, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
                 _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
+            result.meta["invfx_inverts"] = step.node.name  # the fused replay checks op(rebuilt, known) == out
             if isinstance(solved, fx.Node):
                 renv[solved] = _tag(result, solved)
             else:  # a list of tensors (cat's inputs): the inverse returns them in order

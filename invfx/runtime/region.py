@@ -498,7 +498,7 @@ class _RegionCall:
         input_grads = [inputs.get(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
         return tuple(input_grads) + tuple(params.get(id(p)) for p in context.params)
 
-    def _check_reconstruction(self, recomputed, saved, first_index: int = 0) -> None:
+    def _check_reconstruction(self, recomputed, saved, first_index: int = 0, what: str | None = None) -> None:
         """The recomputation from rebuilt inputs must give back the outputs the forward kept.
 
         It costs a comparison (the two sides exist anyway) and turns a wrong inverse, an inverse blown up by
@@ -521,7 +521,8 @@ class _RegionCall:
                 del difference
             if not error <= tolerance:  # also catches NaN
                 raise InverseError(
-                    f"{self.name}: recomputing output {index} from the rebuilt inputs gives a relative error of "
+                    f"{self.name}: recomputing {what or f'output {index}'} from the rebuilt inputs gives a relative "
+                    "error of "
                     f"{error:.3g} (tolerance {tolerance:g} for {kept.dtype}); the inverse is wrong, blows up "
                     "numerically, or the function is not deterministic (randomness with seed=False). The "
                     "gradients would be wrong: use checkpoint mode for this region")
@@ -728,6 +729,11 @@ class ReplayContext:
             leaf.requires_grad_()
         self._leaves[position] = leaf
         return leaf
+
+    def check_value(self, recomputed: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        """Check a value recomputed from rebuilt ones against the value it must equal (a replay verifying each
+        inverse step where it happens: ``op(rebuilt, known) == out``)."""
+        self._call._check_reconstruction([recomputed], [expected], what=what)
 
     def check_output(self, index: int, recomputed: torch.Tensor) -> None:
         """Check one recomputed output against the kept one now (a replay that computes the gradients itself
