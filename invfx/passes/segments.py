@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -76,6 +78,64 @@ def _has_any_rule(module: fx.GraphModule, node: fx.Node) -> bool:
         return bool(rules_for(type(module.get_submodule(node.target))))
     if node.op in ("call_function", "call_method"):
         return bool(rules_for(node.target)) or getattr(node.target, "__name__", "") == "getitem"
+    return False
+
+
+# functions taking an ``inplace`` flag
+_IN_PLACE_FLAG_FUNCTIONS = {"relu", "relu6", "hardtanh", "leaky_relu", "elu", "selu", "celu", "rrelu", "threshold",
+                            "hardsigmoid", "hardswish", "silu", "mish", "dropout", "alpha_dropout", "dropout1d",
+                            "dropout2d", "dropout3d", "feature_alpha_dropout"}
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow,
+                       operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+
+
+def _mutates(module: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
+    """Whether ``user`` may write into ``value`` (an in-place method, operator or module)."""
+    if not user.args or user.args[0] is not value:
+        return user.kwargs.get("out") is value
+    if user.op == "call_method":
+        return user.target.endswith("_") and not user.target.endswith("__")
+    if user.op == "call_function":
+        if user.target in _IN_PLACE_FUNCTIONS or user.kwargs.get("inplace") is True:
+            return True
+        # F.relu(x, True): an in-place flag given positionally (for dropout a True may be ``training``:
+        # counted as in-place too, which only costs a region)
+        return getattr(user.target, "__name__", "") in _IN_PLACE_FLAG_FUNCTIONS and \
+            any(a is True for a in user.args[1:])
+    if user.op == "call_module":
+        return bool(getattr(module.get_submodule(user.target), "inplace", False))
+    return False
+
+
+def _mutated_outside(module: fx.GraphModule, value: fx.Node, inside: set) -> bool:
+    """An op outside the segment writes into ``value`` or a view of it."""
+    pending, seen = [value], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user not in inside and _mutates(module, user, node):
+                return True
+            if _is_view(module, user):
+                pending.append(user)  # a write into a view writes into the value
+    return False
+
+
+def _mutated_inside(module: fx.GraphModule, value: fx.Node, inside: set) -> bool:
+    """An op of the segment writes into ``value`` (one of its inputs) or a view of it."""
+    pending, seen = [value], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user in inside and _mutates(module, user, node):
+                return True
+            if _is_view(module, user):
+                pending.append(user)
     return False
 
 
@@ -168,6 +228,11 @@ def _find_from(module, compute, live, p, cache):
             continue
         if any(tuple_metas(o) is not None for o in outputs):
             continue  # a tuple crossing the cut (chunk's result): regions hand on tensors, not tuples
+        inside = set(nodes)
+        if any(_mutated_outside(module, v, inside) for v in list(outputs) + kept):
+            continue  # the region saves it for backward: an in-place op after it would invalidate that
+        if any(_mutated_inside(module, v, inside) for v in inputs):
+            continue  # the region would write into its own input (a region must not mutate its inputs)
         if not any(_why_not_freeable(module, d) is None for d in dying):
             continue  # frees nothing: no memory to gain
         numbers_in, numbers_out = sum(numel(d) for d in dying), sum(numel(o) for o in outputs)
