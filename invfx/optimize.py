@@ -13,6 +13,7 @@ from torch import nn
 from .errors import InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.rewrite import region_name
+from .passes.validate import check_reconstruction
 from .passes.segments import Segment
 
 __all__ = ["optimize", "OptimizedModule", "Plan"]
@@ -97,6 +98,10 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     traced.graph.lint()
     optimized = OptimizedModule(traced, traced.graph, type(model).__name__)
     _share_everything(optimized, model)
+    for name, reason in check_reconstruction(optimized, inputs).items():
+        for row in rows:
+            if row["name"] == name:
+                row.update(mode="keep", freed_bytes=0, why=f"not invertible here: {reason}")
     optimized.plan = Plan(rows, opaque)
     optimized.train(model.training)
     return optimized

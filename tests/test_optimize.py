@@ -499,8 +499,13 @@ def test_a_wrong_inverse_is_caught_where_it_is_used():
     torch.manual_seed(0)
     model = Sinhs().to(DT)
     x = torch.randn(6, 4, dtype=DT)
-    optimized = invfx.optimize(model, x)
-    assert "sinh_inverse" in str(optimized.plan)
+    optimized = compare(model, x)  # optimize measured the rebuild on the example and kept those segments plain
+    refused = [r for r in optimized.plan.rows if "not invertible here" in r["why"]]
+    assert refused and all(r["mode"] == "keep" for r in refused) and "off by" in refused[0]["why"]
+    # were the data to differ from the example, the check in backward would stop it
+    for region in optimized.modules():
+        if isinstance(region, invfx.passes.InvertibleRegion):
+            region.invertible = True
     with pytest.raises(invfx.InverseError, match="sinh"):
         optimized(x).sum().backward()
 
@@ -514,3 +519,22 @@ def test_a_right_user_inverse_trains_like_plain():
     model = Sinhs().to(DT)
     optimized = compare(model, torch.randn(6, 4, dtype=DT))
     assert "sinh_inverse" in str(optimized.plan)
+
+
+class Saturating(nn.Module):
+    """tanh saturates to exactly 1 in float64 for inputs past ~19: atanh cannot give them back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.stem(x) * 40.0) * 0.5)
+
+
+def test_exploding_activations_fall_back_to_plain_stated_in_the_plan():
+    torch.manual_seed(0)
+    model = Saturating().to(DT)
+    optimized = compare(model, torch.randn(8, 4, dtype=DT))
+    assert any("not invertible here" in r["why"] for r in optimized.plan.rows), str(optimized.plan)
+    assert "not invertible here" in str(optimized.plan)

@@ -152,6 +152,7 @@ class InvertibleRegion(nn.Module):
         self.kept = tuple(kept)
         self.free = tuple(free)
         self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
+        self.invertible = True  # False: plain code (the rebuild failed on the example input)
         self._derive()
 
     def _derive(self) -> None:
@@ -200,7 +201,7 @@ class InvertibleRegion(nn.Module):
                 f"keeps {list(self.kept)}, frees {list(self.free)}")
 
     def forward(self, *inputs):
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.invertible and self.training and torch.is_grad_enabled()):
             return self.forward_body(*inputs)
         region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
                         replay=self.fused_replay if self.fused else None,
