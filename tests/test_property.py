@@ -129,8 +129,14 @@ def test_random_models_give_plain_gradients(kinds, seed, batch):
         return  # not a valid plain model (an in-place op on a value autograd saved): nothing to compare
     optimized = invfx.optimize(model, x)
     for data in (x, torch.randn(batch + 2, WIDTH, dtype=DT)):
-        assert_close(step(optimized, data, params), step(twin, data, twin_params), rtol=1e-7, atol=1e-9,
-                     what=f"{kinds}")
+        expected = step(twin, data, twin_params)
+        try:
+            got = step(optimized, data, params)
+        except invfx.InverseError:
+            # allowed only for data unlike the example (a tanh saturating on it): a loud error, never silence
+            assert data is not x
+            continue
+        assert_close(got, expected, rtol=1e-7, atol=1e-9, what=f"{kinds}")
     for ours, theirs in zip(model.buffers(), twin.buffers()):  # BatchNorm statistics: one update per step
         assert_close(ours, theirs, rtol=1e-9, atol=1e-12, what=f"{kinds} buffers")
 

@@ -37,8 +37,23 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permu
 _VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.t, torch.chunk, torch.split, torch.unbind,
                    torch.squeeze, torch.unsqueeze, torch.flatten, torch.unflatten, torch.narrow, torch.select,
                    torch.movedim, torch.swapaxes, torch.detach}
-_RELU = {torch.relu, torch.nn.functional.relu, "relu", "relu_", torch.nn.ReLU, torch.nn.functional.relu6,
-         torch.nn.ReLU6, torch.nn.functional.hardtanh, torch.nn.Hardtanh, torch.clamp, "clamp"}
+# Ops whose backward reads their own output. A value they made, freed and rebuilt (exact only to rounding), feeds
+# their gradient: relu masks on its exact zeros; tanh and sigmoid differentiate as 1 - t^2 and s (1 - s), which
+# near saturation are far smaller than the rebuild's rounding. Their outputs are never freed.
+_SAVES_OUTPUT = {torch.relu, torch.nn.functional.relu, "relu", "relu_", torch.nn.ReLU, torch.nn.functional.relu6,
+                 torch.nn.ReLU6, torch.nn.functional.hardtanh, torch.nn.Hardtanh, torch.clamp, "clamp",
+                 torch.tanh, "tanh", torch.nn.functional.tanh, torch.nn.Tanh, torch.sigmoid, "sigmoid",
+                 torch.nn.functional.sigmoid, torch.nn.Sigmoid, torch.special.expit, torch.exp, "exp",
+                 torch.softmax, "softmax", torch.nn.functional.softmax, torch.nn.Softmax, torch.log_softmax,
+                 "log_softmax", torch.nn.functional.log_softmax, torch.nn.LogSoftmax, torch.nn.functional.elu,
+                 torch.nn.ELU, torch.sqrt, "sqrt", torch.rsqrt, "rsqrt"}
+# Ops that may hand back their input itself (dropout with p = 0 or in eval mode, identity): the value they make
+# is the value they read, so the producer behind them is what counts.
+_MAY_ALIAS = {torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+              torch.nn.FeatureAlphaDropout, torch.nn.Identity, torch.nn.functional.dropout,
+              torch.nn.functional.alpha_dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+              torch.nn.functional.dropout3d, torch.nn.functional.feature_alpha_dropout, "to", "type", "float",
+              "double", "half", "bfloat16", "contiguous"}
 
 
 @dataclass
@@ -154,9 +169,16 @@ def _why_not_freeable(module: fx.GraphModule, node: fx.Node) -> str | None:
         return "a parameter or buffer"
     if _is_view(module, node):
         return "a view"
-    producer = type(module.get_submodule(node.target)) if node.op == "call_module" else node.target
-    if producer in _RELU:
-        return "a relu output (its backward needs its exact zeros)"
+    source = node
+    while True:
+        producer = type(module.get_submodule(source.target)) if source.op == "call_module" else source.target
+        if producer in _SAVES_OUTPUT:
+            name = getattr(producer, "__name__", producer)
+            return f"the output of {name} (its backward reads it; a rebuilt value would change its gradient)"
+        if producer in _MAY_ALIAS and source.args and isinstance(source.args[0], fx.Node):
+            source = source.args[0]
+            continue
+        break
     if tuple_metas(node) is not None:
         return "a tuple"
     if not is_tensor_meta(node.meta.get("tensor_meta")):
