@@ -122,8 +122,8 @@ def _mutates(module: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
     return False
 
 
-def _mutated_outside(module: fx.GraphModule, value: fx.Node, inside: set) -> bool:
-    """An op outside the segment writes into ``value`` or a view of it."""
+def _written(module: fx.GraphModule, value: fx.Node, by) -> bool:
+    """Whether a user of ``value`` or of a view of it for which ``by(user)`` holds writes into it in place."""
     pending, seen = [value], set()
     while pending:
         node = pending.pop()
@@ -131,26 +131,10 @@ def _mutated_outside(module: fx.GraphModule, value: fx.Node, inside: set) -> boo
             continue
         seen.add(node)
         for user in node.users:
-            if user not in inside and _mutates(module, user, node):
+            if by(user) and _mutates(module, user, node):
                 return True
             if _is_view(module, user):
                 pending.append(user)  # a write into a view writes into the value
-    return False
-
-
-def _mutated_inside(module: fx.GraphModule, value: fx.Node, inside: set) -> bool:
-    """An op of the segment writes into ``value`` (one of its inputs) or a view of it."""
-    pending, seen = [value], set()
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for user in node.users:
-            if user in inside and _mutates(module, user, node):
-                return True
-            if _is_view(module, user):
-                pending.append(user)
     return False
 
 
@@ -251,9 +235,9 @@ def _find_from(module, compute, live, p, cache):
         if any(tuple_metas(o) is not None for o in outputs):
             continue  # a tuple crossing the cut (chunk's result): regions hand on tensors, not tuples
         inside = set(nodes)
-        if any(_mutated_outside(module, v, inside) for v in list(outputs) + kept):
+        if any(_written(module, v, lambda user: user not in inside) for v in list(outputs) + kept):
             continue  # the region saves it for backward: an in-place op after it would invalidate that
-        if any(_mutated_inside(module, v, inside) for v in inputs):
+        if any(_written(module, v, lambda user: user in inside) for v in inputs):
             continue  # the region would write into its own input (a region must not mutate its inputs)
         if not any(_why_not_freeable(module, d) is None for d in dying):
             continue  # frees nothing: no memory to gain
