@@ -114,7 +114,8 @@ def step(model, x, params):
     return out.detach(), x.grad, [p.grad for p in params]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])  # derandomized: CI sees the same 25 models every run
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=6), seed=st.integers(0, 2**16),
        batch=st.sampled_from([3, 5]))
 def test_random_models_give_plain_gradients(kinds, seed, batch):
