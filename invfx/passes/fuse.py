@@ -149,8 +149,37 @@ class FusedReplay(_Analysis):
     def __call__(self, ctx: ReplayContext):
         return _Sweep(self, ctx).run()
 
+    @property
+    def forward_interpreter(self) -> fx.Interpreter:
+        """Runs single forward nodes (stateless here: made once; its set-up walks every submodule)."""
+        if getattr(self, "_forward_interpreter", None) is None:
+            self._forward_interpreter = fx.Interpreter(self.forward_body)
+        return self._forward_interpreter
+
+    def rebuild_interpreter(self) -> "_Rebuild":
+        """A rebuild run's interpreter: made once, its per-run state reset each time."""
+        if getattr(self, "_rebuild_interpreter", None) is None:
+            self._rebuild_interpreter = _Rebuild(self.rebuild_body, self, garbage_collect=True)
+        interpreter = self._rebuild_interpreter
+        interpreter.graph_values, interpreter.stand_ins = {}, {}
+        return interpreter
+
+    def params_of(self, node: fx.Node) -> list[torch.Tensor]:
+        """The parameters a forward node reads (its module's, or get_attr arguments), found once."""
+        cache = self.__dict__.setdefault("_params_of", {})
+        if node not in cache:
+            found = list(self.forward_body.get_submodule(node.target).parameters()) if node.op == "call_module" \
+                else []
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr":
+                    value = self.forward_interpreter.fetch_attr(arg.target)
+                    if isinstance(value, torch.Tensor):
+                        found.append(value)
+            cache[node] = found
+        return cache[node]
+
     # the analysis refers to fx nodes; a pickled copy (torch.save) redoes it from the two bodies
-    def __getstate__(self):
+    def __getstate__(self):  # (interpreters and caches are made again)
         return {"bodies": (self.forward_body, self.rebuild_body, self.rebuilt, self.kept)}
 
     def __setstate__(self, state):
@@ -175,12 +204,21 @@ class _Sweep:
         self.internal = {v for c in staged.components for v in c.values if v not in c.frontier}
         self.checks: list[str] = []  # inverted forward values whose inverse step awaits its check
         self.readers = dict(staged.readers)
-        self.forward = fx.Interpreter(staged.forward_body)
-        self.rebuild = _Rebuild(staged.rebuild_body, staged, garbage_collect=True)
+        self.forward = staged.forward_interpreter
+        self.rebuild = staged.rebuild_interpreter()
 
     # -- driving -----------------------------------------------------------------------------------------------
 
     def run(self):
+        try:
+            return self._run()
+        finally:
+            # the interpreter is reused: it must not keep this run's values (a region's rebuilt inputs) alive
+            rebuild = self.rebuild
+            rebuild.env, rebuild.graph_values, rebuild.stand_ins = {}, {}, {}
+            rebuild.args_iter = iter(())
+
+    def _run(self):
         staged, ctx = self.staged, self.ctx
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
         kept = {p: ctx.input(p) for p in staged.kept}
@@ -441,15 +479,7 @@ class _Sweep:
         return {_value(a) for a in self.staged.output_node.args[0] if isinstance(a, fx.Node)}
 
     def _params_of(self, node: fx.Node) -> list[torch.Tensor]:
-        found = []
-        if node.op == "call_module":
-            found = [p for p in self.forward.fetch_attr(node.target).parameters() if id(p) in self.params]
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                value = self.forward.fetch_attr(arg.target)
-                if isinstance(value, torch.Tensor) and id(value) in self.params:
-                    found.append(value)
-        return found
+        return [p for p in self.staged.params_of(node) if id(p) in self.params]
 
     def _add_grad(self, name, grad) -> None:
         if grad is None:
