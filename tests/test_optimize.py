@@ -538,3 +538,22 @@ def test_exploding_activations_fall_back_to_plain_stated_in_the_plan():
     optimized = compare(model, torch.randn(8, 4, dtype=DT))
     assert any("not invertible here" in r["why"] for r in optimized.plan.rows), str(optimized.plan)
     assert "not invertible here" in str(optimized.plan)
+
+
+def test_the_same_optimized_model_twice_in_one_loss():
+    """Two calls before one backward (a siamese loss): each call's regions are their own."""
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8, dropout=0.2).to(DT)
+    a, b = torch.randn(4, 8, dtype=DT), torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, a)
+    params = list(model.parameters())
+
+    def siamese(net):
+        torch.manual_seed(3)
+        for p in params:
+            p.grad = None
+        loss = (net(a) - net(b)).pow(2).sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    assert_close(siamese(optimized), siamese(model), rtol=1e-9, atol=1e-11)
