@@ -557,3 +557,13 @@ def test_the_same_optimized_model_twice_in_one_loss():
         return loss.detach(), [p.grad.clone() for p in params]
 
     assert_close(siamese(optimized), siamese(model), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_of_an_optimized_module(backend, recwarn):
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=2, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    compiled = torch.compile(optimized, backend=backend)
+    assert_close(step(compiled, x, params=list(model.parameters())), step(model, x), rtol=1e-9, atol=1e-11)

@@ -798,7 +798,8 @@ class _RestoreOnDrop:
         self.call = self.saved = None
 
     def __del__(self):
-        call, saved = self.call, self.saved
+        # (getattr: torch.compile's tracing can make the object without running __init__)
+        call, saved = getattr(self, "call", None), getattr(self, "saved", None)
         if call is None or saved is None:
             return
         self.disarm()
