@@ -567,3 +567,17 @@ def test_torch_compile_of_an_optimized_module(backend, recwarn):
     optimized = invfx.optimize(model, x)
     compiled = torch.compile(optimized, backend=backend)
     assert_close(step(compiled, x, params=list(model.parameters())), step(model, x), rtol=1e-9, atol=1e-11)
+
+
+def test_forward_without_backward_then_a_normal_step():
+    """An evaluation under grad whose graph is dropped: the caller's data untouched, the next step right."""
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=4, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    kept = x.clone()
+    optimized = invfx.optimize(model, x)
+    for _ in range(2):
+        y = optimized(x)  # never backpropagated
+        del y
+    assert torch.equal(x, kept)
+    compare(model, x, optimized)
