@@ -18,6 +18,7 @@ from torch import nn
 
 from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
 from ..runtime.region import Discovery
+from ..registry import Risk
 from .fuse import FusedReplay
 from .segments import Segment, module_path
 
@@ -332,7 +333,10 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
             result = rebuild_graph.create_node(
                 "call_module", helper, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
                 _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
-            result.meta["invfx_inverts"] = step.node.name  # the fused replay checks op(rebuilt, known) == out
+            if not (rule.risk is Risk.EXACT and rule.inverse.__module__.startswith("invfx.inverses.")):
+                # the fused replay checks op(rebuilt, known) == out; built-in exact rules only move values
+                # (cat/split, reshapes, flips), and checking them would copy whole tensors for nothing
+                result.meta["invfx_inverts"] = step.node.name
             if isinstance(solved, fx.Node):
                 renv[solved] = _tag(result, solved)
             else:  # a list of tensors (cat's inputs): the inverse returns them in order
