@@ -52,10 +52,10 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import depths, even, positive
+from invfx.argtypes import apply_profile, depths, even, positive
 import invfx.nn as inn
 from invfx.demo import AdditiveCoupling
-from invfx.memory import cpu_peak_memory
+from invfx.memory import cpu_peak_memory, mib
 
 MODES = ("plain", "checkpoint", "invertible")
 GOAL_RATIO = 1.1
@@ -170,19 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="markdown file to write (default "
                         "benchmarks/results/chain_memory.md, or chain_memory_quick.md with --quick)")
     args = parser.parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    for name, value in profile.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_profile(args, QUICK if args.quick else FULL)
     if args.hidden is None:
         args.hidden = args.width
     if args.output is None:
         args.output = RESULTS / ("chain_memory_quick.md" if args.quick else "chain_memory.md")
     return args
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.3f}"
 
 
 def main(argv=None) -> int:

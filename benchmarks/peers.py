@@ -67,8 +67,8 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import depths, even, positive
-from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory
+from invfx.argtypes import apply_profile, depths, even, positive
+from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory, mib
 
 RTOL, ATOL = 1e-4, 1e-5
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -346,17 +346,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="markdown file to write (default benchmarks/results/peers.md, "
                         "or peers_quick.md with --quick)")
     args = parser.parse_args(argv)
-    profile = QUICK if args.quick else DEFAULTS
-    for name, value in profile.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    apply_profile(args, QUICK if args.quick else DEFAULTS)
     if args.output is None:
         args.output = RESULTS / ("peers_quick.md" if args.quick else "peers.md")
     return args
-
-
-def mib(n: int) -> str:
-    return f"{n / 2**20:.3f}"
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["positive", "even", "depths"]
+__all__ = ["positive", "even", "depths", "apply_profile"]
 
 
 def positive(text: str) -> int:
@@ -32,3 +32,11 @@ def depths(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"depths must be positive integers, got {text!r}")
     return tuple(sorted(set(values)))
+
+
+def apply_profile(args: argparse.Namespace, profile: dict) -> argparse.Namespace:
+    """Fill the options left unset (None) from a size profile (the defaults, or --quick's); explicit ones win."""
+    for name, value in profile.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["peak_memory", "cpu_peak_memory", "cpu_steady_peak_memory", "cuda_peak_memory"]
+__all__ = ["mib", "peak_memory", "cpu_peak_memory", "cpu_steady_peak_memory", "cuda_peak_memory"]
 
 
 def peak_memory(work: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, Any]:
@@ -100,3 +100,8 @@ def cuda_peak_memory(work: Callable[[], Any], device: torch.device) -> tuple[int
     result = work()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base, result
+
+
+def mib(nbytes: int) -> str:
+    """Bytes as MiB for reports, three decimals."""
+    return f"{nbytes / 2**20:.3f}"

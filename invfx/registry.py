@@ -366,10 +366,3 @@ def provably_nonzero(call: OpCall, name: str) -> str | None:
                                  (isinstance(producer, type) and issubclass(producer, (nn.Sigmoid, nn.Softplus)))):
         return None
     return f"{name} may be zero (not a non-zero constant nor the output of exp/sigmoid/softplus)"
-
-
-def is_tensor_like(value) -> bool:
-    """A tensor, or an fx Node (the pass's stand-in for one)."""
-    return isinstance(value, torch.Tensor) or type(value).__name__ == "Node"
-
-

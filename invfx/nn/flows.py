@@ -153,6 +153,18 @@ class _HalvesCoupling(_Flow):
         if got.shape != expected.shape:
             raise self._error(f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
 
+    def replay(self, ctx: ReplayContext):
+        """Fused: with every input still in memory, plainly recompute; else rebuild from the output halves,
+        each sub-network run once (``_replay_halves``)."""
+        outputs = self._strip_logdet(ctx.outputs)
+        if all(p in ctx.saved for p in range(len(outputs))):
+            return self.function(*(ctx.input(p) for p in range(len(outputs))))
+        y1, y2, _ = self._split(outputs)
+        return self._replay_halves(ctx, y1, y2, len(outputs) == 1)
+
+    def _replay_halves(self, ctx: ReplayContext, y1, y2, single: bool):
+        raise NotImplementedError
+
 
 class AdditiveCoupling(_HalvesCoupling):
     """Additive coupling (NICE; RevNet with ``G``), volume preserving::
@@ -203,12 +215,7 @@ class AdditiveCoupling(_HalvesCoupling):
         joined = self._join(x1, x2, single)
         return joined[0] if single else joined
 
-    def replay(self, ctx: ReplayContext):
-        outputs = self._strip_logdet(ctx.outputs)
-        single = len(outputs) == 1
-        if all(p in ctx.saved for p in range(len(outputs))):
-            return self.function(*(ctx.input(p) for p in range(len(outputs))))
-        y1, y2, _ = self._split(outputs)
+    def _replay_halves(self, ctx: ReplayContext, y1, y2, single: bool):
         if self.G is not None:
             y1_stand_in = _stand_in(y1)
             g = self._run_G(y1_stand_in, y2)
@@ -288,12 +295,7 @@ class AffineCoupling(_HalvesCoupling):
         joined = self._join((y1 - t) / scale, y2, single)
         return joined[0] if single else joined
 
-    def replay(self, ctx: ReplayContext):
-        outputs = self._strip_logdet(ctx.outputs)
-        single = len(outputs) == 1
-        if all(p in ctx.saved for p in range(len(outputs))):
-            return self.function(*(ctx.input(p) for p in range(len(outputs))))
-        y1, y2, _ = self._split(outputs)
+    def _replay_halves(self, ctx: ReplayContext, y1, y2, single: bool):
         if single:
             x2_stand_in = _stand_in(y2)
             rng_mark(self._rng_name("net"))

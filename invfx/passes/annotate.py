@@ -4,13 +4,14 @@ type). The run leaves the model as it was: buffers (BatchNorm statistics) and th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["annotate", "node_bytes", "producer_of", "tensor_shape", "is_tensor_meta", "tuple_metas", "numel"]
+__all__ = ["annotate", "node_bytes", "producer_of", "is_tensor_meta", "tuple_metas", "numel", "fetch_attr"]
 
 
 def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
@@ -58,29 +59,13 @@ def _metas(meta):
 
 
 def node_bytes(node: fx.Node) -> int:
-    total = 0
-    for meta in _metas(node.meta.get("tensor_meta")):
-        numel = 1
-        for size in meta.shape:
-            numel *= size
-        total += numel * torch.empty((), dtype=meta.dtype).element_size()
-    return total
-
-
-def tensor_shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if is_tensor_meta(meta) else None
+    """Bytes of the node's tensor outputs (all items of a tuple)."""
+    return sum(math.prod(m.shape) * m.dtype.itemsize for m in _metas(node.meta.get("tensor_meta")))
 
 
 def numel(node: fx.Node) -> int:
     """Elements in the node's tensor outputs (all items of a tuple)."""
-    total = 0
-    for meta in _metas(node.meta.get("tensor_meta")):
-        n = 1
-        for size in meta.shape:
-            n *= size
-        total += n
-    return total
+    return sum(math.prod(m.shape) for m in _metas(node.meta.get("tensor_meta")))
 
 
 def producer_of(module: fx.GraphModule, node: fx.Node):
@@ -89,3 +74,11 @@ def producer_of(module: fx.GraphModule, node: fx.Node):
     if node.op in ("call_function", "call_method"):
         return node.target
     return None
+
+
+def fetch_attr(module, target: str):
+    """The attribute a get_attr or call_module target names (``"blocks.3.weight"``)."""
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value

@@ -50,6 +50,8 @@ class _Analysis:
         self.forward_nodes = forward_nodes
         self.components = self._components(forward_nodes)
         self.component_of = {v: c for c in self.components for v in c.values}
+        # values only read inside their sub-network's graph (never published to the sweep)
+        self.internal = {v for c in self.components for v in c.values if v not in c.frontier}
 
     def _components(self, forward_nodes: dict[str, fx.Node]) -> list[_Component]:
         parent = {v: v for v in self.recomputed}
@@ -199,9 +201,12 @@ class _Sweep:
         self.grads: dict[str, object] = {}
         self.param_grads: dict[int, torch.Tensor] = {}
         self.params = {id(p): p for p in ctx.params}
-        self.recomputed: dict[str, torch.Tensor] = {}
         self.evaluated: dict[str, tuple] = {}  # filled values whose graph awaits their own backward
-        self.internal = {v for c in staged.components for v in c.values if v not in c.frontier}
+        # the region's tensor outputs by value, numbered as the runtime counts them (grad_outputs, check_output)
+        outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
+        self.tensor_outputs = [node for node, value in zip(staged.output_node.args[0], outputs)
+                               if isinstance(value, torch.Tensor)]
+        self.output_index = {_value(node): i for i, node in enumerate(self.tensor_outputs)}
         self.checks: list[str] = []  # inverted forward values whose inverse step awaits its check
         self.readers = dict(staged.readers)
         self.forward = staged.forward_interpreter
@@ -223,7 +228,7 @@ class _Sweep:
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
         kept = {p: ctx.input(p) for p in staged.kept}
         # grad_outputs has one entry per *tensor* output (a region may also return sizes and other values)
-        for node, grad in zip(self._tensor_outputs(), ctx.grad_outputs):
+        for node, grad in zip(self.tensor_outputs, ctx.grad_outputs):
             if grad is not None:
                 self._add_grad(_value(node), grad)
         rebuild = self.rebuild
@@ -243,7 +248,7 @@ class _Sweep:
             if "invfx_inverts" in node.meta:
                 self.checks.append(node.meta["invfx_inverts"])
             value = _value(node)
-            if value is not None and value not in self.internal:
+            if value is not None and value not in self.staged.internal:
                 # (a sub-network's inner values are only read inside its graph: holding them would keep the
                 # graph's memory alive after its backward)
                 self.values[value] = _detached(result)
@@ -252,15 +257,12 @@ class _Sweep:
         self._verify(final=True)
         for position, value in zip(staged.rebuilt, rebuilt or []):
             ctx.input(position, value.detach())  # back into the freed storage
-        for position in staged.kept:
-            self.values.setdefault(_value(staged.placeholders[position]), kept[position].detach())
         pending = self._sweep(pending, final=True)
         if pending:
             raise RuntimeError(f"staged replay stopped with {len(pending)} units left")
         input_grads = {p: self.grads.get(_value(node)) for p, node in enumerate(staged.placeholders)}
         ctx.gradients = (input_grads, self.param_grads)
-        names = [_value(a) if isinstance(a, fx.Node) else None for a in staged.output_node.args[0]]
-        return tuple(self.recomputed.get(n) for n in names)
+        return None  # outputs were checked as they were recomputed (ctx.check_output)
 
     def _verify(self, final: bool = False) -> None:
         """Each inverse step, once the values it involves are known: rerun the op it undid on the rebuilt
@@ -353,8 +355,8 @@ class _Sweep:
                     self._fill(arg)
             out, leaves = self._with_grad(node)
         self.grads.pop(name, None)  # consumed here
-        if name in self._output_names() and isinstance(out, torch.Tensor):
-            self.ctx.check_output(self._output_index(name), out)  # now: keeping it would cost memory
+        if name in self.output_index and isinstance(out, torch.Tensor):
+            self.ctx.check_output(self.output_index[name], out)  # now: keeping it would cost memory
         outs, grads = _pairs(out, grad)
         if not outs:
             return True
@@ -464,19 +466,6 @@ class _Sweep:
         return getattr(self.forward, node.op)(node.target, args, kwargs)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
-
-    def _tensor_outputs(self) -> list[fx.Node]:
-        """The forward body's outputs that are tensors, in order (as the runtime counts outputs)."""
-        outputs = self.ctx.outputs if isinstance(self.ctx.outputs, tuple) else (self.ctx.outputs,)
-        return [node for node, value in zip(self.staged.output_node.args[0], outputs)
-                if isinstance(value, torch.Tensor)]
-
-    def _output_index(self, name: str) -> int:
-        """Index among the tensor outputs (``ctx.check_output`` counts those)."""
-        return [_value(n) for n in self._tensor_outputs()].index(name)
-
-    def _output_names(self):
-        return {_value(a) for a in self.staged.output_node.args[0] if isinstance(a, fx.Node)}
 
     def _params_of(self, node: fx.Node) -> list[torch.Tensor]:
         return [p for p in self.staged.params_of(node) if id(p) in self.params]

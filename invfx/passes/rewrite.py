@@ -19,6 +19,7 @@ from torch import nn
 from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
 from ..runtime.region import Discovery
 from ..registry import Risk
+from .annotate import fetch_attr
 from .fuse import FusedReplay
 from .segments import Segment, module_path
 
@@ -106,15 +107,8 @@ def _portable_graph(graph: fx.Graph, keep: Sequence[str]) -> fx.Graph:
 
 def _named_objects(body: fx.GraphModule) -> dict:
     """The modules and tensors a body's call_module and get_attr nodes name."""
-    return {n.target: body.get_submodule(n.target) if n.op == "call_module" else _fetch_attr(body, n.target)
+    return {n.target: body.get_submodule(n.target) if n.op == "call_module" else fetch_attr(body, n.target)
             for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
-
-
-def _fetch_attr(module: nn.Module, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _portable(value):
@@ -163,7 +157,7 @@ class InvertibleRegion(nn.Module):
         candidates = {id(p): p for m in self._modules_used for p in m.parameters()}
         for node in self.forward_body.graph.nodes:
             if node.op == "get_attr":
-                value = _fetch_attr(self.forward_body, node.target)
+                value = fetch_attr(self.forward_body, node.target)
                 if isinstance(value, torch.Tensor):
                     candidates[id(value)] = value
         object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
@@ -242,7 +236,7 @@ def _attributes(root: nn.Module, graph: fx.Graph, helpers: dict[str, nn.Module])
     found = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            found[node.target] = helpers[node.target] if node.target in helpers else _fetch_attr(root, node.target)
+            found[node.target] = helpers[node.target] if node.target in helpers else fetch_attr(root, node.target)
     return found
 
 

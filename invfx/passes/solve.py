@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..registry import InverseRule, OpCall, Risk, bind_arguments, rules_for
-from .annotate import is_tensor_meta, producer_of, tuple_metas
+from .annotate import fetch_attr, is_tensor_meta, producer_of, tuple_metas
 
 __all__ = ["Step", "Rebuild", "solve", "op_call", "CallCache"]
 
@@ -53,7 +53,7 @@ def op_call(module: fx.GraphModule, node: fx.Node, rule: InverseRule, values: bo
 
     def resolve(arg):
         if isinstance(arg, fx.Node) and values and arg.op == "get_attr":
-            return _fetch(module, arg.target)
+            return fetch_attr(module, arg.target)
         if isinstance(arg, (list, tuple)):
             return type(arg)(resolve(a) for a in arg)
         return arg
@@ -83,13 +83,6 @@ def op_call(module: fx.GraphModule, node: fx.Node, rule: InverseRule, values: bo
 def _args_by_name(rule: InverseRule, node: fx.Node):
     bound = bind_arguments(rule.params, node.args, node.kwargs, rule.target)
     return [bound[p.name] for p in rule.params]
-
-
-def _fetch(module: fx.GraphModule, target: str):
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _nodes_in(value) -> list[fx.Node]:
