@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ from invfx.argtypes import apply_profile, depths, even, positive
 import invfx.nn as inn
 from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory, mib
+from invfx.timing import interleaved_medians
 
 MODES = ("plain", "checkpoint", "invertible")
 GOAL_RATIO = 1.1
@@ -106,18 +106,11 @@ def measure_peak(chain: inn.InvertibleSequential, x: torch.Tensor, mode: str) ->
 
 def measure_times(chain: inn.InvertibleSequential, x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median seconds of one step per mode; the modes are interleaved (and rotated) in every round."""
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for round_ in range(repeats + 1):  # round 0 is a warm-up
-        order = MODES[round_ % len(MODES):] + MODES[:round_ % len(MODES)]
-        for mode in order:
-            set_mode(chain, mode)
-            zero_grads(chain)
-            start = time.perf_counter()
-            step(chain, x)
-            elapsed = time.perf_counter() - start
-            if round_:
-                times[mode].append(elapsed)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+    def prepare(mode):
+        set_mode(chain, mode)
+        zero_grads(chain)
+
+    return interleaved_medians({mode: lambda: step(chain, x) for mode in MODES}, repeats, prepare)
 
 
 def check_gradients(depth: int, width: int, hidden: int, batch: int) -> dict[str, dict]:

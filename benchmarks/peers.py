@@ -53,7 +53,6 @@ import argparse
 import datetime
 import importlib.metadata
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -69,6 +68,7 @@ from torch import nn
 import invfx
 from invfx.argtypes import apply_profile, depths, even, positive
 from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory, mib
+from invfx.timing import interleaved_medians
 
 RTOL, ATOL = 1e-4, 1e-5
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -311,18 +311,9 @@ def measure(module: nn.Module | Mapping[str, nn.Module], x: torch.Tensor, steps:
     names = list(modules)
     peaks = {name: peak_of_step(m, x) for name, m in modules.items()}
     steady = {name: steady_peak_of_step(m, x) for name, m in modules.items()}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(steps + 1):  # round 0 is a warm-up
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            m = modules[name]
-            zero_grads(m)
-            start = time.perf_counter()
-            step(m, x)
-            elapsed = time.perf_counter() - start
-            if round_:
-                times[name].append(elapsed)
-    result = {name: Measurement(peaks[name], steady[name], statistics.median(times[name])) for name in names}
+    times = interleaved_medians({name: lambda m=modules[name]: step(m, x) for name in names}, steps,
+                                prepare=lambda name: zero_grads(modules[name]))
+    result = {name: Measurement(peaks[name], steady[name], times[name]) for name in names}
     return result[""] if isinstance(module, nn.Module) else result
 
 
