@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..runtime import rng_marks
-from ..runtime.region import reconstruction_tolerance
+from ..runtime.region import relative_error, tolerance_for
 from ..runtime.state import RngState
 from .rewrite import InvertibleRegion
 
@@ -68,18 +68,15 @@ def _reconstruction_error(region: InvertibleRegion, args: tuple) -> str | None:
             rebuilt = region.rebuild_body(*outputs, *[args[i] for i in region.kept])
         except Exception as error:  # noqa: BLE001 - an inverse that fails here would fail in backward
             return f"its rebuild fails on the example input ({type(error).__name__}: {error})"
-    worst = 0.0
     for position, value in zip(region.rebuilt, rebuilt):
         real = args[position]
         if not (isinstance(real, torch.Tensor) and real.is_floating_point()):
             continue
-        tolerance = reconstruction_tolerance.get(real.dtype)
+        tolerance = tolerance_for(real.dtype)
         if tolerance is None or real.numel() == 0:
             continue
-        scale = real.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-        error = float((value.to(real.dtype) - real).abs().max().float() / scale)
+        error = relative_error(value, real)
         if not error <= tolerance:  # NaN too
             return (f"rebuilding its input {position} from its outputs on the example input is off by {error:.2g} "
                     f"(tolerance {tolerance:g} for {real.dtype})")
-        worst = max(worst, error)
     return None

@@ -95,6 +95,23 @@ class Discovery:
                 "accumulators": []}
 
 
+def tolerance_for(dtype: torch.dtype, computed_in: Sequence[torch.dtype] = ()) -> float | None:
+    """The reconstruction tolerance for values stored in ``dtype`` and computed in ``computed_in`` (autocast's
+    lower precisions); None: not checked."""
+    tolerance = reconstruction_tolerance.get(dtype)
+    if tolerance is None:
+        return None
+    return max([tolerance] + [reconstruction_tolerance.get(d) or 0.0 for d in computed_in])
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected| (NaN or inf when either is not finite)."""
+    with torch.no_grad():
+        scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+        difference = got.detach().to(expected.dtype) - expected
+        return (difference.abs_().max().float() / scale).item()  # one temporary, not two
+
+
 @dataclass(frozen=True)
 class Region:
     """What to run and how to undo it. Cheap to build; reusable across calls.
@@ -509,16 +526,10 @@ class _RegionCall:
                 continue  # not recomputed (no gradient flowed through it)
             if not (output.is_floating_point() and kept.is_floating_point()) or output.shape != kept.shape:
                 continue
-            tolerance = reconstruction_tolerance.get(kept.dtype)
+            tolerance = tolerance_for(kept.dtype, self.autocast.dtypes())
             if tolerance is None or kept.numel() == 0:
                 continue
-            for low_precision in self.autocast.dtypes():  # computed in a lower precision than it is stored in
-                tolerance = max(tolerance, reconstruction_tolerance.get(low_precision) or 0.0)
-            with torch.no_grad():
-                scale = kept.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-                difference = output.detach().to(kept.dtype) - kept
-                error = (difference.abs_().max().float() / scale).item()  # one temporary, not two
-                del difference
+            error = relative_error(output, kept)
             if not error <= tolerance:  # also catches NaN
                 raise InverseError(
                     f"{self.name}: recomputing {what or f'output {index}'} from the rebuilt inputs gives a relative "
