@@ -2,6 +2,7 @@
 plain autograd's outputs and gradients after invfx.optimize, at the example's batch size and another."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -114,8 +115,12 @@ def step(model, x, params):
     return out.detach(), x.grad, [p.grad for p in params]
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])  # derandomized: CI sees the same 25 models every run
+# derandomized: CI sees the same 25 models every run; INVFX_PROPERTY_EXAMPLES=1500 (random) for a long sweep
+EXAMPLES = int(os.environ.get("INVFX_PROPERTY_EXAMPLES", "0"))
+
+
+@settings(max_examples=EXAMPLES or 25, deadline=None, derandomize=not EXAMPLES, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=6), seed=st.integers(0, 2**16),
        batch=st.sampled_from([3, 5]))
 def test_random_models_give_plain_gradients(kinds, seed, batch):

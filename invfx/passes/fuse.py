@@ -89,7 +89,8 @@ class _Rebuild(fx.Interpreter):
     def __init__(self, module, fused: _Analysis, garbage_collect: bool = False):
         super().__init__(module, garbage_collect_values=garbage_collect)
         self.fused = fused
-        self.graph_values: dict[str, object] = {}
+        self.graph_values: dict[str, object] = {}  # a sub-network's frontier values, with their graph
+        self.recomputed: set[str] = set()  # every sub-network value run so far (inner ones are not held)
         self.stand_ins: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
@@ -112,7 +113,11 @@ class _Rebuild(fx.Interpreter):
         kwargs = fx.node.map_arg(n.kwargs, feed)
         with torch.enable_grad():
             result = getattr(self, n.op)(n.target, args, kwargs)
-        self.graph_values[value] = result
+        self.recomputed.add(value)
+        if value not in self.fused.internal:
+            # an inner value lives on only where its graph saved it: holding it here would keep, say, a
+            # hidden activation alive through the whole sub-network's backward
+            self.graph_values[value] = result
         return result
 
 
@@ -141,6 +146,7 @@ class FusedReplay(_Analysis):
             elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
         self.units = units  # reverse topological order; a sub-network where its last node is
+        self.inverted = [n.meta["invfx_inverts"] for n in rebuild_body.graph.nodes if "invfx_inverts" in n.meta]
         self.readers: dict[str, int] = {}  # how many node units read each value (it is dropped after the last)
         for unit in units:
             if isinstance(unit, fx.Node):
@@ -163,7 +169,7 @@ class FusedReplay(_Analysis):
         if getattr(self, "_rebuild_interpreter", None) is None:
             self._rebuild_interpreter = _Rebuild(self.rebuild_body, self, garbage_collect=True)
         interpreter = self._rebuild_interpreter
-        interpreter.graph_values, interpreter.stand_ins = {}, {}
+        interpreter.graph_values, interpreter.recomputed, interpreter.stand_ins = {}, set(), {}
         return interpreter
 
     def params_of(self, node: fx.Node) -> list[torch.Tensor]:
@@ -208,6 +214,7 @@ class _Sweep:
                                if isinstance(value, torch.Tensor)]
         self.output_index = {_value(node): i for i, node in enumerate(self.tensor_outputs)}
         self.checks: list[str] = []  # inverted forward values whose inverse step awaits its check
+        self.unchecked: list[str] = list(staged.inverted)  # ... and those whose inverse step is still to run
         self.readers = dict(staged.readers)
         self.forward = staged.forward_interpreter
         self.rebuild = staged.rebuild_interpreter()
@@ -220,7 +227,7 @@ class _Sweep:
         finally:
             # the interpreter is reused: it must not keep this run's values (a region's rebuilt inputs) alive
             rebuild = self.rebuild
-            rebuild.env, rebuild.graph_values, rebuild.stand_ins = {}, {}, {}
+            rebuild.env, rebuild.graph_values, rebuild.recomputed, rebuild.stand_ins = {}, {}, set(), {}
             rebuild.args_iter = iter(())
 
     def _run(self):
@@ -247,6 +254,7 @@ class _Sweep:
                 del rebuild.env[used]  # (a sub-network's graph lives on in graph_values until its backward)
             if "invfx_inverts" in node.meta:
                 self.checks.append(node.meta["invfx_inverts"])
+                self.unchecked.remove(node.meta["invfx_inverts"])
             value = _value(node)
             if value is not None and value not in self.staged.internal:
                 # (a sub-network's inner values are only read inside its graph: holding them would keep the
@@ -254,6 +262,7 @@ class _Sweep:
                 self.values[value] = _detached(result)
             self._verify()
             pending = self._sweep(pending)
+            self._prune()
         self._verify(final=True)
         for position, value in zip(staged.rebuilt, rebuilt or []):
             ctx.input(position, value.detach())  # back into the freed storage
@@ -263,6 +272,19 @@ class _Sweep:
         input_grads = {p: self.grads.get(_value(node)) for p, node in enumerate(staged.placeholders)}
         ctx.gradients = (input_grads, self.param_grads)
         return None  # outputs were checked as they were recomputed (ctx.check_output)
+
+    def _prune(self) -> None:
+        """Drop the values no unit left and no pending check reads. A sub-network's output is often rebuilt
+        after the node that read it was backpropagated (``y1 = x1 + F(x2)``: the add needs no values), and
+        holding it would cost its size through the rest of the sweep."""
+        needed = set()
+        for name in self.checks + self.unchecked:
+            node = self.staged.forward_nodes.get(name)
+            if node is not None:
+                needed.add(name)
+                needed.update(_value(arg) for arg in node.all_input_nodes)
+        for name in [n for n in self.values if not self.readers.get(n) and n not in needed]:
+            del self.values[name]
 
     def _verify(self, final: bool = False) -> None:
         """Each inverse step, once the values it involves are known: rerun the op it undid on the rebuilt
@@ -310,7 +332,7 @@ class _Sweep:
 
     def _component(self, component: _Component) -> bool:
         graph_values = self.rebuild.graph_values
-        if any(v not in graph_values for v in component.values):
+        if any(v not in self.rebuild.recomputed for v in component.values):
             return False  # not rebuilt yet
         roots = [(graph_values[v], self.grads.get(v)) for v in component.frontier]
         roots = [(o, g) for o, g in roots if isinstance(o, torch.Tensor) and g is not None and o.requires_grad]
