@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
-from ..runtime.state import hooks_silenced
+from ..runtime.region import add_into_grad
 
 __all__ = ["FusedReplay"]
 
@@ -340,12 +340,11 @@ class _Sweep:
         wrt_inputs = [(v, s) for v, s in stand_ins if s.requires_grad]
         params = [p for p in self.params.values() if p.requires_grad]
         if roots and (wrt_inputs or params):
-            with hooks_silenced(params):
-                found = torch.autograd.grad([o for o, _ in roots], [s for _, s in wrt_inputs] + params,
-                                            [g for _, g in roots], allow_unused=True)
-            for (v, _), grad in zip(wrt_inputs, found[:len(wrt_inputs)]):
+            input_grads, param_grads = self.ctx.differentiate(
+                [o for o, _ in roots], [g for _, g in roots], [s for _, s in wrt_inputs], params)
+            for (v, _), grad in zip(wrt_inputs, input_grads):
                 self._add_grad(v, grad)
-            for p, grad in zip(params, found[len(wrt_inputs):]):
+            for p, grad in zip(params, param_grads):
                 self._add_param_grad(p, grad)
         for v in component.values:  # its graph and gradients are done with
             graph_values.pop(v, None)
@@ -385,11 +384,10 @@ class _Sweep:
         params = [p for p in self._params_of(node) if p.requires_grad]
         wrt = [leaf for leaf in leaves.values()] + params
         if wrt:
-            with hooks_silenced(params):
-                found = torch.autograd.grad(outs, wrt, grads, allow_unused=True)
-            for arg, grad_in in zip(leaves, found[:len(leaves)]):
+            input_grads, param_grads = self.ctx.differentiate(outs, grads, list(leaves.values()), params)
+            for arg, grad_in in zip(leaves, input_grads):
                 self._add_grad(_value(arg), grad_in)
-            for p, grad_p in zip(params, found[len(leaves):]):
+            for p, grad_p in zip(params, param_grads):
                 self._add_param_grad(p, grad_p)
         return True
 
@@ -502,12 +500,7 @@ class _Sweep:
         if grad is None:
             return
         if id(param) in self.ctx.direct_params:  # into .grad now: holding it would cost its size
-            with torch.no_grad():
-                if param.grad is None:
-                    param.grad = grad.detach().clone(memory_format=torch.contiguous_format) \
-                        if grad._base is not None else grad.detach()
-                else:
-                    param.grad.add_(grad)
+            add_into_grad(param, grad)
             return
         current = self.param_grads.get(id(param))
         self.param_grads[id(param)] = grad if current is None else current + grad

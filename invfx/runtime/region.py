@@ -558,18 +558,16 @@ class _RegionCall:
                 roots.append(output)
                 root_grads.append(grad)
         leaves = [context.input(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
-        wrt = [leaf for leaf in leaves if leaf is not None] + list(context.params)
-        with hooks_silenced(context.params):
-            wrt_grads = torch.autograd.grad(roots, wrt, root_grads, allow_unused=True) if roots and wrt else \
-                [None] * len(wrt)
+        found_inputs, found_params = context.differentiate(roots, root_grads, [x for x in leaves if x is not None],
+                                                           context.params)
         del roots, root_grads
         if context.output_tensors is not None:
             # after the gradient, when the recomputation's graph is gone: the check's temporary does not add to
             # the backward's peak
             self._check_reconstruction(recomputed, context.output_tensors)
-        it = iter(wrt_grads)
+        it = iter(found_inputs)
         input_grads = [next(it) if leaf is not None else None for leaf in leaves]
-        return tuple(input_grads) + tuple(it)
+        return tuple(input_grads) + tuple(found_params)
 
 
 def _outputs_for_return(outputs, inputs):
@@ -752,6 +750,30 @@ class ReplayContext:
         if self.output_tensors is not None:
             self._call._check_reconstruction([recomputed], [self.output_tensors[index]], first_index=index)
 
+    def differentiate(self, roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor],
+                      inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+        """``torch.autograd.grad`` of ``roots`` (with ``root_grads``) with respect to ``inputs`` and ``params``:
+        (input gradients, parameter gradients).
+
+        The parameters' own hooks do not fire here (the engine runs them once, on what the node hands on). The
+        gradient of a parameter in ``direct_params`` goes into its ``.grad`` the moment the engine has it, and
+        None is returned for it: ``autograd.grad`` would otherwise hold every parameter gradient of the
+        recomputation to its end (a weight gradient is often as big as an activation).
+        """
+        inputs, params = list(inputs), list(params)
+        if not roots or not (inputs or params):
+            return [None] * len(inputs), [None] * len(params)
+        direct = [p for p in params if id(p) in self.direct_params]
+        with hooks_silenced(params):
+            handles = [p.register_hook(_into_grad_hook(p)) for p in direct]
+            try:
+                found = torch.autograd.grad(list(roots), inputs + params, list(root_grads), allow_unused=True)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        param_grads = [None if id(p) in self.direct_params else g for p, g in zip(params, found[len(inputs):])]
+        return list(found[:len(inputs)]), param_grads
+
     def reset_rng(self) -> None:
         if self._call.rng is not None:
             self._call.rng.set()
@@ -825,3 +847,21 @@ class _RestoreOnDrop:
                 _rebuild_inputs(context)  # writes the rebuilt values into the freed storages
         except Exception:  # noqa: BLE001 - a destructor must not raise; the data could not be rebuilt
             pass
+
+
+def add_into_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad += grad``, as the engine's AccumulateGrad would, without its hooks. A first gradient is
+    copied, never adopted: the engine may hand the same tensor to another consumer."""
+    with torch.no_grad():
+        if param.grad is None:
+            param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            param.grad.add_(grad)
+
+
+def _into_grad_hook(param: torch.Tensor):
+    def into_grad(grad: torch.Tensor) -> torch.Tensor:
+        add_into_grad(param, grad)
+        return grad.new_zeros(()).expand(grad.shape)  # what autograd.grad keeps instead: no memory
+
+    return into_grad
