@@ -293,7 +293,8 @@ def register_inverse(*targets, solves: str = "input", params: Sequence[str] | No
     targets; defaults to ``("input",)`` (or what an earlier rule registered for the target). ``args``: names of
     the forward's arguments passed after the output, in order (tensors among them are ``needs`` unless
     ``needs`` says otherwise); or ``bind(call) -> (args, kwargs)`` for anything derived. ``module=True``: the
-    targets are module types and the inverse takes the module first: ``inverse(module, out, ...)``.
+    targets are module types and the inverse takes the module first: ``inverse(module, out, ...)``. A rule
+    registered for an op that already has built-in rules is tried before them (it overrides them).
 
     ::
 
@@ -330,10 +331,18 @@ def register_inverse(*targets, solves: str = "input", params: Sequence[str] | No
                 needs=tuple(needs) if needs is not None else tuple(a for a in args if a != solves),
                 condition=condition or (lambda call: None), cost=cost_fn, risk=risk,
                 extra_outputs=extra_outputs, name=inverse.__name__)
-            _RULES.setdefault(_key(target), []).append(rule)
+            rules = _RULES.setdefault(_key(target), [])
+            if _is_builtin(rule):
+                rules.append(rule)
+            else:  # a user's rule is tried before the built-in ones: registering one for a known op overrides
+                rules.insert(next((i for i, r in enumerate(rules) if _is_builtin(r)), len(rules)), rule)
         return inverse
 
     return decorate
+
+
+def _is_builtin(rule: InverseRule) -> bool:
+    return getattr(rule.inverse, "__module__", "").startswith("invfx.inverses.")
 
 
 def _elementwise_cost(flops_per_element: float):

@@ -3,6 +3,8 @@ memory flat in depth, and clear errors for what it cannot do."""
 
 import copy
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -521,6 +523,27 @@ def test_a_wrong_inverse_is_caught_where_it_is_used():
         if isinstance(region, invfx.passes.InvertibleRegion):
             region.invertible = True
     with pytest.raises(invfx.InverseError, match="sinh"):
+        optimized(x).sum().backward()
+
+
+def test_a_wrong_coupling_inverse_is_caught_where_it_is_used():
+    """The check of an inverse step that undoes an add (``y2 = x2 + G(y1)``) runs once its operands are rebuilt,
+    even though the add's own backward needed no values and came first."""
+
+    @invfx.register_inverse(operator.add, solves="input", params=("input", "other"), args=("other",),
+                            risk="well-conditioned")
+    def add_inverse(out, other):
+        return (out - other) * 1.01  # wrong on purpose
+
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=2, width=8, hidden=8).to(DT)
+    x = torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x)
+    assert not any(r["mode"] == "invertible" for r in optimized.plan.rows)  # refused on the example
+    for region in optimized.modules():
+        if isinstance(region, invfx.passes.InvertibleRegion):
+            region.invertible = True
+    with pytest.raises(invfx.InverseError, match="add"):
         optimized(x).sum().backward()
 
 

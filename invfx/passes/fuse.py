@@ -323,9 +323,7 @@ class _Sweep:
                 for arg in unit.all_input_nodes:
                     name = _value(arg)
                     if name in self.readers:
-                        self.readers[name] -= 1
-                        if self.readers[name] == 0:
-                            self.values.pop(name, None)  # no unit left reads it
+                        self.readers[name] -= 1  # (at 0 ``_prune`` drops it, once no check needs it either)
         return pending
 
     # -- one unit ----------------------------------------------------------------------------------------------
