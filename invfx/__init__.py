@@ -2,6 +2,7 @@
 
 from . import inverses, nn, registry, runtime, utils
 from .errors import BudgetError, InverseError, InvfxError, RegionError, TraceError
+from .measure import Measurement, measure
 from .optimize import OptimizedModule, Plan, optimize
 from .registry import register_inverse
 from .runtime import checkpoint, invertible_checkpoint
@@ -10,4 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = ["optimize", "OptimizedModule", "Plan", "nn", "runtime", "utils", "registry", "inverses", "checkpoint",
            "invertible_checkpoint",
-           "register_inverse", "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]
+           "register_inverse", "measure", "Measurement",
+           "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CouplingBlock", "RevNetMLP", "GlowStep", "Glow", "ReversibleBlock", "ReversibleTransformer"]
+__all__ = ["CouplingBlock", "RevNetMLP", "GlowStep", "Glow", "ReversibleBlock", "ReversibleTransformer", "BasicBlock",
+           "ResNet"]
 
 
 class CouplingBlock(nn.Module):
@@ -119,3 +120,43 @@ class ReversibleTransformer(nn.Module):
         for block in self.blocks:
             x1, x2 = block(x1, x2)
         return self.head(torch.cat([x1, x2], dim=-1))
+
+
+class BasicBlock(nn.Module):
+    """A residual block without downsampling: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + x)``, 3x3 convolutions
+    (padding 1, no bias) that keep the channel count. ReLU discards the sign of negative inputs, so nothing in
+    it can be inverted: memory is saved here only by recomputing."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + x)
+
+
+class ResNet(nn.Module):
+    """A plain ResNet: ``stem`` (3x3 conv from ``in_channels``, BatchNorm, ReLU), ``depth`` :class:`BasicBlock`
+    in the ``nn.Sequential`` ``blocks``, then ``head`` (adaptive average pool, flatten, linear to ``classes``).
+
+    ``blocks`` is an ``nn.Sequential`` so that ``torch.utils.checkpoint.checkpoint_sequential(model.blocks,
+    segments, h)`` applies to it; ``forward`` is ``head(blocks(stem(x)))``. The stem's stride is ``stem_stride``;
+    nothing else changes the spatial size. In train mode every BatchNorm updates its running statistics at each
+    forward, so a recomputed forward updates them again unless the recomputation prevents it.
+    """
+
+    def __init__(self, depth: int = 8, channels: int = 16, classes: int = 10, stem_stride: int = 1,
+                 in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, channels, 3, stride=stem_stride, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU())
+        self.blocks = nn.Sequential(*[BasicBlock(channels) for _ in range(depth)])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
