@@ -3,6 +3,7 @@ for backward and rebuild their inputs from their outputs instead."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,11 +11,14 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from .errors import InvfxError
+from .errors import BudgetError, InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
-from .passes.rewrite import region_name
+from .passes.cost import measure_costs
+from .passes.rewrite import apply_modes, region_name, rewrite_checkpoint
+from .passes.segments import why_not_checkpoint
 from .passes.validate import check_reconstruction
-from .passes.segments import Segment
+from .memory import peak_memory
+from .planner import plain_peak, plan_chain
 
 __all__ = ["optimize", "OptimizedModule", "Plan"]
 
@@ -22,28 +26,80 @@ MODES = ("keep", "checkpoint", "invertible")
 
 
 class Plan:
-    """The memory plan: a row per segment (name, nodes, mode, bytes, why), plus what could not be traced."""
+    """The memory plan: a row per segment (name, nodes, mode, kept bytes, recompute cost, numerical risk, why),
+    the totals (estimated peak against plain, extra compute), what could not be traced, and, once
+    :func:`invfx.measure` has run on the optimized module, the measured peak and time beside the estimates."""
 
-    def __init__(self, rows: list[dict], opaque: dict[str, str]):
+    def __init__(self, rows: list[dict], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
+                 budget=None, forward_flops: float = 0.0, calibration: dict | None = None):
         self.rows = rows
         self.opaque = opaque
+        self.budget = budget
+        self.estimated_peak = (chain.peak + outside_bytes) if chain is not None else None
+        self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
+        self.extra_flops = chain.extra_flops if chain is not None else 0.0
+        self.forward_flops = forward_flops
+        self.exact = getattr(chain, "exact", True)
+        self.measurements: list = []
+        self.calibration = calibration  # the example step measured when planning under a budget
+
+    def record_measurement(self, measurement) -> None:
+        """Called by :func:`invfx.measure` on the optimized module: the report shows the latest one."""
+        self.measurements.append(measurement)
 
     def to_dict(self) -> dict:
-        return {"segments": [dict(r) for r in self.rows], "opaque": dict(self.opaque)}
+        measured = self.measurements[-1].to_dict() if self.measurements else None
+        return {"segments": [dict(r) for r in self.rows], "opaque": dict(self.opaque), "budget": self.budget,
+                "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
+                "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
+                "measured": measured, "calibration": self.calibration}
 
     def __str__(self) -> str:
-        headers = ["segment", "nodes", "mode", "input bytes", "freed bytes", "risk", "why"]
-        table = [[r["name"], r["nodes"], r["mode"], _size(r["input_bytes"]), _size(r["freed_bytes"]),
+        headers = ["segment", "nodes", "mode", "kept", "recompute", "risk", "why"]
+        table = [[r["name"], r["nodes"], r["mode"], _size(r["kept_bytes"]), _flops(r["recompute_flops"]),
                   r["risk"] or "", r["why"]] for r in self.rows]
         text = tabulate(table, headers, tablefmt="github")
-        invertible = [r for r in self.rows if r["mode"] == "invertible"]
-        text += (f"\n\n{len(invertible)} of {len(self.rows)} segments invertible; "
-                 f"{_size(sum(r['freed_bytes'] for r in invertible))} of inputs freed until backward.")
+        counts = {m: sum(r["mode"] == m for r in self.rows) for m in MODES}
+        text += "\n\n" + ", ".join(f"{counts[m]} {m}" for m in MODES) + f" of {len(self.rows)} segments"
+        if self.budget is not None:
+            text += f" (memory budget {_budget(self.budget)})"
+        if self.estimated_peak is not None:
+            ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
+            extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0
+            text += (f"\nestimated peak {_size(self.estimated_peak)} vs plain {_size(self.plain_peak)} "
+                     f"({ratio:.2f}x) at the example's size; extra compute {_flops(self.extra_flops)} FLOPs "
+                     f"({extra:.0%} of a forward)")
+            if not self.exact:
+                text += " (planned on a coarsened memory grid: within the budget, maybe not the cheapest)"
+        if self.calibration:
+            c = self.calibration
+            text += (f"\nchecked on the example: measured peak {_size(c['peak_bytes'])} vs plain "
+                     f"{_size(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
+                     f"{_size(c['target_bytes'])})")
+        if self.measurements:
+            m = self.measurements[-1]
+            line = f"\nmeasured: peak {_size(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
+            if getattr(m, "baseline", None) is not None:
+                line += (f"; plain {_size(m.baseline.peak_bytes)}, {m.baseline.step_seconds * 1e3:.1f} ms "
+                         f"(peak {m.peak_ratio:.2f}x, time {m.time_ratio:.2f}x)")
+            text += line
         for name, reason in self.opaque.items():
             text += f"\nnot traced (kept as one opaque module): {name}: {reason}"
         return text
 
     __repr__ = __str__
+
+
+def _budget(budget) -> str:
+    return f"{budget:g} of plain" if isinstance(budget, float) else _size(budget)
+
+
+def _flops(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
 
 
 def _size(n: int) -> str:
@@ -72,48 +128,250 @@ def _check_inputs(example_inputs) -> tuple:
 
 def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Sequence[str] = MODES,
              leaf_modules: Sequence[type | nn.Module] = ()) -> OptimizedModule:
-    """Rewrite ``model`` (unchanged itself) so that its invertible segments free their inputs in forward and
-    rebuild them in backward. Returns a GraphModule sharing ``model``'s parameters and buffers."""
+    """Rewrite ``model`` (unchanged itself) into a GraphModule sharing its parameters and buffers, in which each
+    segment of the graph is kept (plain autograd), checkpointed (recomputed in backward) or invertible (its
+    inputs freed in forward, rebuilt from its outputs in backward), as the plan chooses.
+
+    ``memory_budget``: None plans the least memory, then the least compute. A float in (0, 1] is a fraction of
+    the plain activation memory, an int a number of bytes (at the example inputs' size); the plan is the least
+    extra compute within it, and :class:`invfx.BudgetError` says the least achievable when nothing fits. Costs
+    are measured on ``example_inputs`` (see ``invfx.passes.cost``); ``print(opt.plan)`` shows them.
+    """
     if not isinstance(model, nn.Module):
         raise InvfxError(f"invfx.optimize: model must be an nn.Module, got {type(model).__name__}")
     inputs = _check_inputs(example_inputs)
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
         raise InvfxError(f"invfx.optimize: unknown modes {sorted(unknown)}; choose from {MODES}")
-    if memory_budget is not None:
-        raise InvfxError("invfx.optimize: memory_budget needs the planner (not available yet); leave it None")
+    _check_budget(memory_budget)
 
     traced, opaque = trace(model, leaf_modules)
     annotate(traced, inputs)
     segments = find_segments(traced, modes)
     taken: set[str] = set()
-    names = [region_name(traced, s.nodes, i, taken) if s.mode == "invertible" else f"keep_{i}"
-             for i, s in enumerate(segments)]
-    rows = [_row(name, segment) for name, segment in zip(names, segments)]
+    names, blocked = [], {}
+    for i, segment in enumerate(segments):
+        if segment.mode == "invertible":
+            names.append(region_name(traced, segment.nodes, i, taken))
+            continue
+        reason = why_not_checkpoint(traced, segment)
+        if reason is None:
+            names.append(region_name(traced, segment.nodes, i, taken, prefix="seg_"))
+        else:
+            names.append(f"plain_{i}")
+            blocked[names[-1]] = reason
     # Last segment first: a rewrite replaces a segment's outputs in the graph, and only later segments read
     # them; earlier segments, still to be rewritten, keep referring to nodes that are still there.
     for name, segment in reversed(list(zip(names, segments))):
         if segment.mode == "invertible":
             rewrite_segment(traced, segment, name)
+        elif name not in blocked:
+            rewrite_checkpoint(traced, segment, name)
     traced.graph.lint()
     optimized = OptimizedModule(traced, traced.graph, type(model).__name__)
     _share_everything(optimized, model)
-    for name, reason in check_reconstruction(optimized, inputs).items():
-        for row in rows:
-            if row["name"] == name:
-                row.update(mode="keep", freed_bytes=0, why=f"not invertible here: {reason}")
-    optimized.plan = Plan(rows, opaque)
+    refused = check_reconstruction(optimized, inputs)
+
+    by_name = dict(zip(names, segments))
+    allowed = {}
+    for name, segment in by_name.items():
+        if name in blocked:
+            continue
+        possible = {"keep", "checkpoint"} | ({"invertible"} if segment.mode == "invertible" and name not in refused
+                                             else set())
+        allowed[name] = frozenset(possible & set(modes)) or frozenset({"keep"})
+    measured = measure_costs(optimized, inputs, allowed,
+                             {n: s.rebuild.inverse_flops for n, s in by_name.items() if s.rebuild is not None},
+                             {n: bool(s.freeable) for n, s in by_name.items()})
+    regions = {c.name: optimized.get_submodule(c.name) for c in measured.costs}
+    chain, calibration = _plan_within(optimized, model, inputs, measured, memory_budget, regions)
+    chosen = dict(zip((c.name for c in measured.costs), chain.modes))
+    apply_modes(optimized, chosen)
+    rows = _rows(names, segments, measured, chosen, blocked, refused, regions)
+    optimized.plan = Plan(rows, opaque, chain=chain, outside_bytes=measured.outside_bytes, budget=memory_budget,
+                          forward_flops=sum(c.flops for c in measured.costs), calibration=calibration)
     optimized.train(model.training)
     return optimized
 
 
-def _row(name: str, segment: Segment) -> dict:
-    input_bytes = sum(n.meta.get("bytes", 0) for n in segment.inputs)
-    freed = sum(n.meta.get("bytes", 0) for n in segment.freeable) if segment.mode == "invertible" else 0
-    return {"name": name, "nodes": len(segment.nodes), "mode": segment.mode, "input_bytes": input_bytes,
-            "freed_bytes": freed, "risk": str(segment.rebuild.risk) if segment.rebuild else None,
-            "why": segment.why, "inputs": [n.name for n in segment.inputs],
-            "kept": [n.name for n in segment.kept], "freed": [n.name for n in segment.freeable]}
+def _check_budget(budget) -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise InvfxError(f"invfx.optimize: memory_budget must be None, a fraction in (0, 1] or a number of bytes, "
+                         f"got {budget!r}")
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise InvfxError(f"invfx.optimize: a fractional memory_budget must be in (0, 1], got {budget!r} (give bytes "
+                         "as an int)")
+    if isinstance(budget, int) and budget <= 0:
+        raise InvfxError(f"invfx.optimize: memory_budget in bytes must be positive, got {budget!r}")
+
+
+#: replans after measuring, when the measured peak misses the budget that the estimate met
+CALIBRATION_ROUNDS = 6
+
+
+def _plan_within(optimized, model, inputs, measured, budget, regions):
+    """Plan, and with a budget, check the plan by measuring one training step on the example inputs: where
+    the measured peak exceeds the budget (the cost model is an estimate), plan again with the chain's budget
+    lowered by the excess. Returns the plan and what was measured (None without a budget)."""
+    chain = _plan(measured, budget)
+    if budget is None:
+        return chain, None
+    plain = _measure_step(model, inputs)
+    target = budget * plain if isinstance(budget, float) else budget
+    chain_budget = _chain_budget(budget, measured)
+    for _ in range(CALIBRATION_ROUNDS):
+        for cost, mode in zip(measured.costs, chain.modes):
+            regions[cost.name].mode = mode
+        peak = _measure_step(optimized, inputs)
+        if peak <= target:
+            break
+        chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
+        try:
+            if chain_budget < 0:
+                raise BudgetError("no budget left for the regions")
+            chain = plan_chain(measured.costs, chain_budget)
+        except BudgetError:
+            least = plan_chain(measured.costs, None)
+            if least.modes == chain.modes:
+                raise _measured_miss(budget, peak, plain, "the plan of least memory") from None
+            chain = least
+    else:
+        for cost, mode in zip(measured.costs, chain.modes):
+            regions[cost.name].mode = mode
+        peak = _measure_step(optimized, inputs)
+        if peak > target:
+            raise _measured_miss(budget, peak, plain, f"the last of {CALIBRATION_ROUNDS} plans tried")
+    return chain, {"plain_bytes": plain, "peak_bytes": peak, "target_bytes": int(target)}
+
+
+def _measured_miss(budget, peak: int, plain: int, which: str) -> BudgetError:
+    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable peak "
+                       f"measured on the example inputs ({which}) is {_size(peak)} ({peak} B, {peak / plain:.3f} of "
+                       f"plain {_size(plain)}), though the cost model estimated less")
+
+
+def _measure_step(module: nn.Module, inputs) -> int:
+    """Peak bytes of one training step of ``module`` on ``inputs`` above what was allocated before, leaving
+    parameters' gradients, buffers and the RNG as they were."""
+    params = list(module.parameters())
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.get_rng_state()
+    training = module.training
+    leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+
+    def step():
+        out = module(*leaves)
+        first = next(iter(out.values())) if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) \
+            else out
+        first.float().sum().backward()
+
+    try:
+        module.train()
+        for p in params:
+            p.grad = None
+        step()  # allocates .grad: the measured step then allocates activations and temporaries only
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        peak, _ = peak_memory(step, inputs[0].device if inputs else "cpu")
+        return peak
+    finally:
+        module.train(training)
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        torch.set_rng_state(rng)
+
+
+def _plan(measured, budget):
+    try:
+        chain_budget = _chain_budget(budget, measured)
+        if chain_budget is not None and chain_budget < 0:
+            raise BudgetError("what is kept outside the regions exceeds the budget")
+        return plan_chain(measured.costs, chain_budget)
+    except BudgetError:
+        least = plan_chain(measured.costs, None).peak + measured.outside_bytes
+        plain = plain_peak(measured.costs) + measured.outside_bytes
+        raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable "
+                          f"peak is estimated at {_size(least)} ({least} B, {least / plain:.3f} of plain "
+                          f"{_size(plain)}) at the example's size") from None
+
+
+def _chain_budget(budget, measured) -> int | None:
+    """The budget in bytes of the chain of regions: what is saved outside them is the same in every plan."""
+    if budget is None:
+        return None
+    if isinstance(budget, float):
+        plain = plain_peak(measured.costs) + measured.outside_bytes
+        return int(budget * plain) - measured.outside_bytes
+    return budget - measured.outside_bytes
+
+
+def _rows(names, segments, measured, chosen, blocked, refused, regions) -> list[dict]:
+    """A plan row per segment, in graph order, saying what it keeps, what it costs and why."""
+    costs = {c.name: c for c in measured.costs}
+    rows = []
+    for name, segment in zip(names, segments):
+        cost = costs.get(name)
+        mode = chosen.get(name, "keep")
+        region = regions.get(name)
+        error = getattr(region, "reconstruction_error", None)
+        risk = None
+        if segment.rebuild is not None:
+            risk = str(segment.rebuild.risk) + (f", err {error:.1g}" if error is not None else "")
+        kept, recompute = 0, 0.0
+        if cost is not None:
+            kept = {"keep": cost.saved_bytes + cost.input_bytes * cost.saves_input, "checkpoint": cost.input_bytes,
+                    "invertible": 0}[mode]
+            recompute = {"keep": 0.0, "checkpoint": cost.flops,
+                         "invertible": cost.flops + (cost.inverse_flops or 0.0)}[mode]
+        shown = region.region_name if region is not None and mode != "keep" else f"({name.split('_', 1)[-1]})"
+        rows.append({"name": shown, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
+                     "recompute_flops": recompute, "risk": risk,
+                     "why": _why(name, segment, cost, mode, blocked, refused),
+                     "saved_bytes": cost.saved_bytes if cost else None,
+                     "input_bytes": cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
+                     "flops": cost.flops if cost else None, "inverse_flops": cost.inverse_flops if cost else None,
+                     "freed_bytes": sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == "invertible"
+                     else 0,
+                     "reconstruction_error": error, "inputs": [n.name for n in segment.inputs],
+                     "freed": [n.name for n in segment.freeable] if mode == "invertible" else []})
+    return rows
+
+
+def _why(name, segment, cost, mode, blocked, refused) -> str:
+    if name in blocked:
+        return f"plain code: {blocked[name]}"
+    invertible = segment.mode == "invertible"
+    if name in refused:
+        inverse_note = f"not invertible here: {refused[name]}"
+    elif invertible:
+        rules = sorted({s.rule.name for s in segment.rebuild.steps if s.rule is not None}) or ["recomputation"]
+        inverse_note = "rebuilt by " + ", ".join(rules)
+    else:
+        inverse_note = "no inverse found"
+    if cost is None:
+        return inverse_note
+    allowed = cost.modes
+    if mode == "invertible":
+        extra = (f"; checkpoint would keep {_size(cost.input_bytes)} for +{_flops(cost.flops)}"
+                 if "checkpoint" in allowed else "")
+        return f"keeps nothing, {inverse_note} (+{_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
+    if mode == "checkpoint":
+        if "invertible" in allowed:
+            return (f"within the budget for +{_flops(cost.flops)} FLOPs; invertible would keep nothing for "
+                    f"+{_flops(cost.flops + cost.inverse_flops)}")
+        return f"keeps its input only, recomputed for +{_flops(cost.flops)} FLOPs ({inverse_note})"
+    if allowed == frozenset({"keep"}):
+        return f"no other mode allowed ({inverse_note})"
+    if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:
+        return f"saves no more than a checkpoint would keep ({inverse_note})"
+    return f"the budget allows it; recomputing would cost +{_flops(cost.flops)} FLOPs ({inverse_note})"
 
 
 def _share_everything(optimized: nn.Module, model: nn.Module) -> None:

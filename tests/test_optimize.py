@@ -299,7 +299,7 @@ def test_fused_backward_runs_each_subnetwork_once(name, watched):
     build, data = MODELS[name]
     torch.manual_seed(0)
     model, x = build().to(DT), data().to(DT)
-    optimized = invfx.optimize(model, x)
+    optimized = invfx.optimize(model, x, modes=("invertible",))
     modules = watched(model)
     counts, handles = _count_calls(modules)
     try:
@@ -467,9 +467,10 @@ def test_other_ways_of_writing_a_coupling(block):
     torch.manual_seed(0)
     model = Stack(block).to(DT)
     x = torch.randn(5, 8, dtype=DT)
-    optimized = compare(model, x)
+    optimized = compare(model, x, invfx.optimize(model, x, modes=("invertible",)))
     compare(model, torch.randn(7, 8, dtype=DT), optimized)
     assert any(r["mode"] == "invertible" for r in optimized.plan.rows)
+    compare(model, x)  # and what the plan chooses by itself
 
 
 def test_a_region_returning_a_nested_tuple_is_refused_not_detached():
@@ -484,13 +485,14 @@ def test_leaf_modules_and_modes():
     from invfx.examples import CouplingBlock
 
     whole = compare(model, x, invfx.optimize(model, x, leaf_modules=[CouplingBlock]))
-    assert "self.blocks" in whole.code and "chunk" not in whole.code  # blocks called whole, not traced
+    assert "chunk" not in whole.code  # blocks called whole, not traced
+    assert all("self.blocks" in r.code for r in whole.modules() if isinstance(r, invfx.passes.BodyRegion))
     assert not any(r["mode"] == "invertible" for r in whole.plan.rows)  # no rule inverts a CouplingBlock
 
     kept = compare(model, x, invfx.optimize(model, x, modes=("keep",)))
     assert all(r["mode"] == "keep" for r in kept.plan.rows)
-    with pytest.raises(invfx.InvfxError, match="memory_budget"):
-        invfx.optimize(model, x, memory_budget=0.5)
+    with pytest.raises(invfx.BudgetError, match="memory budget 0.01 of plain cannot be met"):
+        invfx.optimize(model, x, modes=("keep",), memory_budget=0.01)
 
 
 class Sinhs(nn.Module):
@@ -515,9 +517,10 @@ def test_a_wrong_inverse_is_caught_where_it_is_used():
     torch.manual_seed(0)
     model = Sinhs().to(DT)
     x = torch.randn(6, 4, dtype=DT)
-    optimized = compare(model, x)  # optimize measured the rebuild on the example and kept those segments plain
+    # optimize measured the rebuild on the example and checkpoints those segments instead
+    optimized = compare(model, x, invfx.optimize(model, x, modes=("checkpoint", "invertible")))
     refused = [r for r in optimized.plan.rows if "not invertible here" in r["why"]]
-    assert refused and all(r["mode"] == "keep" for r in refused) and "off by" in refused[0]["why"]
+    assert refused and all(r["mode"] == "checkpoint" for r in refused) and "off by" in refused[0]["why"]
     # were the data to differ from the example, the check in backward would stop it
     for region in optimized.modules():
         if isinstance(region, invfx.passes.InvertibleRegion):

@@ -1,13 +1,16 @@
 """The fx passes of invfx.optimize, each a function over a GraphModule talking through ``node.meta``:
-trace -> annotate -> find_segments (solve) -> rewrite_segment -> check_reconstruction. The fused replay
+trace -> annotate -> find_segments (solve) -> rewrite_segment / rewrite_checkpoint -> check_reconstruction ->
+measure_costs, then the planner (``invfx.planner``) picks each region's mode. The fused replay
 (``fuse.FusedReplay``) is what a rewritten region runs in backward."""
 
 from .annotate import annotate
-from .rewrite import InvertibleRegion, rewrite_segment
+from .rewrite import BodyRegion, CheckpointRegion, InvertibleRegion, rewrite_checkpoint, rewrite_segment
 from .segments import Segment, find_segments
 from .solve import Rebuild, Step, solve
 from .trace import trace
 from .validate import check_reconstruction
+from .cost import measure_costs
 
 __all__ = ["trace", "annotate", "find_segments", "Segment", "solve", "Rebuild", "Step", "rewrite_segment",
-           "InvertibleRegion", "check_reconstruction"]
+           "rewrite_checkpoint", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "check_reconstruction",
+           "measure_costs"]

@@ -305,8 +305,9 @@ class _Sweep:
             with torch.no_grad():
                 redone = self._evaluate(node, args, kwargs)
             expected = self.values[name]
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
             for got, want in zip(_tensors(redone), _tensors(expected)):
-                self.ctx.check_value(got, want, f"{name} (undone by {node.target if isinstance(node.target, str) else getattr(node.target, '__name__', node.target)})")
+                self.ctx.check_value(got, want, f"{name} (undone by {target})")
         self.checks = remaining if not final else []
 
     def _known(self, arg: fx.Node):

@@ -16,14 +16,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..runtime import INVERTIBLE, Region, ReplayContext, rng_mark, run_region
+from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, rng_mark, run_region
 from ..runtime.region import Discovery
 from ..registry import Risk
 from .annotate import fetch_attr
 from .fuse import FusedReplay
 from .segments import Segment, module_path
 
-__all__ = ["InvertibleRegion", "rewrite_segment", "region_name"]
+__all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "rewrite_segment", "rewrite_checkpoint",
+           "region_name", "apply_modes"]
 
 _RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
                      torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
@@ -124,36 +125,41 @@ def is_rng_mark(body: nn.Module, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(body.get_submodule(node.target), RngMark)
 
 
-class InvertibleRegion(nn.Module):
-    """One invertible segment of an optimized model.
+class BodyRegion(nn.Module):
+    """A segment of an optimized model run as one runtime region (the base of both kinds).
 
-    Holds no parameters of its own (its bodies call the model's submodules, so ``state_dict`` is the model's).
-    In training with grad enabled it runs as an invertible region; otherwise its forward is plain code.
+    Holds no parameters of its own: its bodies call the model's submodules, so ``state_dict`` is the model's.
+    In training with grad enabled it runs as a region; otherwise (eval, no_grad) its forward is plain code.
     """
 
-    def __init__(self, name: str, forward_body: fx.GraphModule, rebuild_body: fx.GraphModule,
-                 num_inputs: int, rebuilt: Sequence[int], kept: Sequence[int], free: Sequence[int],
-                 modules: Sequence[nn.Module], source: str):
+    _BODIES: tuple[str, ...] = ("forward_body",)
+    # A GraphModule pickles as code and is re-traced on load, which loses the nodes' meta (the fused replay's
+    # bookkeeping) and would trace into helpers: bodies travel as graphs instead, with the objects they name.
+    _CARRIED_META = ("invfx_value", "invfx_recompute", "invfx_inverts", "tensor_meta")
+
+    def __init__(self, name: str, forward_body: fx.GraphModule, num_inputs: int, modules: Sequence[nn.Module],
+                 source: str):
         super().__init__()
         # Bodies are plain attributes, not submodules: their children are the model's own modules, registered
         # once under their original names.
         object.__setattr__(self, "forward_body", forward_body)
-        object.__setattr__(self, "rebuild_body", rebuild_body)
         object.__setattr__(self, "_modules_used", tuple(modules))
         self.region_name = name
         self.source = source
         self.num_inputs = num_inputs
-        self.rebuilt = tuple(rebuilt)
-        self.kept = tuple(kept)
-        self.free = tuple(free)
-        self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
-        self.invertible = True  # False: plain code (the rebuild failed on the example input)
-        self._derive()
+        self.mode = "checkpoint"  # or "keep": plain code (the plan's choice)
+
+    def forward(self, *inputs):
+        if self.mode == "keep" or not (self.training and torch.is_grad_enabled()):
+            return self.forward_body(*inputs)
+        return run_region(self._region(), inputs)
+
+    def _region(self) -> Region:
+        return Region(function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery,
+                      buffers=self._modules_used, name=self._label)
 
     def _derive(self) -> None:
-        """State computed from the bodies: the fused replay's analysis, the dry-run cache."""
-        object.__setattr__(self, "fused_replay", FusedReplay(self.forward_body, self.rebuild_body, self.rebuilt,
-                                                             self.kept))
+        """State computed from the bodies: the dry-run cache (which parameters the forward reads)."""
         candidates = {id(p): p for m in self._modules_used for p in m.parameters()}
         for node in self.forward_body.graph.nodes:
             if node.op == "get_attr":
@@ -162,22 +168,18 @@ class InvertibleRegion(nn.Module):
                     candidates[id(value)] = value
         object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
 
-    # A GraphModule pickles as code and is re-traced on load, which loses the nodes' meta (the fused replay's
-    # bookkeeping) and would trace into helpers: bodies travel as graphs instead, with the objects they name.
-    _CARRIED_META = ("invfx_value", "invfx_recompute", "invfx_inverts", "tensor_meta")
-
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("fused_replay", None)
         state.pop("discovery", None)
-        for key in ("forward_body", "rebuild_body"):
+        for key in self._BODIES:
             body = state.pop(key)
             state[key + "_graph"] = (_portable_graph(body.graph, self._CARRIED_META), _named_objects(body),
                                      type(body).__name__)
         return state
 
     def __setstate__(self, state):
-        bodies = {key: state.pop(key + "_graph") for key in ("forward_body", "rebuild_body")}
+        bodies = {key: state.pop(key + "_graph") for key in self._BODIES}
         super().__setstate__(state)
         for key, (graph, objects, class_name) in bodies.items():
             object.__setattr__(self, key, fx.GraphModule(objects, graph, class_name))
@@ -188,21 +190,71 @@ class InvertibleRegion(nn.Module):
         return self.forward_body.code
 
     @property
+    def _label(self) -> str:
+        return f"{self.region_name} ({self.source})" if self.source else self.region_name
+
+
+class CheckpointRegion(BodyRegion):
+    """A checkpointed segment: keeps its inputs, recomputes its forward in backward (BatchNorm statistics are
+    updated once, the forward's RNG state is replayed)."""
+
+    def __init__(self, name: str, forward_body: fx.GraphModule, num_inputs: int, modules: Sequence[nn.Module],
+                 source: str):
+        super().__init__(name, forward_body, num_inputs, modules, source)
+        self._derive()
+
+    def extra_repr(self) -> str:
+        return f"{self.source or self.region_name}: {self.num_inputs} inputs, {self.mode}"
+
+
+class InvertibleRegion(BodyRegion):
+    """One invertible segment of an optimized model: frees its inputs in forward, rebuilds them from its
+    outputs in backward (fused with the backward: each recomputed sub-network runs once)."""
+
+    _BODIES = ("forward_body", "rebuild_body")
+
+    def __init__(self, name: str, forward_body: fx.GraphModule, rebuild_body: fx.GraphModule,
+                 num_inputs: int, rebuilt: Sequence[int], kept: Sequence[int], free: Sequence[int],
+                 modules: Sequence[nn.Module], source: str):
+        super().__init__(name, forward_body, num_inputs, modules, source)
+        object.__setattr__(self, "rebuild_body", rebuild_body)
+        self.rebuilt = tuple(rebuilt)
+        self.kept = tuple(kept)
+        self.free = tuple(free)
+        self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
+        self.mode = "invertible"  # or "checkpoint", or "keep" (plain code): the plan's choice
+        self._derive()
+
+    @property
+    def invertible(self) -> bool:
+        return self.mode == "invertible"
+
+    @invertible.setter
+    def invertible(self, value: bool) -> None:
+        self.mode = "invertible" if value else "keep"
+
+    def _derive(self) -> None:
+        super()._derive()
+        object.__setattr__(self, "fused_replay", FusedReplay(self.forward_body, self.rebuild_body, self.rebuilt,
+                                                             self.kept))
+
+    @property
     def rebuild_code(self) -> str:
         return self.rebuild_body.code
 
     def extra_repr(self) -> str:
+        if self.mode != "invertible":
+            return super().extra_repr()
         return (f"{self.source or self.region_name}: {self.num_inputs} inputs, rebuilds {list(self.rebuilt)}, "
                 f"keeps {list(self.kept)}, frees {list(self.free)}")
 
-    def forward(self, *inputs):
-        if not (self.invertible and self.training and torch.is_grad_enabled()):
-            return self.forward_body(*inputs)
-        region = Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
-                        replay=self.fused_replay if self.fused else None,
-                        free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
-                        name=f"{self.region_name} ({self.source})" if self.source else self.region_name)
-        return run_region(region, inputs)
+    def _region(self) -> Region:
+        if self.mode != "invertible":
+            return super()._region()
+        return Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
+                      replay=self.fused_replay if self.fused else None,
+                      free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
+                      name=self._label)
 
     def _rebuild(self, ctx: ReplayContext) -> None:
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
@@ -213,8 +265,8 @@ class InvertibleRegion(nn.Module):
             ctx.input(position, value)
 
 
-def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: set[str]) -> str:
-    """``inv_`` and the innermost module all ``nodes`` were traced in (``inv_blocks_3``), unique."""
+def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: set[str], prefix: str = "inv_") -> str:
+    """``prefix`` and the innermost module all ``nodes`` were traced in (``inv_blocks_3``), unique."""
     paths = [module_path(n) for n in nodes]
     common = paths[0]
     for path in paths[1:]:
@@ -222,7 +274,7 @@ def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: se
         while n < min(len(common), len(path)) and common[n] == path[n]:
             n += 1
         common = common[:n]
-    base = "inv_" + (common[-1].replace(".", "_") if common else f"segment_{index}")
+    base = prefix + (common[-1].replace(".", "_") if common else f"segment_{index}")
     name, k = base, 1
     while hasattr(root, name) or name in taken:
         k += 1
@@ -267,33 +319,73 @@ def _map(graph: fx.Graph, env: dict, value):
     return value
 
 
-def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> InvertibleRegion:
-    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new region submodule ``name``."""
+def _source(segment: Segment) -> str:
+    """The module a segment is exactly (``blocks.3``), or ""."""
     paths = [module_path(n) for n in segment.nodes]
-    source = paths[0][-1] if paths[0] and all(p[:len(paths[0])] == paths[0] for p in paths) else ""
-    inputs, outputs = segment.inputs, segment.outputs
-    random_nodes = {n for n in segment.nodes if _is_random(root, n)}
+    return paths[0][-1] if paths[0] and all(p[:len(paths[0])] == paths[0] for p in paths) else ""
 
-    # forward body: the segment's nodes
+
+def _mark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None:
+    target = f"mark_{node.name}"
+    helpers.setdefault(target, RngMark(node.name))
+    graph.call_module(target, ())
+
+
+def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[str, nn.Module]) -> fx.Graph:
+    """The segment's nodes as a graph of their own: its inputs become placeholders, its outputs the output."""
     forward_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    for node in inputs:
+    for node in segment.inputs:
         env[node] = _tag(forward_graph.placeholder(node.name), node)
-    helpers: dict[str, nn.Module] = {}
-
-    def mark(graph: fx.Graph, node: fx.Node) -> None:
-        target = f"mark_{node.name}"
-        helpers.setdefault(target, RngMark(node.name))
-        graph.call_module(target, ())
-
     for node in segment.nodes:
         if node in random_nodes:
-            mark(forward_graph, node)
+            _mark(forward_graph, node, helpers)
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
         env[node] = _tag(forward_graph.node_copy(node, lambda n: env[n]), node)
-    forward_graph.output(tuple(env[o] for o in outputs))
+    forward_graph.output(tuple(env[o] for o in segment.outputs))
+    return forward_graph
+
+
+def _replace_by_call(root: fx.GraphModule, segment: Segment, name: str) -> None:
+    """In the parent graph: call the region ``name``, read its outputs, drop the segment's nodes."""
+    graph = root.graph
+    with graph.inserting_before(segment.nodes[0]):
+        call = graph.call_module(name, tuple(segment.inputs))
+        reads = [graph.call_function(operator.getitem, (call, k)) for k in range(len(segment.outputs))]
+    inside = set(segment.nodes)
+    for output, read in zip(segment.outputs, reads):
+        output.replace_all_uses_with(read, delete_user_cb=lambda user: user not in inside)
+        read.meta.update(output.meta)
+    for node in reversed(segment.nodes):
+        graph.erase_node(node)
+
+
+def rewrite_checkpoint(root: fx.GraphModule, segment: Segment, name: str) -> "CheckpointRegion":
+    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new checkpoint region submodule ``name``."""
+    helpers: dict[str, nn.Module] = {}  # (none: a checkpoint replays the whole RNG state, no marks needed)
+    forward_graph = _forward_graph(segment, set(), helpers)
+    modules = sorted({n.target for n in segment.nodes if n.op == "call_module"})
+    region = CheckpointRegion(
+        name, fx.GraphModule(_attributes(root, forward_graph, helpers), forward_graph, f"{name}_forward"),
+        len(segment.inputs), [root.get_submodule(m) for m in modules], _source(segment))
+    root.add_module(name, region)
+    _replace_by_call(root, segment, name)
+    return region
+
+
+def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> InvertibleRegion:
+    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new region submodule ``name``."""
+    source = _source(segment)
+    inputs, outputs = segment.inputs, segment.outputs
+    random_nodes = {n for n in segment.nodes if _is_random(root, n)}
+    helpers: dict[str, nn.Module] = {}
+
+    def mark(graph: fx.Graph, node: fx.Node) -> None:
+        _mark(graph, node, helpers)
+
+    forward_graph = _forward_graph(segment, random_nodes, helpers)
 
     # rebuild body: the solver's steps, from the outputs and the kept inputs
     rebuild_graph = fx.Graph()
@@ -350,16 +442,74 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
         rebuilt, kept, free,
         [root.get_submodule(m) for m in modules], source)
     root.add_module(name, region)
-
-    # the parent graph: call the region, read its outputs, drop the segment's nodes
-    graph = root.graph
-    with graph.inserting_before(segment.nodes[0]):
-        call = graph.call_module(name, tuple(inputs))
-        reads = [graph.call_function(operator.getitem, (call, k)) for k in range(len(outputs))]
-    inside = set(segment.nodes)
-    for output, read in zip(outputs, reads):
-        output.replace_all_uses_with(read, delete_user_cb=lambda user: user not in inside)
-        read.meta.update(output.meta)
-    for node in reversed(segment.nodes):
-        graph.erase_node(node)
+    _replace_by_call(root, segment, name)
     return region
+
+
+_MODE_PREFIX = {"invertible": "inv_", "checkpoint": "ckpt_"}
+
+
+def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
+    """Give each region its planned mode: a kept region goes back into the parent graph as plain code, the
+    others are renamed after their mode (``ckpt_blocks_3``). Returns the new name of each region."""
+    renamed = {}
+    taken = {name for name, _ in root.named_children()}
+    calls = {n.target: n for n in root.graph.nodes if n.op == "call_module" and n.target in modes}
+    for name, mode in modes.items():
+        region = root.get_submodule(name)
+        if mode == "keep":
+            _inline(root, calls[name], region)
+            delattr(root, name)
+            taken.discard(name)
+            renamed[name] = ""
+            continue
+        region.mode = mode
+        base = _MODE_PREFIX[mode] + name.split("_", 1)[1]
+        new, k = base, 1
+        while new != name and (new in taken or hasattr(root, new)):
+            k += 1
+            new = f"{base}_{k}"
+        if new != name:
+            delattr(root, name)
+            root.add_module(new, region)
+            taken.discard(name)
+            taken.add(new)
+            calls[name].target = new
+            calls[name]._rename(new)  # (the variable in the generated code reads like the module)
+            region.region_name = new
+        renamed[name] = new
+    root.graph.lint()
+    root.recompile()
+    return renamed
+
+
+def _inline(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> None:
+    """Replace the call of ``region`` by the nodes of its forward body."""
+    graph, body = root.graph, region.forward_body
+    env: dict[fx.Node, object] = {}
+    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+    for placeholder, arg in zip(placeholders, call.args):
+        env[placeholder] = arg
+    results = None
+    with graph.inserting_before(call):
+        for node in body.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                results = node.args[0]
+                break
+            if is_rng_mark(body, node):
+                continue
+            if node.op == "get_attr":
+                env[node] = graph.get_attr(node.target)
+                continue
+            copy = graph.node_copy(node, lambda n: env[n])
+            copy.meta = dict(node.meta)
+            env[node] = copy
+    values = [env[r] for r in results]
+    for user in list(call.users):
+        # the parent reads the region's outputs as call[k]
+        user.replace_all_uses_with(values[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(call)
+

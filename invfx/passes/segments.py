@@ -24,7 +24,7 @@ from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
 
-__all__ = ["Segment", "find_segments", "live_values"]
+__all__ = ["Segment", "find_segments", "live_values", "why_not_checkpoint"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 MAX_NODES = 256  # longest segment tried
@@ -186,7 +186,10 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
 
     def flush_plain(end: int):
         if plain:
-            segments.append(_make(module, plain, live, compute, end - len(plain), end, "keep"))
+            start = end - len(plain)
+            cuts = _plain_cuts(compute, live, start, end)
+            for a, b in zip([start] + cuts, cuts + [end]):
+                segments.append(_make(module, compute[a:b], live, compute, a, b, "keep"))
             plain.clear()
 
     cache = CallCache(module)
@@ -203,6 +206,48 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
         p = q
     flush_plain(len(compute))
     return segments
+
+
+def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:
+    """Where a run of plain nodes may be cut into segments that the planner can checkpoint one by one: where
+    a single tensor flows on (the output of a residual block, not its inside where the skip is live too), at
+    the end of a module if there is any such place in the run, else anywhere."""
+    single = [p for p in range(start + 1, end) if len(live[p]) == 1 and _cuttable(next(iter(live[p])))]
+    ends = [p for p in single if _ends_module(compute[p - 1], compute[p])]
+    return ends or single
+
+
+def _cuttable(value: fx.Node) -> bool:
+    return value.op != "placeholder" and tuple_metas(value) is None and is_tensor_meta(value.meta.get("tensor_meta"))
+
+
+def _parent_path(node: fx.Node) -> tuple[str, ...]:
+    path = module_path(node)
+    return path[:-1] if node.op == "call_module" and path and path[-1] == node.target else path
+
+
+def _ends_module(before: fx.Node, after: fx.Node) -> bool:
+    """Whether the module ``before`` was called in ends between the two nodes."""
+    left, right = _parent_path(before), _parent_path(after)
+    n = 0
+    while n < min(len(left), len(right)) and left[n] == right[n]:
+        n += 1
+    return n < len(left)
+
+
+def why_not_checkpoint(module: fx.GraphModule, segment: Segment) -> str | None:
+    """Why ``segment`` cannot run as a checkpoint region (None if it can): a region keeps its inputs and hands on
+    tensors, so nothing may write into them in place, and no tuple may cross its ends."""
+    inside = set(segment.nodes)
+    if not segment.outputs:
+        return "it hands nothing on"
+    if any(tuple_metas(v) is not None for v in list(segment.outputs) + list(segment.inputs)):
+        return "a tuple crosses its boundary"
+    if any(_written(module, v, lambda user: user not in inside) for v in list(segment.outputs) + segment.inputs):
+        return "a value crossing its boundary is written in place after it"
+    if any(_written(module, v, lambda user: user in inside) for v in segment.inputs):
+        return "it writes into its own input in place"
+    return None
 
 
 def _segment_io(nodes_range: list[fx.Node], live_p: set[fx.Node], live_q: set[fx.Node]):
@@ -279,9 +324,9 @@ def module_path(node: fx.Node) -> tuple[str, ...]:
 def _inside(node: fx.Node, nodes: list[fx.Node]) -> bool:
     """Whether ``node`` belongs to the innermost module that all of ``nodes`` share (the segment ends inside
     a module)."""
-    common = module_path(nodes[0])
+    common = _parent_path(nodes[0])  # (a module called as one node is not a module the segment is inside)
     for other in nodes[1:]:
-        path = module_path(other)
+        path = _parent_path(other)
         n = 0
         while n < min(len(common), len(path)) and common[n] == path[n]:
             n += 1
@@ -300,4 +345,5 @@ def _invertible(module, nodes, inputs, outputs, kept, dying, rebuild) -> Segment
 
 def _make(module, nodes, live, compute, start, end, mode) -> Segment:
     inputs, outputs = _segment_io(list(nodes), live[start], live[end])
-    return Segment(list(nodes), inputs, outputs, mode, why="no inverse found")
+    return Segment(list(nodes), inputs, outputs, mode, why="no inverse found",
+                   freeable=[v for v in inputs if v not in live[end] and _why_not_freeable(module, v) is None])

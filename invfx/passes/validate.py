@@ -30,13 +30,25 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
     if not regions:
         return {}
     seen: dict[str, tuple] = {}
+    outputs_of: dict[str, tuple] = {}
 
     def record(name):
         def hook(module, args, output):
-            seen.setdefault(name, args)  # (a hook returning a value would replace the output)
+            if name not in seen:  # (a hook returning a value would replace the output)
+                seen[name] = args
+                outputs_of[name] = output if isinstance(output, tuple) else (output,)
+        return hook
+
+    rng_before: dict[str, RngState] = {}
+
+    def capture(name):
+        def hook(module, args):
+            # the RNG as the region found it: rerun from it, the region draws the module run's dropout masks
+            rng_before.setdefault(name, RngState([a for a in args if isinstance(a, torch.Tensor)]))
         return hook
 
     handles = [region.register_forward_hook(record(name)) for name, region in regions.items()]
+    handles += [region.register_forward_pre_hook(capture(name)) for name, region in regions.items()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
     refused: dict[str, str] = {}
@@ -44,10 +56,12 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
         with torch.no_grad():
             module(*example_inputs)
             for name, args in seen.items():
-                reason = _reconstruction_error(regions[name], args)
+                reason, error = _reconstruction_error(regions[name], args, rng=rng_before[name])
+                regions[name].reconstruction_error = error  # (the plan reports it as the numerical risk)
                 if reason is not None:
                     regions[name].invertible = False
                     refused[name] = reason
+            refused.update(_compounded(regions, seen, outputs_of, refused, rng_before))
     finally:
         for handle in handles:
             handle.remove()
@@ -58,25 +72,70 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
     return refused
 
 
-def _reconstruction_error(region: InvertibleRegion, args: tuple) -> str | None:
+def _compounded(regions: dict[str, InvertibleRegion], seen: dict[str, tuple], outputs_of: dict[str, tuple],
+                refused: dict[str, str], rng_before: dict[str, RngState]) -> dict[str, str]:
+    """In backward a region rebuilds its inputs from outputs that the next region rebuilt, not from the real
+    ones: errors compound along a chain (a leaky ReLU's inverse multiplies them by 1/slope at each layer). Replay
+    the chain from its end on the example, each region starting from what the next one rebuilt; a region whose
+    rebuilt input is then off by more than the tolerance is refused, which keeps its input and restarts the
+    chain from real values there."""
+    rebuilt_of: dict[int, torch.Tensor] = {}  # id of a real value -> its value as rebuilt by later regions
+    refusals = {}
+    for name in reversed(list(seen)):
+        if name in refused:
+            continue
+        region, args = regions[name], seen[name]
+        start = tuple(rebuilt_of.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in outputs_of[name])
+        reason, error = _reconstruction_error(region, args, start, rebuilt_of, rng_before[name])
+        if reason is not None:
+            region.invertible = False
+            refusals[name] = f"{reason}, rebuilt through the invertible regions after it"
+            continue
+        region.reconstruction_error = max(error, getattr(region, "reconstruction_error", 0.0) or 0.0)
+    return refusals
+
+
+#: How far a rebuilt input may be from the real one, along a chain, for the plan to invert it: stricter than
+#: the backward's check (which catches wrong inverses), because an error in a rebuilt input goes on into the
+#: gradients (a leaky ReLU's slope chosen by a sign, an error amplified by the layers before it).
+chain_tolerance: dict[torch.dtype, float] = {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16: 2e-2,
+                                             torch.float16: 2e-3}
+
+
+def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | None = None,
+                          rebuilt_of: dict | None = None, rng: RngState | None = None
+                          ) -> tuple[str | None, float | None]:
+    """Why the region does not rebuild its example inputs (None if it does), and the largest relative error.
+    ``start``: the outputs to rebuild from (as later regions rebuilt them) instead of its own; ``rebuilt_of``
+    receives what it rebuilds, by the id of the real input."""
+    if rng is not None:
+        rng.set()
     state = RngState(args)
     with rng_marks("record", state):
         outputs = region.forward_body(*args)
+    if start is not None:
+        outputs = start
     state.set()
     with rng_marks("replay", state):
         try:
             rebuilt = region.rebuild_body(*outputs, *[args[i] for i in region.kept])
         except Exception as error:  # noqa: BLE001 - an inverse that fails here would fail in backward
-            return f"its rebuild fails on the example input ({type(error).__name__}: {error})"
+            return f"its rebuild fails on the example input ({type(error).__name__}: {error})", None
+    worst = 0.0
     for position, value in zip(region.rebuilt, rebuilt):
         real = args[position]
         if not (isinstance(real, torch.Tensor) and real.is_floating_point()):
             continue
         tolerance = tolerance_for(real.dtype)
+        if tolerance is not None and rebuilt_of is not None:
+            tolerance = min(tolerance, chain_tolerance.get(real.dtype, tolerance))
         if tolerance is None or real.numel() == 0:
             continue
         error = relative_error(value, real)
+        if rebuilt_of is not None:
+            rebuilt_of[id(real)] = value
         if not error <= tolerance:  # NaN too
             return (f"rebuilding its input {position} from its outputs on the example input is off by {error:.2g} "
-                    f"(tolerance {tolerance:g} for {real.dtype})")
-    return None
+                    f"(tolerance {tolerance:g} for {real.dtype})"), error
+        worst = max(worst, error)
+    return None, worst

@@ -1,0 +1,194 @@
+"""Pass 6: the cost model, measured on the example inputs, one :class:`~invfx.planner.SegmentCost` per region.
+
+The optimized module runs one training forward on the example inputs with every region as plain code, under
+``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd saves is charged to the region running at
+the time (by storage, so a tensor saved twice, or saved by two ops, counts once), and a
+``torch.utils.flop_counter.FlopCounterMode`` counts each region's FLOPs. From that:
+
+* ``saved_bytes``: what keeping the region costs from forward to backward, beyond its inputs and outputs
+  (``saves_input`` / ``saves_output`` say whether those are saved too, by a conv reading its input or a relu
+  its output);
+* ``transient_bytes``: its backward's working memory beyond that, estimated as its largest node's inputs and
+  outputs (a gradient in and one out);
+* ``flops``: counted matmul and convolution FLOPs plus one per element an op writes (elementwise work);
+* ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions.
+
+What is saved outside every region (a head reading the last region's output) is the same in every plan: it
+comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..planner import SegmentCost
+from ..runtime.storage import storage_key
+from .annotate import node_bytes, numel
+from .rewrite import BodyRegion, InvertibleRegion
+
+__all__ = ["RegionCosts", "measure_costs"]
+
+
+@dataclass
+class RegionCosts:
+    costs: list[SegmentCost]  # in the order the regions run
+    outside_bytes: int  # saved outside every region: the same whatever the plan
+
+
+def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                  allowed: dict[str, frozenset[str]], inverse_flops: dict[str, float | None],
+                  freeable: dict[str, bool]) -> RegionCosts:
+    """Measure every region of ``module`` (each run as plain code) on ``example_inputs``.
+
+    ``allowed``, ``inverse_flops`` and ``freeable`` (by region name) are what the graph passes decided: the
+    modes a region may take, the cost of its rebuild (None: not invertible) and whether it may free an input.
+    """
+    regions = {name: m for name, m in module.named_children() if isinstance(m, BodyRegion)}
+    order: list[str] = []
+    records: dict[str, dict] = {}
+    constant = {storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
+    current: list[str | None] = [None]
+    outside: dict = {}
+    recorded: dict[str, tuple] = {}  # an invertible region's example arguments, to measure its fused backward
+
+    def pack(tensor: torch.Tensor):
+        if tensor.device.type != "meta" and tensor.numel():
+            key = storage_key(tensor)
+            if key not in constant:
+                target = records[current[0]]["saved"] if current[0] is not None else outside
+                target[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    def before(name):
+        def hook(region, args):
+            if isinstance(region, InvertibleRegion):
+                recorded.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+            order.append(name)
+            record = records.setdefault(name, {"saved": {}})
+            record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in _tensors(args)}
+            record["counter"] = FlopCounterMode(display=False)
+            record["counter"].__enter__()
+            current[0] = name
+        return hook
+
+    def after(name):
+        def hook(region, args, output):
+            record = records[name]
+            record["counter"].__exit__(None, None, None)
+            record["flops"] = record.pop("counter").get_total_flops()
+            record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in _tensors(output)}
+            current[0] = None
+        return hook
+
+    modes = {name: region.mode for name, region in regions.items()}
+    handles = []
+    for name, region in regions.items():
+        region.mode = "keep"
+        handles.append(region.register_forward_pre_hook(before(name)))
+        handles.append(region.register_forward_hook(after(name)))
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.get_rng_state()
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in example_inputs]
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(*inputs)
+        fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, region in regions.items():
+            region.mode = modes[name]
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        torch.set_rng_state(rng)
+        for record in records.values():
+            if "counter" in record:  # the forward failed inside a region
+                record.pop("counter").__exit__(None, None, None)
+
+    costs = []
+    caller = {storage_key(x) for x in inputs}
+    for name in dict.fromkeys(order):  # a region called twice (shared weights) is charged once
+        record, region = records[name], regions[name]
+        saved = dict(record["saved"])
+        saves_input = any(saved.pop(k, None) is not None for k in list(record["inputs"]))
+        saves_output = any(saved.pop(k, None) is not None for k in list(record["outputs"]))
+        body = [n for n in region.forward_body.graph.nodes if n.op in ("call_function", "call_method",
+                                                                         "call_module")]
+        largest = max((node_bytes(n) + sum(node_bytes(a) for a in n.all_input_nodes if a.op != "get_attr")
+                       for n in body), default=0)
+        costs.append(SegmentCost(
+            name=name,
+            input_bytes=sum(b for k, b in record["inputs"].items() if k not in caller),
+            output_bytes=sum(record["outputs"].values()),
+            saved_bytes=sum(saved.values()),
+            transient_bytes=largest,
+            invertible_bytes=fused.get(name),
+            forward_transient_bytes=largest,
+            saves_input=saves_input,
+            saves_output=saves_output,
+            flops=float(record["flops"] + sum(numel(n) for n in body)),
+            inverse_flops=inverse_flops.get(name) if isinstance(region, InvertibleRegion) else None,
+            input_freeable=freeable.get(name, False),
+            modes=allowed[name]))
+    # The planner's chain has one size per boundary: a region reads what the previous one made (values that
+    # skip a region, read two regions later, are charged to the boundary they leave from).
+    for i in range(1, len(costs)):
+        if costs[i].input_bytes != costs[i - 1].output_bytes:
+            costs[i] = dataclasses.replace(costs[i], input_bytes=costs[i - 1].output_bytes)
+    return RegionCosts(costs, sum(outside.values()))
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
+
+
+def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -> int:
+    """What an invertible region's fused backward holds at most besides its boundary values: the activations
+    of one recomputed sub-network (they live one at a time) or of one node differentiated alone. Measured by
+    running its forward body on the example arguments, charging what autograd saves to the node saving it."""
+    current: list[str | None] = [None]
+    saved_by: dict[str, dict] = {}
+
+    def pack(tensor: torch.Tensor):
+        if current[0] is not None and tensor.numel():
+            key = storage_key(tensor)
+            if key not in constant:
+                saved_by.setdefault(current[0], {})[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    class Charging(fx.Interpreter):
+        def run_node(self, n):
+            current[0] = n.meta.get("invfx_value", n.name)
+            try:
+                return super().run_node(n)
+            finally:
+                current[0] = None
+
+    leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+              for a in args]
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        Charging(region.forward_body).run(*leaves)
+    units = [set(c.values) for c in region.fused_replay.components]
+    grouped = set().union(*units) if units else set()
+    units += [{value} for value in saved_by if value not in grouped]
+    largest = 0
+    for unit in units:
+        saved: dict = {}
+        for value in unit:
+            saved.update(saved_by.get(value, {}))  # (a tensor two of its nodes save counts once)
+        largest = max(largest, sum(saved.values()))
+    return largest
+

@@ -1,0 +1,688 @@
+"""Choose keep / checkpoint / invertible for each segment of a chain, exactly, under a memory model.
+
+A chain is a sequence of segments ``s_1 .. s_n``; segment ``i`` reads boundary value ``b_{i-1}`` and produces
+``b_i`` (``b_0`` is the caller's input, ``b_n`` the chain's output). Each segment runs in one of three modes:
+
+* ``"keep"``: plain autograd; the segment's ops keep what they save for backward (``saved_bytes``, and its
+  input and/or output when ``saves_input`` / ``saves_output``);
+* ``"checkpoint"``: the forward keeps nothing but the segment's input; backward recomputes the forward from it
+  (extra compute: ``flops``);
+* ``"invertible"``: the forward keeps nothing; backward rebuilds the segment's input from its output with the
+  inverse, then recomputes (extra compute: ``flops + inverse_flops``). Only for a segment with an inverse.
+
+:func:`plan_chain` returns the modes of least peak memory (``budget=None``), or of least extra compute whose
+peak fits ``budget`` bytes. The answer is optimal under the model below, which :func:`chain_peak` *defines*;
+:func:`exhaustive` tries every plan and is the reference the tests hold :func:`plan_chain` to.
+
+The memory model
+----------------
+Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m_i`` is segment ``i``'s mode.
+
+* ``K_i = saved_bytes_i`` if ``m_i`` is keep, else 0: what the segment holds from forward to backward besides
+  boundary values.
+* For ``1 <= i <= n-1``, boundary ``b_i`` is kept from forward to backward iff it is *needed* and not *freed*:
+
+  - ``self_saves = m_i == keep and saves_output_i``;
+  - ``freed = m_{i+1} == invertible and input_freeable_{i+1} and not self_saves`` (the next segment rebuilds
+    its input with its inverse, so nothing has to keep it);
+  - ``needed = m_{i+1} == checkpoint or (m_{i+1} == keep and saves_input_{i+1})
+    or (m_{i+1} == invertible and not input_freeable_{i+1}) or self_saves or m_i == invertible``
+    (an invertible segment keeps its own output, which its inverse starts from, unless the next one frees it).
+
+  ``b_0`` and ``b_n`` are always kept. Write ``kept_j`` for ``kept(b_j) * B_j``.
+* ``A_i = B_0 + sum_{j<i} K_j + sum_{1<=j<=i-2} kept_j``: what earlier segments hold while segment ``i`` runs,
+  forward or backward, not counting ``b_{i-1}``.
+* Peak = the largest of
+
+  - the end of forward: ``F = B_0 + B_n + sum_i K_i + sum_{1<=j<=n-1} kept_j``;
+  - segment ``i``'s forward: ``A_i + [i>=2] B_{i-1} + B_i + (saved_bytes_i if m_i == keep else
+    forward_transient_bytes_i)``;
+  - segment ``i``'s backward: ``A_i + [i>=2 and (kept(b_{i-1}) or m_i == invertible)] B_{i-1}
+    + [i == n or kept(b_i) or m_{i+1} == invertible] B_i + B_i + W_i`` with ``W_i = saved_bytes_i +
+    transient_bytes_i``, or ``invertible_bytes_i + transient_bytes_i`` when invertible and that is given
+    (``b_{i-1}`` is there if kept or rebuilt by this segment's inverse; the value ``b_i`` if kept, the chain's
+    output, or rebuilt by the next segment's inverse; then the gradient of ``b_i``, the recomputed or kept
+    activations and the backward's working memory). ``b_0`` is inside ``A_i`` and is never counted twice.
+
+Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one.
+
+Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
+peak. Remaining ties go to the plan whose modes, read from the first segment, come first in the order keep <
+checkpoint < invertible (so keep is preferred, then checkpoint). Extra compute is compared exactly (the floats
+are turned into exact integers), so the choice never depends on rounding or on the order of a sum.
+
+How it is solved
+----------------
+Peak memory is a maximum, not a sum, so a knapsack over per-segment costs is not enough. Every term above is
+``A_i`` plus a part that depends only on segment ``i``, its neighbours' modes and whether ``b_{i-1}`` was
+kept; and ``A_{i+1} = A_i + K_i + kept_{i-1}``. So, read from the back, the peak of a suffix *relative to*
+``A_i`` obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` for a state ``(kept(b_{i-1}), m_i)``
+(six states), and the peak of a plan is ``B_0 + R_1``:
+
+1. the least achievable peak is a min-max dynamic programme over the six states, linear in ``n``;
+2. a forward pass finds, for each state, the least ``A_i`` of a prefix whose terms fit the budget;
+3. a backward pass keeps, for each state, the Pareto frontier of suffixes over (relative peak ``R_i``, (extra
+   compute, order of the modes)), dropping every suffix that no prefix can complete within the budget.
+   Terms that depend on the next segment's mode (``kept(b_i)``, the backward of ``i``) are evaluated at the
+   transition, when that mode is chosen. Dominance is exact: a suffix no worse in relative peak and in
+   (compute, order) is no worse after any common prefix.
+
+The frontier is exact and usually small (the budget bounds it). Where a state's frontier would exceed
+``frontier_limit`` points (a knapsack-like trade-off on long chains with many distinct sizes), it is thinned:
+the points are bucketed by relative peak and each bucket keeps only its least-compute point, plus the least-peak
+point overall. Thinning only drops candidates, never changes a value, so it never yields a plan over the budget
+and never loses feasibility (the least-peak suffix of every state survives); it may miss the least compute, and
+the plan then says ``exact=False``. The peak a plan reports is always recomputed with :func:`chain_peak`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+import operator
+from dataclasses import dataclass
+from operator import itemgetter
+
+from .errors import BudgetError
+
+__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
+           "exhaustive"]
+
+KEEP, CHECKPOINT, INVERTIBLE = "keep", "checkpoint", "invertible"
+#: The modes, in the order ties are broken (earlier is preferred).
+MODES = (KEEP, CHECKPOINT, INVERTIBLE)
+_RANK = {mode: rank for rank, mode in enumerate(MODES)}
+_K, _C, _I = 0, 1, 2  # the ranks, as the dynamic programme stores modes
+
+#: Largest frontier a state keeps before it is thinned (see the module docstring).
+FRONTIER_LIMIT = 2048
+#: Frontier limits of the planner's passes before the last (which uses ``frontier_limit``): each pass is exact
+#: if no frontier reaches its limit; otherwise its plan bounds the compute of the next pass.
+_PASS_LIMITS = (16, 128)
+#: Number of prices of memory in the Lagrangian bounds of the second pass.
+_MULTIPLIERS = 32
+_WIDEN = 1.0
+_relative_peak = itemgetter(0)  # of a frontier point
+#: Largest chain :func:`exhaustive` accepts (3**14 plans is already millions).
+EXHAUSTIVE_LIMIT = 14
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """Memory and compute of one segment of a chain; see the module docstring for how each is used."""
+
+    name: str
+    input_bytes: int  # B_{i-1}: the boundary value entering the segment
+    output_bytes: int  # B_i: the boundary value it produces (= the next segment's input_bytes)
+    saved_bytes: int  # kept for backward in keep mode, besides its input and output storages
+    transient_bytes: int  # working memory of its backward beyond saved_bytes (gradients in flight)
+    forward_transient_bytes: int  # working memory of its forward when nothing is saved (checkpoint, invertible)
+    saves_input: bool  # in keep mode its ops save its input value
+    saves_output: bool  # in keep mode its ops save its output value
+    flops: float  # forward compute
+    inverse_flops: float | None = None  # extra compute of its inverse; None: it cannot be inverted
+    input_freeable: bool = True  # its input may be freed (False for the caller's input, views, values read later)
+    modes: frozenset[str] = frozenset(MODES)  # modes allowed for it
+    # what an invertible backward holds instead of saved_bytes (a fused backward recomputes one sub-network at
+    # a time); None: saved_bytes, as a checkpoint's recomputation
+    invertible_bytes: int | None = None
+
+    def __post_init__(self):
+        for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
+                           "forward_transient_bytes"):
+            value = getattr(self, field_name)
+            try:
+                value = operator.index(value)
+            except TypeError:
+                raise TypeError(f"segment {self.name!r}: {field_name} must be an integer number of bytes, "
+                                f"not {value!r}") from None
+            if value < 0:
+                raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
+            object.__setattr__(self, field_name, value)
+        if self.invertible_bytes is not None:
+            value = operator.index(self.invertible_bytes)
+            if value < 0:
+                raise ValueError(f"segment {self.name!r}: invertible_bytes is negative ({value})")
+            object.__setattr__(self, "invertible_bytes", value)
+        for field_name in ("flops", "inverse_flops"):
+            value = getattr(self, field_name)
+            if value is None and field_name == "inverse_flops":
+                continue
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"segment {self.name!r}: {field_name} must be a finite number >= 0, not {value!r}")
+        modes = frozenset(self.modes)
+        unknown = modes - set(MODES)
+        if unknown:
+            raise ValueError(f"segment {self.name!r}: unknown modes {sorted(unknown)}; the modes are {MODES}")
+        object.__setattr__(self, "modes", modes)
+
+    def backward_bytes(self, mode: str) -> int:
+        """What its backward holds in ``mode`` besides boundary values: the saved (kept or recomputed)
+        activations and the working memory."""
+        held = self.invertible_bytes if mode == INVERTIBLE and self.invertible_bytes is not None \
+            else self.saved_bytes
+        return held + self.transient_bytes
+
+    @property
+    def allowed_modes(self) -> tuple[str, ...]:
+        """The modes this segment may run in, in tie-break order: ``modes``, less invertible without an inverse."""
+        return tuple(mode for mode in MODES
+                     if mode in self.modes and (mode != INVERTIBLE or self.inverse_flops is not None))
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """The chosen mode of each segment and what it costs under the memory model.
+
+    ``peak``: peak bytes of the plan (:func:`chain_peak`); ``extra_flops``: its extra compute
+    (:func:`chain_extra_flops`); ``plain_peak``: the peak with every segment in keep mode, for reference;
+    ``exact``: False if a frontier was thinned, so the plan fits the budget but may not have the least compute.
+    """
+
+    modes: tuple[str, ...]
+    peak: int
+    extra_flops: float
+    plain_peak: int
+    exact: bool = True
+
+
+def _check_chain(costs) -> tuple[SegmentCost, ...]:
+    costs = tuple(costs)
+    if not costs:
+        raise ValueError("a chain needs at least one segment")
+    for i, cost in enumerate(costs):
+        if not isinstance(cost, SegmentCost):
+            raise TypeError(f"segment {i} is a {type(cost).__name__}, not a SegmentCost")
+    for before, after in zip(costs, costs[1:]):
+        if before.output_bytes != after.input_bytes:
+            raise ValueError(f"segment {before.name!r} produces {before.output_bytes} B but the next segment "
+                             f"{after.name!r} reads {after.input_bytes} B: a boundary has one size")
+    return costs
+
+
+def _kept(before: SegmentCost, mode_before: str, after: SegmentCost, mode_after: str) -> bool:
+    """Whether the boundary between ``before`` and ``after`` is kept from forward to backward."""
+    self_saves = mode_before == KEEP and before.saves_output
+    freed = mode_after == INVERTIBLE and after.input_freeable and not self_saves
+    needed = (mode_after == CHECKPOINT or (mode_after == KEEP and after.saves_input)
+              or (mode_after == INVERTIBLE and not after.input_freeable) or self_saves or mode_before == INVERTIBLE)
+    return needed and not freed
+
+
+def chain_peak(costs, modes) -> int:
+    """Peak bytes of running ``costs`` in ``modes``: the definition of the memory model (module docstring).
+
+    It does not check that a mode is allowed for its segment (:func:`plain_peak` uses keep everywhere)."""
+    costs = _check_chain(costs)
+    modes = tuple(modes)
+    n = len(costs)
+    if len(modes) != n:
+        raise ValueError(f"{len(modes)} modes for {n} segments")
+    for mode in modes:
+        if mode not in _RANK:
+            raise ValueError(f"unknown mode {mode!r}; the modes are {MODES}")
+    sizes = [costs[0].input_bytes] + [cost.output_bytes for cost in costs]  # sizes[j] = B_j
+    # kept[j] for boundaries 1..n-1 (kept[0] and kept[n] are unused: b_0 and b_n are always counted).
+    kept = [True] + [_kept(costs[j - 1], modes[j - 1], costs[j], modes[j]) for j in range(1, n)] + [True]
+    held = [cost.saved_bytes if mode == KEEP else 0 for cost, mode in zip(costs, modes)]  # K_i, 0-based
+
+    terms = [sizes[0] + sizes[n] + sum(held) + sum(sizes[j] for j in range(1, n) if kept[j])]  # F
+    earlier = sizes[0]  # A_i = B_0 + sum_{j<i} K_j + sum_{1<=j<=i-2} kept_j, for i = 1
+    for i in range(1, n + 1):
+        cost, mode = costs[i - 1], modes[i - 1]
+        if i >= 3 and kept[i - 2]:
+            earlier += sizes[i - 2]
+        if i >= 2:
+            earlier += held[i - 2]
+        input_alive = sizes[i - 1] if i >= 2 else 0  # b_0 is inside `earlier` already
+        terms.append(earlier + input_alive + sizes[i]
+                     + (cost.saved_bytes if mode == KEEP else cost.forward_transient_bytes))
+        input_present = i >= 2 and (kept[i - 1] or mode == INVERTIBLE)
+        output_present = i == n or kept[i] or modes[i] == INVERTIBLE
+        terms.append(earlier + (sizes[i - 1] if input_present else 0) + (sizes[i] if output_present else 0)
+                     + sizes[i] + cost.backward_bytes(mode))
+    return max(terms)
+
+
+def chain_extra_flops(costs, modes) -> float:
+    """Extra compute of running ``costs`` in ``modes``: ``flops`` per checkpointed segment, ``flops +
+    inverse_flops`` per invertible one. The sum is correctly rounded (math.fsum), so it is independent of order."""
+    costs = _check_chain(costs)
+    modes = tuple(modes)
+    if len(modes) != len(costs):
+        raise ValueError(f"{len(modes)} modes for {len(costs)} segments")
+    parts = []
+    for cost, mode in zip(costs, modes):
+        if mode == CHECKPOINT:
+            parts.append(cost.flops)
+        elif mode == INVERTIBLE:
+            if cost.inverse_flops is None:
+                raise ValueError(f"segment {cost.name!r} has no inverse, so it cannot be invertible")
+            parts += [cost.flops, cost.inverse_flops]
+        elif mode != KEEP:
+            raise ValueError(f"unknown mode {mode!r}; the modes are {MODES}")
+    return math.fsum(parts)
+
+
+def plain_peak(costs) -> int:
+    """Peak bytes with every segment in keep mode (whether or not keep is allowed for it)."""
+    costs = _check_chain(costs)
+    return chain_peak(costs, (KEEP,) * len(costs))
+
+
+def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int]]:
+    """Extra compute of each segment in each mode as exact integers, on one common scale.
+
+    Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
+    comparisons are exact (two plans of equal compute tie, whatever order their floats would be added in)."""
+    ratios = [float(value).as_integer_ratio() for cost in costs
+              for value in (cost.flops, cost.inverse_flops or 0.0)]
+    scale = max(denominator for _, denominator in ratios)
+
+    def exact(value: float) -> int:
+        numerator, denominator = float(value).as_integer_ratio()
+        return numerator * (scale // denominator)
+
+    table = []
+    for cost in costs:
+        forward = exact(cost.flops)
+        inverse = forward + exact(cost.inverse_flops) if cost.inverse_flops is not None else None
+        table.append((0, forward, inverse))
+    return table
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2 ** 20:.2f} MiB ({nbytes} B)"
+
+
+def _budget_error(budget: int, least: int) -> BudgetError:
+    return BudgetError(f"memory budget {_mib(budget)} cannot be met: the least achievable peak is {_mib(least)}, "
+                       f"with checkpoint/invertible everywhere each segment allows them")
+
+
+def _check_budget(budget) -> int | None:
+    if budget is None:
+        return None
+    try:
+        budget = operator.index(budget)
+    except TypeError:
+        raise TypeError(f"budget must be None or an integer number of bytes, not {budget!r}") from None
+    if budget < 0:
+        raise ValueError(f"budget is negative ({budget} B)")
+    return budget
+
+
+class _Chain:
+    """The chain's numbers as the dynamic programme uses them: modes as ranks, terms relative to ``A_i``.
+
+    Indices are 0-based (``s = i - 1``). A state at segment ``s`` is ``(kept_before, mode)``: whether the
+    boundary entering it was kept, and its mode.
+    """
+
+    def __init__(self, costs: tuple[SegmentCost, ...]):
+        self.costs = costs
+        self.n = n = len(costs)
+        self.input_bytes = costs[0].input_bytes  # B_0, always held
+        self.allowed = []
+        for cost in costs:
+            allowed = tuple(_RANK[mode] for mode in cost.allowed_modes)
+            if not allowed:
+                raise ValueError(f"segment {cost.name!r} allows no mode: modes={sorted(cost.modes)}, "
+                                 f"inverse_flops={cost.inverse_flops}")
+            self.allowed.append(allowed)
+        self.compute = _exact_compute(costs)
+        # b_{i-1} as counted on top of A_i: 0 for the first segment, whose input B_0 is already inside A_i.
+        self.before = [0] + [cost.output_bytes for cost in costs[:-1]]
+        self.after = [cost.output_bytes for cost in costs]
+        # Forward term of segment s relative to A_s, by mode.
+        self.forward = [(b + c.output_bytes + c.saved_bytes, b + c.output_bytes + c.forward_transient_bytes,
+                         b + c.output_bytes + c.forward_transient_bytes)
+                        for b, c in zip(self.before, costs)]
+        # Backward term relative to A_s without its two conditional boundary values: the gradient of b_i,
+        # the (kept or recomputed) saved activations and the backward's working memory.
+        self.backward = [tuple(c.output_bytes + c.backward_bytes(mode) for mode in MODES) for c in costs]
+        self.held = [c.saved_bytes for c in costs]  # K_s in keep mode
+        # kept[s][m][m2]: boundary after segment s kept, for modes m of s and m2 of s + 1.
+        self.kept = [[[_kept(costs[s], MODES[m], costs[s + 1], MODES[m2]) for m2 in range(3)] for m in range(3)]
+                     for s in range(n - 1)]
+        self.states = [[(kb, m) for kb in ((False, True) if s else (False,)) for m in self.allowed[s]]
+                       for s in range(n)]
+
+    def growth(self, s: int, kept_before: bool, m: int) -> int:
+        """``A_{s+1} - A_s``: what segment s holds (K) and the kept boundary before it, once s is done."""
+        return (self.held[s] if m == _K else 0) + (self.before[s] if kept_before else 0)
+
+    def local(self, s: int, kept_before: bool, m: int, m2: int | None) -> int:
+        """The largest term of segment s relative to A_s, given the next segment's mode m2 (None: s is last)."""
+        forward = self.forward[s][m]
+        backward = self.backward[s][m] + (self.before[s] if kept_before or m == _I else 0)
+        if m2 is None:
+            backward += self.after[s]
+            ending = self.growth(s, kept_before, m) + self.after[s]  # F - A_n
+            return max(forward, backward, ending)
+        if self.kept[s][m][m2] or m2 == _I:
+            backward += self.after[s]
+        return max(forward, backward)
+
+
+def _least_suffix_peaks(chain: _Chain) -> list[dict]:
+    """``least[s][state]``: the least ``R_s`` (peak relative to ``A_s``) of any suffix from ``state`` on.
+
+    A min-max recurrence from the back, exact because ``R_s`` grows with ``R_{s+1}``. The least peak of the
+    chain is ``B_0 + min(least[0].values())``."""
+    n = chain.n
+    least = [None] * n
+    least[n - 1] = {state: chain.local(n - 1, *state, None) for state in chain.states[n - 1]}
+    for s in range(n - 2, -1, -1):
+        following, here = least[s + 1], {}
+        for kb, m in chain.states[s]:
+            growth = chain.growth(s, kb, m)
+            here[(kb, m)] = min(max(chain.local(s, kb, m, m2), growth + following[(chain.kept[s][m][m2], m2)])
+                                for m2 in chain.allowed[s + 1])
+        least[s] = here
+    return least
+
+
+def _multipliers(chain: _Chain) -> list[float]:
+    """Prices of memory in compute (compute per byte) for the Lagrangian bounds: 0, and a geometric grid over
+    what freeing a segment's memory by recomputing or inverting it costs."""
+    ratios = []
+    for s, cost in enumerate(chain.costs):
+        for m in chain.allowed[s]:
+            if m != _K and chain.compute[s][m] > 0:
+                for freed in (cost.saved_bytes, cost.saved_bytes + cost.output_bytes,
+                              cost.saved_bytes + cost.output_bytes + cost.input_bytes):
+                    if freed > 0:
+                        ratios.append(chain.compute[s][m] / freed)
+    if not ratios:
+        return [0.0]
+    low, high = min(ratios) / _WIDEN, max(ratios) * _WIDEN
+    steps = _MULTIPLIERS - 1
+    return [0.0] + [low * (high / low) ** (k / max(1, steps - 1)) for k in range(steps)]
+
+
+class _PrefixBounds:
+    """What the backward pass needs to know about the prefixes reaching each state, within a budget.
+
+    ``least[s][state]`` / ``most[s][state]``: the least A_s of a prefix whose terms fit the budget, and an upper
+    bound on the A_s of such a prefix that can still be completed. A state absent from ``least[s]`` is reached
+    by no such prefix. ``hulls[s][state]``: Lagrangian lower bounds on the compute of those prefixes: for each
+    price ``lam``, ``phi = min(compute + lam * A_s)``, so a prefix with ``A_s <= room`` computes at least
+    ``phi - lam * room``; kept as the upper envelope of these lines, by ascending price.
+
+    The smallest A_s is always the best prefix for feasibility (every later term grows with it), so ``least``
+    is exact; ``most`` and ``hulls`` are relaxations (transitions are checked with the least prefix), which is
+    all a bound needs."""
+
+    def __init__(self, chain: _Chain, budget: int, suffix_peaks: list[dict], prices: list[float]):
+        n = chain.n
+        self.least = least = [dict() for _ in range(n)]
+        self.most = most = [dict() for _ in range(n)]
+        lines = [dict() for _ in range(n)]
+        start = chain.input_bytes
+        for state in chain.states[0]:
+            if start + suffix_peaks[0][state] <= budget:
+                least[0][state] = most[0][state] = start
+                lines[0][state] = [price * start for price in prices]
+        for s in range(n - 1):
+            for (kb, m), low in least[s].items():
+                high, phi = most[s][(kb, m)], lines[s][(kb, m)]
+                growth, compute = chain.growth(s, kb, m), chain.compute[s][m]
+                for m2 in chain.allowed[s + 1]:
+                    local = chain.local(s, kb, m, m2)
+                    state = (chain.kept[s][m][m2], m2)
+                    ceiling = budget - suffix_peaks[s + 1][state]  # the most A_{s+1} that can still be completed
+                    if low + local > budget or low + growth > ceiling:
+                        continue
+                    grown_high = min(high, budget - local) + growth
+                    if grown_high > ceiling:
+                        grown_high = ceiling
+                    if state not in least[s + 1]:
+                        least[s + 1][state], most[s + 1][state] = low + growth, grown_high
+                        lines[s + 1][state] = [value + compute + price * growth for value, price in zip(phi, prices)]
+                        continue
+                    if low + growth < least[s + 1][state]:
+                        least[s + 1][state] = low + growth
+                    if grown_high > most[s + 1][state]:
+                        most[s + 1][state] = grown_high
+                    lines[s + 1][state] = [min(old, value + compute + price * growth)
+                                           for old, value, price in zip(lines[s + 1][state], phi, prices)]
+        self.hulls = [{state: _upper_envelope(list(zip(prices, phi))) for state, phi in by_state.items()}
+                      for by_state in lines]
+
+
+def _upper_envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list[float], list[float]]:
+    """The lines ``y = phi - lam * x`` that are the maximum somewhere, by ascending ``lam``, as ``(lams, phis,
+    breaks)``: line ``k`` is the maximum for ``breaks[k] <= x <= breaks[k - 1]`` (``breaks[-1]`` is -inf)."""
+    best = {}
+    for lam, phi in lines:
+        if lam not in best or phi > best[lam]:
+            best[lam] = phi
+    hull = []
+    for lam, phi in sorted(best.items()):
+        while len(hull) >= 2:
+            (lam1, phi1), (lam2, phi2) = hull[-2], hull[-1]
+            # The middle line is on top only for x between its crossings with its neighbours.
+            if (phi - phi2) * (lam2 - lam1) >= (phi2 - phi1) * (lam - lam2):
+                hull.pop()
+            else:
+                break
+        hull.append((lam, phi))
+    lams = [lam for lam, _ in hull]
+    phis = [phi for _, phi in hull]
+    breaks = [(phi2 - phi1) / (lam2 - lam1) for lam1, phi1, lam2, phi2 in zip(lams, phis, lams[1:], phis[1:])]
+    return lams, phis, breaks + [-math.inf]
+
+
+def _thin(points: list, limit: int) -> list:
+    """At most about ``limit`` points of a staircase (relative peak ascending, compute descending): in each of
+    ``limit`` equal bands of compute, the point of least relative peak; and the last (least-compute) point.
+
+    A dropped point is replaced by a kept one of lower relative peak (so it fits wherever the dropped one fit)
+    and at most one band more compute."""
+    high, low = points[0][1], points[-1][1]
+    width = -(-(high - low + 1) // limit)
+    kept, band = [], None
+    for point in points[:-1]:
+        point_band = (high - point[1]) // width
+        if point_band != band:
+            kept.append(point)
+            band = point_band
+    kept.append(points[-1])
+    return kept
+
+
+def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier_limit: int,
+                   upper: int | None) -> tuple[tuple | None, bool]:
+    """Backward pass: the plan of least (compute, peak, mode order) with peak <= budget, as ``((compute, peak,
+    order), ranks)``, or None if every plan was pruned; and whether no frontier was thinned.
+
+    ``upper``: the compute of a plan known to fit, or None. Suffixes whose least possible total (their compute
+    plus a Lagrangian lower bound on any prefix that fits with them) exceeds it are dropped.
+
+    A point at segment s is ``(R, compute, order, next mode, index of the point it extends)``: a suffix from s
+    on, its peak relative to A_s, its exact extra compute, and the rank of its modes in lexicographic order
+    among all points at s (within a state, the rank of the point it extends orders them)."""
+    n = chain.n
+    frontiers = [None] * n
+    exact = True
+    slack = None if upper is None else 1e-9 * abs(upper) + 1.0  # guards the float bounds from rounding
+
+    def ranked(s: int, candidates: dict) -> dict:
+        # The order of a point at s is its modes (m_s, m_{s+1}, ...): its own mode, then its parent's order.
+        keys = sorted({(m, point[2]) for (_, m), points in candidates.items() for point in points})
+        order = {key: rank for rank, key in enumerate(keys)}
+        return {state: [(r, c, order[(state[1], o)], m2, i) for r, c, o, m2, i in points]
+                for state, points in candidates.items()}
+
+    def pruned(s: int, state, staircase: list) -> list:
+        nonlocal exact
+        # A suffix that fits after every prefix that reaches this state (R <= budget - most) needs nothing
+        # from the prefix, so only the least-compute such suffixes matter: any other costs strictly more.
+        universal = budget - prefixes.most[s][state]
+        last = -1
+        while last + 1 < len(staircase) and staircase[last + 1][0] <= universal:
+            last += 1
+        if last > 0:
+            first = last
+            while first > 0 and staircase[first - 1][1] == staircase[last][1]:
+                first -= 1
+            staircase = staircase[first:]
+        # Lagrangian lower bound on the compute of a whole plan through each point: its own compute plus the
+        # least any prefix reaching this state can compute within the room the point leaves it.
+        lams, phis, breaks = prefixes.hulls[s][state]
+        line, totals = 0, []
+        for point in staircase:  # R ascending: the room left to the prefix descends
+            room = budget - point[0]
+            while room < breaks[line]:
+                line += 1
+            totals.append(point[1] + phis[line] - lams[line] * room)
+        if upper is not None:
+            kept = [index for index, total in enumerate(totals) if total <= upper + slack]
+            if len(kept) < len(staircase):
+                staircase, totals = [staircase[i] for i in kept], [totals[i] for i in kept]
+        if len(staircase) > frontier_limit:
+            # Keep the most promising points (least bound), and the least-peak one, which keeps every
+            # state's least-peak suffix alive (so a plan within the budget is always found).
+            best = sorted(range(1, len(staircase)), key=totals.__getitem__)[:frontier_limit - 1]
+            staircase = [staircase[0]] + [staircase[i] for i in sorted(best)]
+            exact = False
+        return staircase
+
+    last = n - 1
+    candidates = {}
+    for state, held in prefixes.least[last].items():
+        relative = chain.local(last, *state, None)
+        if held + relative <= budget:
+            candidates[state] = pruned(last, state, [(relative, chain.compute[last][state[1]], 0, None, None)])
+    frontiers[last] = ranked(last, candidates)
+
+    for s in range(n - 2, -1, -1):
+        following = frontiers[s + 1]
+        candidates = {}
+        for (kb, m), held in prefixes.least[s].items():
+            room = budget - held  # the most R_s a suffix may have here
+            growth = chain.growth(s, kb, m)
+            compute = chain.compute[s][m]
+            pool = []
+            for m2 in chain.allowed[s + 1]:
+                points = following.get((chain.kept[s][m][m2], m2))
+                if not points:
+                    continue
+                local = chain.local(s, kb, m, m2)
+                if local > room:
+                    continue
+                # Points are sorted by R: those that fit the room are a prefix.
+                fitting = bisect.bisect_right(points, room - growth, key=_relative_peak)
+                pool += [(local if local > relative else relative, compute + c, o, m2, index)
+                         for index, (r, c, o, _, _) in enumerate(points[:fitting]) for relative in (growth + r,)]
+            if not pool:
+                continue
+            pool.sort()
+            staircase = []
+            best_compute, best_order = None, None
+            for point in pool:  # keep the points no other beats in both R and (compute, order)
+                if best_compute is None or point[1] < best_compute or (point[1] == best_compute
+                                                                        and point[2] < best_order):
+                    staircase.append(point)
+                    best_compute, best_order = point[1], point[2]
+            staircase = pruned(s, (kb, m), staircase)
+            if staircase:
+                candidates[(kb, m)] = staircase
+        frontiers[s] = ranked(s, candidates)
+
+    # The first segment: A_1 = B_0, so the peak is B_0 + R; choose by (compute, peak, order).
+    best_state, best_index, best_key = None, None, None
+    for state, points in frontiers[0].items():
+        for index, (r, c, o, _, _) in enumerate(points):
+            key = (c, chain.input_bytes + r, o)
+            if best_key is None or key < best_key:
+                best_state, best_index, best_key = state, index, key
+    if best_state is None:
+        return None, exact
+    ranks = [best_state[1]]
+    state, index = best_state, best_index
+    for s in range(n - 1):
+        _, _, _, m2, index = frontiers[s][state][index]
+        ranks.append(m2)
+        state = (chain.kept[s][state[1]][m2], m2)
+    return (best_key, tuple(ranks)), exact
+
+
+def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict],
+                   frontier_limit: int) -> tuple[tuple[int, ...], bool]:
+    """Modes of least (compute, peak, mode order) among plans of peak <= budget (one must exist), and whether
+    the answer is exact.
+
+    Passes with growing frontier limits, up to ``frontier_limit``: the first is exact when no frontier needs
+    thinning (most chains); otherwise the best plan so far bounds the compute of the optimum, so the next pass
+    drops every suffix that cannot beat it, and its frontiers are smaller. It stops at the first exact pass."""
+    prefixes = _PrefixBounds(chain, budget, suffix_peaks, _multipliers(chain))
+    best = None
+    limits = sorted({min(frontier_limit, limit) for limit in _PASS_LIMITS} | {frontier_limit})
+    for limit in limits:
+        found, exact = _frontier_pass(chain, budget, prefixes, limit, None if best is None else best[0][0])
+        if found is not None and (best is None or found[0] < best[0]):
+            best = found
+        if best is None:
+            raise AssertionError("no plan within a budget the least peak fits; the planner has a bug")
+        if exact:
+            break
+    return best[1], exact
+
+
+def plan_chain(costs, budget: int | None = None, *, frontier_limit: int = FRONTIER_LIMIT) -> ChainPlan:
+    """The modes of a chain of segments: of least peak (``budget=None``), or of least extra compute with a peak
+    of at most ``budget`` bytes. Ties and the model: see the module docstring.
+
+    Each segment runs only in its allowed modes (``SegmentCost.allowed_modes``); a segment that allows none
+    raises ValueError. Raises :class:`~invfx.errors.BudgetError` if no plan fits ``budget``, stating the least
+    achievable peak. ``frontier_limit`` caps the planner's frontiers (see the module docstring); a plan made
+    with a thinned frontier fits the budget but says ``exact=False``.
+    """
+    costs = _check_chain(costs)
+    budget = _check_budget(budget)
+    if frontier_limit < 1:
+        raise ValueError(f"frontier_limit must be >= 1, not {frontier_limit}")
+    chain = _Chain(costs)
+    suffix_peaks = _least_suffix_peaks(chain)
+    least = chain.input_bytes + min(suffix_peaks[0].values())
+    if budget is not None and least > budget:
+        raise _budget_error(budget, least)
+    # With no budget, the least peak is the budget: then least compute among the least-peak plans.
+    limit = least if budget is None else budget
+    ranks, exact = _least_compute(chain, limit, suffix_peaks, frontier_limit)
+    modes = tuple(MODES[rank] for rank in ranks)
+    peak = chain_peak(costs, modes)
+    if peak > limit:
+        raise AssertionError(f"planned peak {peak} B over the budget {limit} B; the planner has a bug")
+    return ChainPlan(modes, peak, chain_extra_flops(costs, modes), plain_peak(costs), exact)
+
+
+def exhaustive(costs, budget: int | None = None) -> ChainPlan:
+    """The same answer as :func:`plan_chain`, by trying every plan with :func:`chain_peak`. For tests; at most
+    ``EXHAUSTIVE_LIMIT`` segments."""
+    costs = _check_chain(costs)
+    budget = _check_budget(budget)
+    if len(costs) > EXHAUSTIVE_LIMIT:
+        raise ValueError(f"exhaustive search of {len(costs)} segments: at most {EXHAUSTIVE_LIMIT}")
+    chain = _Chain(costs)  # validates the allowed modes
+    least, best_key, best_modes = None, None, None
+    for ranks in itertools.product(*chain.allowed):
+        modes = tuple(MODES[rank] for rank in ranks)
+        peak = chain_peak(costs, modes)
+        least = peak if least is None else min(least, peak)
+        compute = sum(chain.compute[s][rank] for s, rank in enumerate(ranks))
+        if budget is None:
+            key = (peak, compute, ranks)
+        elif peak <= budget:
+            key = (compute, peak, ranks)
+        else:
+            continue
+        if best_key is None or key < best_key:
+            best_key, best_modes = key, modes
+    if best_modes is None:
+        raise _budget_error(budget, least)
+    return ChainPlan(best_modes, chain_peak(costs, best_modes), chain_extra_flops(costs, best_modes),
+                     plain_peak(costs), True)
