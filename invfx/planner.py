@@ -54,25 +54,36 @@ are turned into exact integers), so the choice never depends on rounding or on t
 How it is solved
 ----------------
 Peak memory is a maximum, not a sum, so a knapsack over per-segment costs is not enough. Every term above is
-``A_i`` plus a part that depends only on segment ``i``, its neighbours' modes and whether ``b_{i-1}`` was
-kept; and ``A_{i+1} = A_i + K_i + kept_{i-1}``. So, read from the back, the peak of a suffix *relative to*
-``A_i`` obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` for a state ``(kept(b_{i-1}), m_i)``
-(six states), and the peak of a plan is ``B_0 + R_1``:
+``A_i`` plus a part that depends only on segment ``i``, its neighbours' modes and whether ``b_{i-1}`` was kept;
+and ``A_{i+1} = A_i + K_i + kept_{i-1}``. So, read from the back, the peak of a suffix *relative to* ``A_i``
+obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` in a state ``(kept(b_{i-1}), m_i)`` (at most
+six), and the peak of a plan is ``B_0 + R_1``. The terms that depend on the next segment's mode (``kept(b_i)``,
+the backward of ``i``) are evaluated at the transition, when that mode is chosen.
 
-1. the least achievable peak is a min-max dynamic programme over the six states, linear in ``n``;
-2. a forward pass finds, for each state, the least ``A_i`` of a prefix whose terms fit the budget;
-3. a backward pass keeps, for each state, the Pareto frontier of suffixes over (relative peak ``R_i``, (extra
-   compute, order of the modes)), dropping every suffix that no prefix can complete within the budget.
-   Terms that depend on the next segment's mode (``kept(b_i)``, the backward of ``i``) are evaluated at the
-   transition, when that mode is chosen. Dominance is exact: a suffix no worse in relative peak and in
-   (compute, order) is no worse after any common prefix.
+1. The least achievable peak: a min-max dynamic programme over the states, from the back, linear in ``n``.
+   With ``budget=None`` it is the budget of what follows (least compute among the least-peak plans).
+2. Prefix bounds, forward, linear: for each state, the least ``A_i`` of a prefix whose terms fit the budget
+   (exact: a smaller ``A_i`` is always better for what follows), an upper bound on the ``A_i`` of such a
+   prefix, and Lagrangian lower bounds on its compute: for prices ``lam`` of memory in compute,
+   ``phi = min(compute + lam * A_i)`` over prefixes, so a prefix with ``A_i <= room`` computes at least
+   ``phi - lam * room``.
+3. A backward pass keeps, for each state, the Pareto frontier of suffixes over (``R_i``, (extra compute, order
+   of the modes)). Dominance is exact: a suffix no worse in ``R_i`` and in (compute, order) is no worse after any
+   common prefix. Also dropped, exactly: suffixes that no prefix completes within the budget; of those that fit
+   after every prefix, all but the least-compute ones; and, given the compute ``U`` of a plan known to fit,
+   those whose compute plus the Lagrangian bound on the prefix that can precede them exceeds ``U``.
+4. Frontiers are capped, in passes of growing caps: ``frontier_limit // 128``, ``// 16`` and ``frontier_limit``
+   (16, 128, 2048 by default). A frontier over its cap keeps the points of least Lagrangian bound and the
+   point of least ``R_i`` (so every pass finds a plan within the budget); each pass after the first is pruned
+   with ``U`` = the best plan so far. The first pass in which no frontier reaches its cap is exact and ends the
+   search.
 
-The frontier is exact and usually small (the budget bounds it). Where a state's frontier would exceed
-``frontier_limit`` points (a knapsack-like trade-off on long chains with many distinct sizes), it is thinned:
-the points are bucketed by relative peak and each bucket keeps only its least-compute point, plus the least-peak
-point overall. Thinning only drops candidates, never changes a value, so it never yields a plan over the budget
-and never loses feasibility (the least-peak suffix of every state survives); it may miss the least compute, and
-the plan then says ``exact=False``. The peak a plan reports is always recomputed with :func:`chain_peak`.
+If even the last pass had to cap a frontier, the best plan found is returned with ``exact=False``. It fits the
+budget (capping only drops candidates and never changes a value; rounding the running sums up to a coarser grid
+would be as safe, but loses more), but it may compute more than the least. In
+``benchmarks/plan_speed.py`` that happens only for long chains of all-different segments (1000 ResNet blocks
+with random jitter); 200 such segments, and long chains of repeated identical blocks, are planned exactly.
+The peak a plan reports is always recomputed with :func:`chain_peak`.
 """
 
 from __future__ import annotations
@@ -95,14 +106,13 @@ MODES = (KEEP, CHECKPOINT, INVERTIBLE)
 _RANK = {mode: rank for rank, mode in enumerate(MODES)}
 _K, _C, _I = 0, 1, 2  # the ranks, as the dynamic programme stores modes
 
-#: Largest frontier a state keeps before it is thinned (see the module docstring).
+#: Largest frontier a state keeps in the last pass; above it the plan may not be exact (see the module docstring).
 FRONTIER_LIMIT = 2048
-#: Frontier limits of the planner's passes before the last (which uses ``frontier_limit``): each pass is exact
-#: if no frontier reaches its limit; otherwise its plan bounds the compute of the next pass.
-_PASS_LIMITS = (16, 128)
-#: Number of prices of memory in the Lagrangian bounds of the second pass.
+#: The planner's passes use frontier limits ``frontier_limit // shrink`` (16, 128, 2048 by default): each pass is
+#: exact if no frontier reaches its limit; otherwise its plan bounds the compute of the next pass.
+_PASS_SHRINK = (128, 16, 1)
+#: Number of prices of memory in the Lagrangian bounds.
 _MULTIPLIERS = 32
-_WIDEN = 1.0
 _relative_peak = itemgetter(0)  # of a frontier point
 #: Largest chain :func:`exhaustive` accepts (3**14 plans is already millions).
 EXHAUSTIVE_LIMIT = 14
@@ -397,7 +407,7 @@ def _multipliers(chain: _Chain) -> list[float]:
                         ratios.append(chain.compute[s][m] / freed)
     if not ratios:
         return [0.0]
-    low, high = min(ratios) / _WIDEN, max(ratios) * _WIDEN
+    low, high = min(ratios), max(ratios)
     steps = _MULTIPLIERS - 1
     return [0.0] + [low * (high / low) ** (k / max(1, steps - 1)) for k in range(steps)]
 
@@ -448,13 +458,19 @@ class _PrefixBounds:
                         most[s + 1][state] = grown_high
                     lines[s + 1][state] = [min(old, value + compute + price * growth)
                                            for old, value, price in zip(lines[s + 1][state], phi, prices)]
-        self.hulls = [{state: _upper_envelope(list(zip(prices, phi))) for state, phi in by_state.items()}
+        # Floats: each phi is lowered by far more than the rounding of its n additions (relative 1e-16 each) on
+        # the scale of the numbers involved, so every line stays a lower bound.
+        self.hulls = [{state: _upper_envelope([(price, value - 1e-9 * (abs(value) + price * budget) - 1.0)
+                                               for price, value in zip(prices, phi)])
+                       for state, phi in by_state.items()}
                       for by_state in lines]
 
 
 def _upper_envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list[float], list[float]]:
     """The lines ``y = phi - lam * x`` that are the maximum somewhere, by ascending ``lam``, as ``(lams, phis,
-    breaks)``: line ``k`` is the maximum for ``breaks[k] <= x <= breaks[k - 1]`` (``breaks[-1]`` is -inf)."""
+    breaks)``: line ``k`` is the maximum for ``breaks[k] <= x <= breaks[k - 1]`` (``breaks[-1]`` is -inf).
+
+    Each line alone is a lower bound, so float rounding here can only weaken the pruning, never make it wrong."""
     best = {}
     for lam, phi in lines:
         if lam not in best or phi > best[lam]:
@@ -475,24 +491,6 @@ def _upper_envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list
     return lams, phis, breaks + [-math.inf]
 
 
-def _thin(points: list, limit: int) -> list:
-    """At most about ``limit`` points of a staircase (relative peak ascending, compute descending): in each of
-    ``limit`` equal bands of compute, the point of least relative peak; and the last (least-compute) point.
-
-    A dropped point is replaced by a kept one of lower relative peak (so it fits wherever the dropped one fit)
-    and at most one band more compute."""
-    high, low = points[0][1], points[-1][1]
-    width = -(-(high - low + 1) // limit)
-    kept, band = [], None
-    for point in points[:-1]:
-        point_band = (high - point[1]) // width
-        if point_band != band:
-            kept.append(point)
-            band = point_band
-    kept.append(points[-1])
-    return kept
-
-
 def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier_limit: int,
                    upper: int | None) -> tuple[tuple | None, bool]:
     """Backward pass: the plan of least (compute, peak, mode order) with peak <= budget, as ``((compute, peak,
@@ -507,13 +505,20 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
     n = chain.n
     frontiers = [None] * n
     exact = True
-    slack = None if upper is None else 1e-9 * abs(upper) + 1.0  # guards the float bounds from rounding
+    # The bounds are floats: the compute they add to (exact integers) may round, by far less than this.
+    slack = None if upper is None else 1e-9 * abs(upper) + 1.0
 
-    def ranked(s: int, candidates: dict) -> dict:
-        # The order of a point at s is its modes (m_s, m_{s+1}, ...): its own mode, then its parent's order.
-        keys = sorted({(m, point[2]) for (_, m), points in candidates.items() for point in points})
-        order = {key: rank for rank, key in enumerate(keys)}
-        return {state: [(r, c, order[(state[1], o)], m2, i) for r, c, o, m2, i in points]
+    def ranked(candidates: dict) -> dict:
+        # The order of a point at s is that of its modes (m_s, m_{s+1}, ...): its state's mode, then the order of
+        # the point it extends. Dense ranks keep the numbers small.
+        by_mode = {}
+        for (_, m), points in candidates.items():
+            by_mode.setdefault(m, set()).update(point[2] for point in points)
+        rank_of, offset = {}, 0
+        for m in sorted(by_mode):
+            rank_of[m] = {parent: offset + rank for rank, parent in enumerate(sorted(by_mode[m]))}
+            offset += len(by_mode[m])
+        return {state: (points, [rank_of[state[1]][point[2]] for point in points])
                 for state, points in candidates.items()}
 
     def pruned(s: int, state, staircase: list) -> list:
@@ -556,7 +561,7 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
         relative = chain.local(last, *state, None)
         if held + relative <= budget:
             candidates[state] = pruned(last, state, [(relative, chain.compute[last][state[1]], 0, None, None)])
-    frontiers[last] = ranked(last, candidates)
+    frontiers[last] = ranked(candidates)
 
     for s in range(n - 2, -1, -1):
         following = frontiers[s + 1]
@@ -567,16 +572,21 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
             compute = chain.compute[s][m]
             pool = []
             for m2 in chain.allowed[s + 1]:
-                points = following.get((chain.kept[s][m][m2], m2))
+                points, orders = following.get((chain.kept[s][m][m2], m2), (None, None))
                 if not points:
                     continue
                 local = chain.local(s, kb, m, m2)
                 if local > room:
                     continue
-                # Points are sorted by R: those that fit the room are a prefix.
+                # Points are sorted by R (and compute descends): those that fit the room are a prefix, and of
+                # those whose R stays under this segment's own terms, all get R = local, so only the last
+                # (least compute) can be on the staircase.
                 fitting = bisect.bisect_right(points, room - growth, key=_relative_peak)
-                pool += [(local if local > relative else relative, compute + c, o, m2, index)
-                         for index, (r, c, o, _, _) in enumerate(points[:fitting]) for relative in (growth + r,)]
+                start = max(0, bisect.bisect_right(points, local - growth, 0, fitting, key=_relative_peak) - 1)
+                pool += [(local if local > relative else relative, compute + point[1], order, m2, index)
+                         for index, point, order in zip(range(start, fitting), points[start:fitting],
+                                                        orders[start:fitting])
+                         for relative in (growth + point[0],)]
             if not pool:
                 continue
             pool.sort()
@@ -590,13 +600,13 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
             staircase = pruned(s, (kb, m), staircase)
             if staircase:
                 candidates[(kb, m)] = staircase
-        frontiers[s] = ranked(s, candidates)
+        frontiers[s] = ranked(candidates)
 
     # The first segment: A_1 = B_0, so the peak is B_0 + R; choose by (compute, peak, order).
     best_state, best_index, best_key = None, None, None
-    for state, points in frontiers[0].items():
-        for index, (r, c, o, _, _) in enumerate(points):
-            key = (c, chain.input_bytes + r, o)
+    for state, (points, orders) in frontiers[0].items():
+        for index, ((r, c, _, _, _), order) in enumerate(zip(points, orders)):
+            key = (c, chain.input_bytes + r, order)
             if best_key is None or key < best_key:
                 best_state, best_index, best_key = state, index, key
     if best_state is None:
@@ -604,7 +614,7 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
     ranks = [best_state[1]]
     state, index = best_state, best_index
     for s in range(n - 1):
-        _, _, _, m2, index = frontiers[s][state][index]
+        _, _, _, m2, index = frontiers[s][state][0][index]
         ranks.append(m2)
         state = (chain.kept[s][state[1]][m2], m2)
     return (best_key, tuple(ranks)), exact
@@ -620,16 +630,17 @@ def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict],
     drops every suffix that cannot beat it, and its frontiers are smaller. It stops at the first exact pass."""
     prefixes = _PrefixBounds(chain, budget, suffix_peaks, _multipliers(chain))
     best = None
-    limits = sorted({min(frontier_limit, limit) for limit in _PASS_LIMITS} | {frontier_limit})
+    limits = sorted({max(1, frontier_limit // shrink) for shrink in _PASS_SHRINK})
     for limit in limits:
-        found, exact = _frontier_pass(chain, budget, prefixes, limit, None if best is None else best[0][0])
-        if found is not None and (best is None or found[0] < best[0]):
-            best = found
+        found, exact = _frontier_pass(chain, budget, prefixes, limit, None if best is None else best[0])
+        if exact and found is not None:
+            return found[1], True
+        # A pass's order ranks are its own: across passes, compare the modes themselves.
+        if found is not None and (best is None or (found[0][0], found[0][1], found[1]) < best):
+            best = (found[0][0], found[0][1], found[1])
         if best is None:
             raise AssertionError("no plan within a budget the least peak fits; the planner has a bug")
-        if exact:
-            break
-    return best[1], exact
+    return best[2], False
 
 
 def plan_chain(costs, budget: int | None = None, *, frontier_limit: int = FRONTIER_LIMIT) -> ChainPlan:
