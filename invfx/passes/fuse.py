@@ -92,9 +92,35 @@ class _Rebuild(fx.Interpreter):
         self.graph_values: dict[str, object] = {}  # a sub-network's frontier values, with their graph
         self.recomputed: set[str] = set()  # every sub-network value run so far (inner ones are not held)
         self.stand_ins: dict[str, torch.Tensor] = {}
+        self.write_into: dict[fx.Node, int] = {}  # nodes making a freed input: its argument position
+        self.ctx = None
+
+    def _cat_into_storage(self, n: fx.Node) -> torch.Tensor | None:
+        """A rebuilt input that is a concatenation (split's inverse) is written straight into the freed
+        input's own storage: no temporary the size of the input, and no copy into the storage afterwards."""
+        from ..inverses.shape import split_inverse  # (the registry imports the passes' helpers)
+
+        if n.op != "call_module":
+            return None
+        module = self.fetch_attr(n.target)
+        if getattr(module, "function", None) is not split_inverse or n.kwargs:
+            return None
+        pieces, *rest = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
+        dim = rest[0] if rest else 0
+        if not isinstance(pieces, (tuple, list)) or not isinstance(dim, int):
+            return None
+        buffer = self.ctx.input_buffer(self.write_into[n])
+        if buffer is None:
+            return None
+        with torch.no_grad():
+            return torch.cat(list(pieces), dim, out=buffer)
 
     def run_node(self, n: fx.Node):
         value = _value(n)
+        if n in self.write_into:
+            written = self._cat_into_storage(n)
+            if written is not None:
+                return written
         if not (n.meta.get("invfx_recompute") and value in self.fused.recomputed):
             with torch.no_grad():
                 return super().run_node(n)
@@ -145,6 +171,10 @@ class FusedReplay(_Analysis):
                     units.append(component)
             elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
+        output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
+        # the node making each rebuilt input, if it makes nothing else (it may then write into its storage)
+        self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
+                           if isinstance(node, fx.Node) and len(node.users) == 1}
         self.units = units  # reverse topological order; a sub-network where its last node is
         self.inverted = [n.meta["invfx_inverts"] for n in rebuild_body.graph.nodes if "invfx_inverts" in n.meta]
         self.readers: dict[str, int] = {}  # how many node units read each value (it is dropped after the last)
@@ -228,6 +258,7 @@ class _Sweep:
             # the interpreter is reused: it must not keep this run's values (a region's rebuilt inputs) alive
             rebuild = self.rebuild
             rebuild.env, rebuild.graph_values, rebuild.recomputed, rebuild.stand_ins = {}, {}, set(), {}
+            rebuild.ctx, rebuild.write_into = None, {}
             rebuild.args_iter = iter(())
 
     def _run(self):
@@ -242,6 +273,8 @@ class _Sweep:
         rebuild.args_iter = iter([o.detach() if isinstance(o, torch.Tensor) else o for o in outputs] +
                                  [kept[p].detach() for p in staged.kept])
         rebuild.env = {}
+        rebuild.ctx = ctx
+        rebuild.write_into = staged.write_into
         pending = list(staged.units)
         rebuilt = None
         for node in staged.rebuild_body.graph.nodes:

@@ -419,9 +419,12 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
             result = rebuild_graph.create_node(
                 "call_module", helper, (*head, renv[step.node], *_map(rebuild_graph, renv, args)),
                 _map(rebuild_graph, renv, kwargs), name=solved.name if isinstance(solved, fx.Node) else None)
-            if not (rule.risk is Risk.EXACT and rule.inverse.__module__.startswith("invfx.inverses.")):
-                # the fused replay checks op(rebuilt, known) == out; built-in exact rules only move values
-                # (cat/split, reshapes, flips), and checking them would copy whole tensors for nothing
+            if rule.risk is Risk.MAY_BLOW_UP or not rule.inverse.__module__.startswith("invfx.inverses."):
+                # The fused replay checks op(rebuilt, known) == out for user rules (they may be wrong) and
+                # inverses that may blow up (a solve with a singular matrix). A built-in exact or
+                # well-conditioned inverse passes that check by construction (fl(fl(y - f) + f) is y to an
+                # ulp, whatever the cancellation in y - f), so checking it would cost passes over whole tensors
+                # for nothing; drift along a chain is measured when planning (validate.py).
                 result.meta["invfx_inverts"] = step.node.name
             if isinstance(solved, fx.Node):
                 renv[solved] = _tag(result, solved)

@@ -107,9 +107,10 @@ def tolerance_for(dtype: torch.dtype, computed_in: Sequence[torch.dtype] = ()) -
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     """max |got - expected| / max |expected| (NaN or inf when either is not finite)."""
     with torch.no_grad():
-        scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-        difference = got.detach().to(expected.dtype) - expected
-        return (difference.abs_().max().float() / scale).item()  # one temporary, not two
+        # the inf-norm is one pass with no temporary (abs().max() is two passes and a temporary)
+        scale = torch.linalg.vector_norm(expected, float("inf")).float().clamp_min(torch.finfo(torch.float32).tiny)
+        difference = torch.sub(got.detach().to(expected.dtype), expected)
+        return (torch.linalg.vector_norm(difference, float("inf")).float() / scale).item()
 
 
 @dataclass(frozen=True)
@@ -678,6 +679,7 @@ class ReplayContext:
         # it then returns the recomputed outputs (None where it recomputed none) for the reconstruction check.
         self.gradients: tuple[dict, dict] | None = None
         self._leaves: dict[int, Any] = {}
+        self._buffers: set[int] = set()  # slots whose storage input_buffer gave back, awaiting their value
         self._checkpointed = call.region.mode == CHECKPOINT
         split = len(saved) - call.num_params
         saved, self.params = saved[:split], saved[split:]
@@ -719,7 +721,7 @@ class ReplayContext:
             return call.template[position]
         slot = call.position_slot[position]
         shape, dtype, device, requires_grad = call.input_meta[slot]
-        tensor = self._available(slot)
+        tensor = self._available(slot) if slot not in self._buffers else None
         if tensor is None:
             if not isinstance(value, torch.Tensor):
                 raise InverseError(f"{call.name}: argument {position} is not in memory and the inverse did not "
@@ -738,6 +740,19 @@ class ReplayContext:
             leaf.requires_grad_()
         self._leaves[position] = leaf
         return leaf
+
+    def input_buffer(self, position: int) -> torch.Tensor | None:
+        """For a freed argument still to be rebuilt: its own storage given back, uninitialised, as a tensor of
+        its shape, for a replay to write the rebuilt value into (then ``input(position, buffer)`` copies
+        nothing). None for any other argument."""
+        call = self._call
+        slot = call.position_slot.get(position)
+        if position in self._leaves or slot is None or slot not in call.freed or \
+                self._available(slot) is not None:
+            return None
+        alias, nbytes = call.freed[slot]
+        self._buffers.add(slot)
+        return restore_storage(alias, nbytes)
 
     def check_value(self, recomputed: torch.Tensor, expected: torch.Tensor, what: str) -> None:
         """Check a value recomputed from rebuilt ones against the value it must equal (a replay verifying each

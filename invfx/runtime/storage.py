@@ -74,12 +74,20 @@ def free_storage(tensor: torch.Tensor) -> int:
     return nbytes
 
 
-def restore_storage(tensor: torch.Tensor, nbytes: int, values: torch.Tensor) -> None:
-    """Give ``tensor`` its ``nbytes`` back and fill it with ``values`` without touching its version counter."""
+def restore_storage(tensor: torch.Tensor, nbytes: int, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Give ``tensor`` its ``nbytes`` back and fill it with ``values`` without touching its version counter.
+
+    Returns the fresh alias it wrote through. Without ``values`` the bytes come back uninitialised, for a
+    caller that writes the alias itself (``torch.cat(pieces, out=alias)`` saves a copy); values already in
+    that storage are not copied again."""
     storage = tensor.untyped_storage()
     if storage.nbytes() != nbytes:
         storage.resize_(nbytes)
     alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
     alias.set_(storage, tensor.storage_offset(), tensor.size(), tensor.stride())
-    with torch.no_grad():
-        alias.copy_(values)
+    if values is not None and not (values.untyped_storage().data_ptr() == storage.data_ptr()
+                                   and values.storage_offset() == tensor.storage_offset()
+                                   and values.stride() == tensor.stride() and values.dtype == tensor.dtype):
+        with torch.no_grad():
+            alias.copy_(values)
+    return alias
