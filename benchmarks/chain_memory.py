@@ -51,7 +51,7 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import apply_profile, depths, even, positive
+from invfx.argtypes import write_report, apply_profile, depths, even, positive
 import invfx.nn as inn
 from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory, mib
@@ -222,16 +222,9 @@ def main(argv=None) -> int:
     lines = ["# Chain of additive couplings: peak memory and step time of one training step", "",
              config, "", table, "", ratio_line, goal_line, *check_lines, "",
              f"run took {elapsed:.0f} s on {datetime.date.today().isoformat()}"]
-    text = "\n".join(lines)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    print(f"written to {args.output}")
-    if not goal_met:
-        print(f"FAIL: invertible peak ratio {ratios['invertible']:.3f} > {GOAL_RATIO}", file=sys.stderr)
-    if not grads_ok:
-        print("FAIL: a mode's outputs or gradients differ from plain autograd", file=sys.stderr)
-    return 0 if goal_met and grads_ok else 1
+    failures = ([] if goal_met else [f"invertible peak ratio {ratios['invertible']:.3f} > {GOAL_RATIO}"]) + \
+        ([] if grads_ok else ["a mode's outputs or gradients differ from plain autograd"])
+    return write_report(lines, args.output, failures)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import apply_profile, depths, even, positive
+from invfx.argtypes import write_report, apply_profile, depths, even, positive
 from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory, mib
 from invfx.timing import interleaved_medians
 
@@ -415,14 +415,7 @@ def main(argv=None) -> int:
              f"gradient checks on a batch of {CHECK_BATCH}, same weights, `.grad` pre-allocated:", "",
              *(f"- {line}" for line in check_lines), *(f"- {note}" for note in notes), "",
              f"run took {elapsed:.0f} s on {datetime.date.today().isoformat()}"]
-    text = "\n".join(lines)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    print(f"written to {args.output}")
-    for failure in failures:
-        print(f"FAIL: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return write_report(lines, args.output, failures)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 import invfx
-from invfx.argtypes import apply_profile, positive
+from invfx.argtypes import write_report, apply_profile, positive
 from invfx.examples import ResNet
 from invfx.memory import cpu_peak_memory, mib
 
@@ -385,14 +385,7 @@ def main(argv=None) -> int:
     lines = ["# A plain ResNet at memory budgets: checkpoint_sequential, torch.compile, invfx", "", config, "",
              table, "", *(f"- {note}" for note in notes), "",
              f"run took {time.perf_counter() - started:.0f} s on {datetime.date.today().isoformat()}"]
-    text = "\n".join(lines)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text + "\n")
-    print(f"written to {args.output}")
-    for failure in failures:
-        print(f"FAIL: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return write_report(lines, args.output, failures)
 
 
 if __name__ == "__main__":

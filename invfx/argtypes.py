@@ -1,10 +1,12 @@
-"""argparse types shared by ``python -m invfx`` and the benchmark scripts."""
+"""argparse types and the report writer shared by ``python -m invfx`` and the benchmark scripts."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-__all__ = ["positive", "even", "depths", "apply_profile"]
+__all__ = ["positive", "even", "depths", "apply_profile", "write_report"]
 
 
 def positive(text: str) -> int:
@@ -40,3 +42,16 @@ def apply_profile(args: argparse.Namespace, profile: dict) -> argparse.Namespace
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def write_report(lines: list[str], output: Path, failures: list[str]) -> int:
+    """Print a benchmark's markdown report, write it to ``output``, say each failure on stderr; the exit status
+    (1 if anything failed)."""
+    text = "\n".join(lines)
+    print(text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+    print(f"written to {output}")
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..planner import SegmentCost
 from ..runtime.storage import storage_key
 from .annotate import node_bytes, numel
+from .fuse import tensors_in
 from .rewrite import BodyRegion, InvertibleRegion
 
 __all__ = ["RegionCosts", "measure_costs"]
@@ -71,7 +72,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
                 recorded.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             order.append(name)
             record = records.setdefault(name, {"saved": {}})
-            record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in _tensors(args)}
+            record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
             record["counter"] = FlopCounterMode(display=False)
             record["counter"].__enter__()
             current[0] = name
@@ -82,7 +83,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
             record = records[name]
             record["counter"].__exit__(None, None, None)
             record["flops"] = record.pop("counter").get_total_flops()
-            record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in _tensors(output)}
+            record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(output)}
             current[0] = None
         return hook
 
@@ -145,15 +146,6 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     return RegionCosts(costs, sum(outside.values()))
 
 
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
-
 
 def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -> int:
     """What an invertible region's fused backward holds at most besides its boundary values: the activations
@@ -191,4 +183,3 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -
             saved.update(saved_by.get(value, {}))  # (a tensor two of its nodes save counts once)
         largest = max(largest, sum(saved.values()))
     return largest
-

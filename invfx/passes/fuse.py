@@ -339,7 +339,7 @@ class _Sweep:
                 redone = self._evaluate(node, args, kwargs)
             expected = self.values[name]
             target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-            for got, want in zip(_tensors(redone), _tensors(expected)):
+            for got, want in zip(tensors_in(redone), tensors_in(expected)):
                 self.ctx.check_value(got, want, f"{name} (undone by {target})")
         self.checks = remaining if not final else []
 
@@ -543,11 +543,14 @@ _SUB = {operator.sub, torch.sub, "sub"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _tensors(value) -> list:
+def tensors_in(value) -> list:
+    """The tensors in a value, nested tuples, lists and dicts included, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [v for item in value for v in _tensors(item)]
+        return [v for item in value for v in tensors_in(item)]
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in tensors_in(item)]
     return []
 
 
