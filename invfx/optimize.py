@@ -17,7 +17,6 @@ from .passes.cost import measure_costs
 from .passes.rewrite import apply_modes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
 from .passes.validate import check_reconstruction
-from .memory import peak_memory
 from .planner import plain_peak, plan_chain
 
 __all__ = ["optimize", "OptimizedModule", "Plan"]
@@ -253,33 +252,19 @@ def _measured_miss(budget, peak: int, plain: int, which: str) -> BudgetError:
 
 
 def _measure_step(module: nn.Module, inputs) -> int:
-    """Peak bytes of one training step of ``module`` on ``inputs`` above what was allocated before, leaving
-    parameters' gradients, buffers and the RNG as they were."""
+    """Peak bytes of one training step of ``module`` on ``inputs`` (:func:`invfx.measure`), leaving parameters'
+    gradients, buffers (BatchNorm statistics) and the RNG as they were."""
+    from .measure import measure  # (measure reports to a module's plan, which lives here)
+
     params = list(module.parameters())
     grads = [p.grad for p in params]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
-    training = module.training
-    leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-
-    def step():
-        out = module(*leaves)
-        first = next(iter(out.values())) if isinstance(out, dict) else out[0] if isinstance(out, (tuple, list)) \
-            else out
-        first.float().sum().backward()
-
     try:
-        module.train()
         for p in params:
             p.grad = None
-        step()  # allocates .grad: the measured step then allocates activations and temporaries only
-        for p in params:
-            if p.grad is not None:
-                p.grad.zero_()
-        peak, _ = peak_memory(step, inputs[0].device if inputs else "cpu")
-        return peak
+        return measure(module, *inputs, steps=1).peak_bytes
     finally:
-        module.train(training)
         for p, grad in zip(params, grads):
             p.grad = grad
         with torch.no_grad():
