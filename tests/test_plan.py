@@ -180,3 +180,36 @@ def test_the_report_and_its_dictionary():
     measurement = invfx.measure(optimized, x, steps=2, baseline=model)
     assert "measured" in str(optimized.plan) and optimized.plan.to_dict()["measured"] is not None
     assert measurement.peak_ratio is not None
+
+
+def test_single_tensor_cuts_are_the_outputs_dominators():
+    """Where a plain run is cut (one tensor flows on), in graph terms: the values every path from the inputs
+    to the output goes through, the output's dominators in the data-flow graph (networkx)."""
+    import networkx as nx
+    import torch.fx as fx
+
+    from invfx.passes.segments import _cuttable, live_values
+
+    model = ResNet(depth=3, channels=4)
+    traced = fx.symbolic_trace(model)
+    invfx.passes.annotate(traced, (torch.randn(2, 3, 8, 8),))  # (tensor metadata: what a cut may carry)
+    graph = traced.graph
+    nodes = [n for n in graph.nodes if n.op != "get_attr"]
+    flow = nx.DiGraph()
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                flow.add_edge(arg, node)
+        if node.op == "placeholder":
+            flow.add_edge("source", node)
+    output = next(n for n in nodes if n.op == "output")
+    idom = nx.immediate_dominators(flow, "source")
+    dominators, node = set(), idom[output]
+    while node != "source":
+        dominators.add(node)
+        node = idom[node]
+    live = live_values(list(graph.nodes))
+    single = {v for s in live for v in s if len(s) == 1}
+    cuts = {v for v in single if _cuttable(v)}
+    assert cuts == {d for d in dominators if _cuttable(d)}
+    assert len(cuts) >= 3 + 2  # at least each block's output, the stem's and the head's steps
