@@ -83,7 +83,18 @@ class _Analysis:
         return list(groups.values())
 
 
-class _Rebuild(fx.Interpreter):
+class _Interpreter(fx.Interpreter):
+    """An interpreter that looks each attribute up once: a body's modules and tensors are fixed when it is made
+    (they are its own attributes), and walking ``blocks.3.F.0`` at every node of every backward adds up."""
+
+    def fetch_attr(self, target: str):
+        cache = self.__dict__.setdefault("_attributes", {})
+        if target not in cache:
+            cache[target] = super().fetch_attr(target)
+        return cache[target]
+
+
+class _Rebuild(_Interpreter):
     """Phase A: the rebuild body under no_grad, but recomputed sub-networks with grad from stand-ins."""
 
     def __init__(self, module, fused: _Analysis, garbage_collect: bool = False):
@@ -191,7 +202,7 @@ class FusedReplay(_Analysis):
     def forward_interpreter(self) -> fx.Interpreter:
         """Runs single forward nodes (stateless here: made once; its set-up walks every submodule)."""
         if getattr(self, "_forward_interpreter", None) is None:
-            self._forward_interpreter = fx.Interpreter(self.forward_body)
+            self._forward_interpreter = _Interpreter(self.forward_body)
         return self._forward_interpreter
 
     def rebuild_interpreter(self) -> "_Rebuild":

@@ -59,6 +59,10 @@ __all__ = ["Region", "Discovery", "ReplayContext", "RegionFunction", "checkpoint
            "run_region",
            "rng_mark", "rng_marks"]
 
+#: A parameter at least this big gets its gradient into ``.grad`` the moment the engine has it, in a replay
+#: (see :meth:`ReplayContext.differentiate`); smaller ones are handed on with the rest.
+STREAM_BYTES = 64 * 1024
+
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
 
@@ -778,7 +782,8 @@ class ReplayContext:
         inputs, params = list(inputs), list(params)
         if not roots or not (inputs or params):
             return [None] * len(inputs), [None] * len(params)
-        direct = [p for p in params if id(p) in self.direct_params]
+        # (a hook costs microseconds: small parameters' gradients are held to the end, which costs nothing)
+        direct = [p for p in params if id(p) in self.direct_params and p.numel() * p.element_size() >= STREAM_BYTES]
         with hooks_silenced(params):
             handles = [p.register_hook(_into_grad_hook(p)) for p in direct]
             try:
@@ -786,7 +791,8 @@ class ReplayContext:
             finally:
                 for handle in handles:
                     handle.remove()
-        param_grads = [None if id(p) in self.direct_params else g for p, g in zip(params, found[len(inputs):])]
+        streamed = {id(p) for p in direct}
+        param_grads = [None if id(p) in streamed else g for p, g in zip(params, found[len(inputs):])]
         return list(found[:len(inputs)]), param_grads
 
     def reset_rng(self) -> None:
