@@ -1,11 +1,13 @@
 """The ``invfx`` command (``python -m invfx``): ``invfx demo`` compares plain autograd, torch.utils.checkpoint
-and invfx's invertible chain on a small training run."""
+and invfx's invertible chain on a small training run; ``invfx plan FILE:FACTORY --input-shape ...`` prints the
+memory plan of your model."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from . import cli_plan
 from .argtypes import even, positive
 
 
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=even, default=512, help="features per sample, even (default 512)")
     demo.add_argument("--batch", type=positive, default=256, help="batch size (default 256)")
     demo.add_argument("--steps", type=positive, default=3, help="timed SGD steps per mode (default 3)")
+    cli_plan.add_parser(commands)
     return parser
 
 
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_demo(depth=args.depth, width=args.width, batch=args.batch, steps=args.steps)
         return 0 if result["grads_match"] else 1
+    if args.command == "plan":
+        return cli_plan.run_plan(args)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks the choices
     return 2
 
