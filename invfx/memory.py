@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["mib", "peak_memory", "cpu_peak_memory", "cpu_steady_peak_memory", "cuda_peak_memory"]
+__all__ = ["mib", "peak_memory", "cpu_peak_memory", "cpu_steady_peak_memory", "cuda_peak_memory", "cpu_memory_timeline"]
 
 
 def peak_memory(work: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, Any]:
@@ -64,6 +64,25 @@ def cpu_steady_peak_memory(work: Callable[[], Any], between: Callable[[], Any] |
         if start is not None:
             peak = max(peak, running)
     return 0 if start is None else peak - start
+
+
+def cpu_memory_timeline(work: Callable[[], Any]) -> tuple[list[float], list[int]]:
+    """Bytes allocated over time while ``work()`` runs on CPU, above what was allocated at its start: the same
+    replay of ``torch.profiler`` allocation events as :func:`cpu_peak_memory`, every step of the running sum
+    kept. Returns (milliseconds since the first event, bytes), one point per allocation or free."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    events, _ = _allocation_events(prof)
+    if not events:
+        return [], []
+    start, running, times, sizes = events[0][0], 0, [], []
+    for when, size in events:
+        running += size
+        times.append((when - start) / 1e6)
+        sizes.append(running)
+    return times, sizes
 
 
 def _allocation_events(prof, marker: str | None = None) -> tuple[list[tuple[int, int]], int | None]:
