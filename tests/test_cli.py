@@ -83,3 +83,20 @@ def test_budget_units():
 
     assert budget("0.5") == 0.5 and budget("1") == 1.0 and budget("2000") == 2000
     assert budget("200MB") == 200 * 10**6 and budget("1.5GiB") == int(1.5 * 2**30) and budget("64kib") == 65536
+
+
+def test_demo_compares_and_shows_the_plan_of_an_unmodified_model(capsys):
+    assert main(["demo", "--depth", "3", "--width", "32", "--batch", "16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "invfx invertible" in out and "torch.utils.checkpoint" in out
+    assert "invfx.optimize on a plainly written RevNet MLP" in out and "inv_blocks_" in out
+    assert "DO NOT MATCH" not in out
+
+
+def test_demo_numbers():
+    import io
+
+    from invfx.demo import run_demo
+
+    result = run_demo(depth=4, width=32, batch=16, steps=1, file=io.StringIO())
+    assert result["grads_match"] and result["optimize"]["peak_ratio"] < 1
