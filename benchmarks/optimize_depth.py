@@ -4,7 +4,10 @@ plain autograd against the optimized model, and the optimized model's error agai
 Goals (issue 4): peak(deep) / peak(shallow) <= 1.05 for the coupling MLP, <= 1.2 for the Glow-style flow and
 the two-stream transformer; relative error of outputs and gradients <= 1e-4 in float32 at the deep depth.
 
-    .venv/bin/python benchmarks/optimize_depth.py            # depths 8 and 32
+    .venv/bin/python benchmarks/optimize_depth.py            # depths 8, 16 and 32
+
+It writes the markdown table to ``benchmarks/results/optimize_depth.md`` and, where matplotlib is installed (the
+``notebooks`` extra), the memory-vs-depth plot to ``optimize_depth.png`` (``--quick``: ``*_quick.*``).
     .venv/bin/python benchmarks/optimize_depth.py --quick    # small sizes, seconds
 """
 
@@ -21,7 +24,7 @@ import torch
 from tabulate import tabulate
 
 import invfx
-from invfx.argtypes import depths
+from invfx.argtypes import depths, write_report
 from invfx.examples import Glow, RevNetMLP, ReversibleTransformer
 from invfx.memory import cpu_peak_memory
 
@@ -70,11 +73,11 @@ def relative_error(model, optimized, x) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=depths, default=(8, 32))
+    parser.add_argument("--depths", type=depths, default=(8, 16, 32))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    rows, failures = [], []
+    rows, failures, curves = [], [], {}
     shallow, deep = min(args.depths), max(args.depths)
     for name, (build, data) in models(args.quick).items():
         torch.manual_seed(0)
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
             if depth == deep:
                 error = relative_error(model, optimized, x)
             print(f"{name} depth {depth}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        curves[name] = peaks
         ratio = peaks[deep][0] / peaks[shallow][0]
         for depth in args.depths:
             rows.append([name, depth, f"{peaks[depth][1] / 2**20:.2f}", f"{peaks[depth][0] / 2**20:.2f}",
@@ -103,11 +107,34 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; exact CPU peak "
         "(allocation replay) above weights, grads and data", "", table, "",
         f"run took {time.perf_counter() - started:.0f} s on {datetime.date.today().isoformat()}"])
-    print(text)
-    out = RESULTS / ("optimize_depth_quick.md" if args.quick else "optimize_depth.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    return 1 if failures else 0
+    stem = "optimize_depth_quick" if args.quick else "optimize_depth"
+    status = write_report([text], RESULTS / f"{stem}.md", [f"{name} misses its goal" for name in failures])
+    plot(curves, RESULTS / f"{stem}.png")
+    return status
+
+
+def plot(curves: dict[str, dict[int, tuple[int, int]]], path: Path) -> None:
+    """Peak MiB against depth, plain and invfx, a panel per model (skipped, with a note, without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e '.[notebooks]')", file=sys.stderr)
+        return
+    figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.4))
+    for ax, (name, peaks) in zip(axes, curves.items()):
+        depths_ = sorted(peaks)
+        ax.plot(depths_, [peaks[d][1] / 2**20 for d in depths_], "o-", label="plain autograd")
+        ax.plot(depths_, [peaks[d][0] / 2**20 for d in depths_], "o-", label="invfx.optimize")
+        ax.set_title(name)
+        ax.set_xlabel("depth")
+        ax.set_ylabel("peak of one training step (MiB)")
+        ax.set_ylim(bottom=0)
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":
