@@ -69,7 +69,7 @@ class Plan:
                      f"({ratio:.2f}x) at the example's size; extra compute {_flops(self.extra_flops)} FLOPs "
                      f"({extra:.0%} of a forward)")
             if not self.exact:
-                text += " (planned on a coarsened memory grid: within the budget, maybe not the cheapest)"
+                text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
         if self.calibration:
             c = self.calibration
             text += (f"\nchecked on the example: measured peak {_size(c['peak_bytes'])} vs plain "
@@ -220,35 +220,32 @@ def _plan_within(optimized, model, inputs, measured, budget, regions):
     plain = _measure_step(model, inputs)
     target = budget * plain if isinstance(budget, float) else budget
     chain_budget = _chain_budget(budget, measured)
-    for _ in range(CALIBRATION_ROUNDS):
+    least = None
+    for round_ in range(CALIBRATION_ROUNDS + 1):
         for cost, mode in zip(measured.costs, chain.modes):
             regions[cost.name].mode = mode
         peak = _measure_step(optimized, inputs)
         if peak <= target:
-            break
+            return chain, {"plain_bytes": plain, "peak_bytes": peak, "target_bytes": int(target)}
+        if chain.modes == getattr(least, "modes", None):
+            raise _measured_miss(budget, peak, plain, "the least achievable peak, measured on the example "
+                                                      "inputs (the plan of least memory), is")
+        if round_ == CALIBRATION_ROUNDS:
+            raise _measured_miss(budget, peak, plain, f"the last of {CALIBRATION_ROUNDS + 1} plans tried "
+                                                      "measures on the example inputs")
         chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
         try:
-            if chain_budget < 0:
-                raise BudgetError("no budget left for the regions")
-            chain = plan_chain(measured.costs, chain_budget)
+            chain = plan_chain(measured.costs, chain_budget) if chain_budget >= 0 else None
         except BudgetError:
-            least = plan_chain(measured.costs, None)
-            if least.modes == chain.modes:
-                raise _measured_miss(budget, peak, plain, "the plan of least memory") from None
-            chain = least
-    else:
-        for cost, mode in zip(measured.costs, chain.modes):
-            regions[cost.name].mode = mode
-        peak = _measure_step(optimized, inputs)
-        if peak > target:
-            raise _measured_miss(budget, peak, plain, f"the last of {CALIBRATION_ROUNDS} plans tried")
-    return chain, {"plain_bytes": plain, "peak_bytes": peak, "target_bytes": int(target)}
+            chain = None
+        if chain is None:  # nothing fits the lowered budget: the plan of least memory is the last to try
+            chain = least = plan_chain(measured.costs, None)
+    raise AssertionError("unreachable")  # (the last round returns or raises)
 
 
-def _measured_miss(budget, peak: int, plain: int, which: str) -> BudgetError:
-    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable peak "
-                       f"measured on the example inputs ({which}) is {_size(peak)} ({peak} B, {peak / plain:.3f} of "
-                       f"plain {_size(plain)}), though the cost model estimated less")
+def _measured_miss(budget, peak: int, plain: int, what: str) -> BudgetError:
+    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: {what} {_size(peak)} "
+                       f"({peak} B, {peak / plain:.3f} of plain {_size(plain)}), though the cost model estimated less")
 
 
 def _measure_step(module: nn.Module, inputs) -> int:

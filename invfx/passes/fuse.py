@@ -108,23 +108,16 @@ class _Rebuild(_Interpreter):
 
     def _cat_into_storage(self, n: fx.Node) -> torch.Tensor | None:
         """A rebuilt input that is a concatenation (split's inverse) is written straight into the freed
-        input's own storage: no temporary the size of the input, and no copy into the storage afterwards."""
-        from ..inverses.shape import split_inverse  # (the registry imports the passes' helpers)
-
-        if n.op != "call_module":
-            return None
-        module = self.fetch_attr(n.target)
-        if getattr(module, "function", None) is not split_inverse or n.kwargs:
-            return None
+        input's own storage: no temporary the size of the input, and no copy into the storage afterwards.
+        (Which nodes qualify is decided once, in the analysis: ``FusedReplay.write_into``.)"""
         pieces, *rest = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
-        dim = rest[0] if rest else 0
-        if not isinstance(pieces, (tuple, list)) or not isinstance(dim, int):
+        if not isinstance(pieces, (tuple, list)):
             return None
         buffer = self.ctx.input_buffer(self.write_into[n])
         if buffer is None:
             return None
         with torch.no_grad():
-            return torch.cat(list(pieces), dim, out=buffer)
+            return torch.cat(list(pieces), rest[0] if rest else 0, out=buffer)
 
     def run_node(self, n: fx.Node):
         value = _value(n)
@@ -183,11 +176,14 @@ class FusedReplay(_Analysis):
             elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
         output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
-        # the node making each rebuilt input, if it makes nothing else (it may then write into its storage)
+        # the split inverses (a cat) that make a rebuilt input and nothing else: they may write into its storage
         self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
-                           if isinstance(node, fx.Node) and len(node.users) == 1}
+                           if _is_cat_into(rebuild_body, node)}
         self.units = units  # reverse topological order; a sub-network where its last node is
         self.inverted = [n.meta["invfx_inverts"] for n in rebuild_body.graph.nodes if "invfx_inverts" in n.meta]
+        # what checking each inverted value reads: the value and the op's arguments (kept until it is checked)
+        self.check_reads = {name: frozenset([name, *(_value(a) for a in self.forward_nodes[name].all_input_nodes)])
+                            for name in self.inverted if name in self.forward_nodes}
         self.readers: dict[str, int] = {}  # how many node units read each value (it is dropped after the last)
         for unit in units:
             if isinstance(unit, fx.Node):
@@ -233,6 +229,17 @@ class FusedReplay(_Analysis):
 
     def __setstate__(self, state):
         self.__init__(*state["bodies"])
+
+
+def _is_cat_into(body: fx.GraphModule, node) -> bool:
+    """Whether ``node`` is ``split_inverse(pieces[, dim])`` with a constant int dim, read by nothing else."""
+    from ..inverses.shape import split_inverse  # (the inverses import the registry, which is imported here)
+
+    if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1 and not node.kwargs):
+        return False
+    if getattr(body.get_submodule(node.target), "function", None) is not split_inverse:
+        return False
+    return len(node.args) == 1 or (len(node.args) == 2 and type(node.args[1]) is int)
 
 
 def _is_mark(body, node: fx.Node) -> bool:
@@ -321,12 +328,8 @@ class _Sweep:
         """Drop the values no unit left and no pending check reads. A sub-network's output is often rebuilt
         after the node that read it was backpropagated (``y1 = x1 + F(x2)``: the add needs no values), and
         holding it would cost its size through the rest of the sweep."""
-        needed = set()
-        for name in self.checks + self.unchecked:
-            node = self.staged.forward_nodes.get(name)
-            if node is not None:
-                needed.add(name)
-                needed.update(_value(arg) for arg in node.all_input_nodes)
+        reads = self.staged.check_reads
+        needed = set().union(*(reads.get(name, ()) for name in self.checks + self.unchecked))
         for name in [n for n in self.values if not self.readers.get(n) and n not in needed]:
             del self.values[name]
 
