@@ -345,5 +345,4 @@ def _invertible(module, nodes, inputs, outputs, kept, dying, rebuild) -> Segment
 
 def _make(module, nodes, live, compute, start, end, mode) -> Segment:
     inputs, outputs = _segment_io(list(nodes), live[start], live[end])
-    return Segment(list(nodes), inputs, outputs, mode, why="no inverse found",
-                   freeable=[v for v in inputs if v not in live[end] and _why_not_freeable(module, v) is None])
+    return Segment(list(nodes), inputs, outputs, mode, why="no inverse found")  # (frees nothing: not invertible)

@@ -491,9 +491,10 @@ class _RegionCall:
 
         Only in a ``backward()`` that will accumulate into them anyway (the engine will run their AccumulateGrad
         node: not under ``autograd.grad``, not left out by ``backward(inputs=...)``), and only plain dense
-        parameters with no tensor hooks (a hook must see the gradient). The node then returns None for them,
-        and the engine's AccumulateGrad runs with nothing to add, so its post-accumulate hooks fire once, after
-        the gradient is in ``.grad``. Holding every gradient of a region to its end would cost its parameters'
+        parameters with no tensor hooks (a hook must see the gradient). For a gradient the replay put into
+        ``.grad`` itself the node returns None, and the engine's AccumulateGrad runs with nothing to add, so its
+        post-accumulate hooks fire once, after the gradient is in ``.grad`` (a replay may also hand a small
+        parameter's gradient on as usual: see :data:`STREAM_BYTES`). Holding every gradient of a region to its end would cost its parameters'
         size (8 MiB for a width-1024 coupling).
         """
         direct = set()
