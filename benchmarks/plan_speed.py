@@ -14,8 +14,9 @@ For each chain it plans with no budget (least peak) and with budgets at 0%, 10%,
 the way from the least achievable peak to the all-keep peak, and reports the best of ``--repeats`` wall-clock
 times, whether the plan is exact (no frontier was thinned) and the plan's peak as a fraction of the all-keep
 peak. Then it times the planning step of ``invfx.optimize`` on a real traced graph of about 1,000 fx nodes
-(``examples.ResNet(depth=140)``). It prints markdown tables; the exit status is 1 if any plan of a chain of 200
-segments, or the real graph's planning, took 1 s or more, else 0.
+(``examples.ResNet(depth=140)``). It prints markdown tables and writes them to ``benchmarks/results/plan_speed.md``
+(``--quick``: ``plan_speed_quick.md``; ``--output`` overrides); the exit status is 1 if any plan of a chain of
+200 segments, or the real graph's planning, took 1 s or more, else 0.
 
 Run it::
 
@@ -27,13 +28,18 @@ Run it::
 from __future__ import annotations
 
 import argparse
+import datetime
 import random
 import sys
 import time
+from pathlib import Path
 
 from tabulate import tabulate
 
+from invfx.argtypes import write_report
 from invfx.planner import SegmentCost, plan_chain, plain_peak
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 LIMIT_SECONDS = 1.0
 LIMITED_SIZE = 200  # the size the time limit applies to
@@ -123,40 +129,57 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=None, help="comma-separated chain lengths (default 200,1000)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case; the best is reported")
     parser.add_argument("--quick", action="store_true", help="tiny chains (20, 50 segments), one repeat")
+    parser.add_argument("--output", type=Path, help="markdown file to write (default "
+                        "benchmarks/results/plan_speed.md, or plan_speed_quick.md with --quick)")
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = RESULTS / ("plan_speed_quick.md" if args.quick else "plan_speed.md")
     if args.sizes:
         sizes = [int(size) for size in args.sizes.split(",")]
     else:
         sizes = [20, 50] if args.quick else [LIMITED_SIZE, 1000]
     repeats = 1 if args.quick else max(1, args.repeats)
+    started = time.perf_counter()
 
     rows, too_slow = [], []
     for n in sizes:
         for kind, jitter in (("jittered", 0.05), ("identical", 0.0)):
-            costs = resnet_like(n, jitter)
-            plain = plain_peak(costs)
-            seconds, least_plan = best_time(costs, None, repeats)
-            cases = [("none", seconds, least_plan)]
-            for fraction in BUDGET_FRACTIONS:
-                budget = least_plan.peak + int(fraction * (plain - least_plan.peak))
-                seconds, plan = best_time(costs, budget, repeats)
-                cases.append((f"{fraction:.0%} ({budget / 2 ** 20:.0f} MiB)", seconds, plan))
-            for budget_label, seconds, plan in cases:
-                rows.append([n, kind, budget_label, f"{seconds:.3f}", plan.exact, f"{plan.peak / plain:.3f}"])
-                if n == LIMITED_SIZE and seconds >= LIMIT_SECONDS:
-                    too_slow.append(f"{n} {kind} budget {budget_label}: {seconds:.3f} s")
+            rows += chain_rows(n, kind, jitter, repeats, too_slow)
+        print(f"{n} segments: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
-    print(tabulate(rows, headers=["segments", "costs", "budget", "seconds", "exact", "peak / all-keep peak"],
-                   tablefmt="github"))
     graph_rows = real_graph(depth=10 if args.quick else 140)
-    print("\n" + tabulate(graph_rows, headers=["model", "fx nodes", "segments", "budget", "planning (s)",
-                                                "optimize total (s)"], tablefmt="github"))
     too_slow += [f"{row[0]} budget {row[3]}: planning {row[4]} s" for row in graph_rows
                  if float(row[4]) >= LIMIT_SECONDS]
-    if too_slow:
-        print(f"\nFAIL: planning {LIMITED_SIZE} segments took >= {LIMIT_SECONDS} s: " + "; ".join(too_slow))
-        return 1
-    return 0
+    lines = ["# Planning time: invfx.planner.plan_chain on ResNet-like chains, and optimize's planning step", "",
+             f"best of {repeats} runs per case; a plan of {LIMITED_SIZE} segments, and the real graph's planning, "
+             f"must take under {LIMIT_SECONDS:g} s", "",
+             tabulate(rows, headers=["segments", "costs", "budget", "seconds", "exact", "peak / all-keep peak"],
+                      tablefmt="github"), "",
+             tabulate(graph_rows, headers=["model", "fx nodes", "segments", "budget", "planning (s)",
+                                           "optimize total (s)"], tablefmt="github"), "",
+             f"run took {time.perf_counter() - started:.0f} s on {datetime.date.today().isoformat()}"]
+    failures = [f"planning {LIMITED_SIZE} segments took >= {LIMIT_SECONDS} s: " + "; ".join(too_slow)] \
+        if too_slow else []
+    return write_report(lines, args.output, failures)
+
+
+def chain_rows(n: int, kind: str, jitter: float, repeats: int, too_slow: list[str]) -> list[list]:
+    """A row per budget for one chain of ``n`` segments; a plan of the limited size that is too slow is noted in
+    ``too_slow``."""
+    costs = resnet_like(n, jitter)
+    plain = plain_peak(costs)
+    seconds, least_plan = best_time(costs, None, repeats)
+    cases = [("none", seconds, least_plan)]
+    for fraction in BUDGET_FRACTIONS:
+        budget = least_plan.peak + int(fraction * (plain - least_plan.peak))
+        seconds, plan = best_time(costs, budget, repeats)
+        cases.append((f"{fraction:.0%} ({budget / 2 ** 20:.0f} MiB)", seconds, plan))
+    rows = []
+    for budget_label, seconds, plan in cases:
+        rows.append([n, kind, budget_label, f"{seconds:.3f}", plan.exact, f"{plan.peak / plain:.3f}"])
+        if n == LIMITED_SIZE and seconds >= LIMIT_SECONDS:
+            too_slow.append(f"{n} {kind} budget {budget_label}: {seconds:.3f} s")
+    return rows
 
 
 if __name__ == "__main__":
