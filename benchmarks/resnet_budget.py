@@ -47,6 +47,7 @@ import argparse
 import copy
 import datetime
 import platform
+import re
 import sys
 import time
 import traceback
@@ -253,6 +254,36 @@ def error_text(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def readme_cell(row: list) -> str:
+    """One method at one budget as the README's table has it: ``peak / plain[ (over)], time / plain x, BN stats``."""
+    _, _, _, peak, ratio, within, _, time_ratio, grads, bn = row
+    if peak.startswith("n/a: "):
+        least = re.search(r"is ([^(]*)\(\d+ B, ([0-9.]+) of plain", peak)
+        if not least:
+            return peak
+        how = "estimated" if "estimated" in least.group(1) else "measured"
+        return f"{peak[5:].split(':')[0]}: least achievable {least.group(2)} ({how})"
+    if peak.startswith("failed"):
+        return peak
+    counted = re.search(r"(\d+) of (\d+) BN layers counted the step (\d+)x", bn)
+    stats = ("BN stats right" if bn == "yes" else
+             f"BN stats wrong ({counted.group(1)}/{counted.group(2)} layers updated {counted.group(3)}x)" if counted
+             else f"BN stats wrong ({bn})")
+    return (f"{ratio}{'' if within == 'yes' else ' (over)'}, {time_ratio}x, {stats}"
+            + ("" if "over tolerance" not in grads else f", gradients off ({grads})"))
+
+
+def readme_table(rows: list[list], backend: str) -> str:
+    """The README's summary: a row per budget, a column per method (from the full table's rows)."""
+    methods = ("checkpoint", "torch.compile", "invfx")
+    cells = {(row[0], row[1]): readme_cell(row) for row in rows if row[1] in methods}
+    budgets = list(dict.fromkeys(budget for budget, _ in cells))
+    headers = ["budget", "`checkpoint_sequential` (best k)", f"`torch.compile` ({backend})",
+               "`invfx.optimize(memory_budget=...)`"]
+    return tabulate([[budget, *(cells.get((budget, m), "-") for m in methods)] for budget in budgets], headers,
+                    tablefmt="github", disable_numparse=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -298,7 +329,8 @@ def main(argv=None) -> int:
                 check = check_against_plain(model, module, x, loss, initial_state, tolerance)
         except Exception as error:  # a method that fails is a finding, not the end of the run
             if method == "invfx" and isinstance(error, invfx.InvfxError):  # its documented "not (yet) possible"
-                rows.append([budget, method, setting, f"n/a: {error}", "", "", "", "", "", ""])
+                rows.append([budget, method, setting, f"n/a: {type(error).__name__}: {error}", "", "", "", "", "",
+                             ""])
                 return None
             rows.append([budget, method, setting, f"failed: {error_text(error)}", "", "", "", "", "", ""])
             if fatal:
@@ -384,6 +416,8 @@ def main(argv=None) -> int:
             + ")."))
     lines = ["# A plain ResNet at memory budgets: checkpoint_sequential, torch.compile, invfx", "", config, "",
              table, "", *(f"- {note}" for note in notes), "",
+             "In the README's form (peak / plain, time / plain, BatchNorm statistics against one plain step):", "",
+             readme_table(rows, backend), "",
              f"run took {time.perf_counter() - started:.0f} s on {datetime.date.today().isoformat()}"]
     return write_report(lines, args.output, failures)
 
