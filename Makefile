@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/chain_memory.py
-	$(BIN)/python benchmarks/optimize_depth.py
+	$(BIN)/python benchmarks/depth_sweep.py
 	$(BIN)/python benchmarks/peers.py  # revlib and memcnn columns need: pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy
 	$(BIN)/python benchmarks/resnet_budget.py  # torch.compile column: inductor needs a C compiler, else aot_eager
 
