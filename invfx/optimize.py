@@ -16,6 +16,7 @@ from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.cost import measure_costs
 from .passes.rewrite import apply_modes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
+from .passes.simplify import split_through_cat
 from .passes.validate import check_reconstruction
 from .planner import plain_peak, plan_chain
 
@@ -146,6 +147,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
 
     traced, opaque = trace(model, leaf_modules)
     annotate(traced, inputs)
+    split_through_cat(traced)
     segments = find_segments(traced, modes)
     taken: set[str] = set()
     names, blocked = [], {}

@@ -270,8 +270,11 @@ def _find_from(module, compute, live, p, cache):
     first = compute[p]
     if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem":
         return None  # never start inside a tuple
+    scope = _scope(compute, p)
     for q in range(p + 1, min(len(compute), p + MAX_NODES) + 1):
         nodes = compute[p:q]
+        if module_path(nodes[-1])[:len(scope)] != scope:
+            break  # a segment that starts inside a module ends in it (not half of one block, half of the next)
         inputs, outputs = _segment_io(nodes, live[p], live[q])
         dying = [v for v in inputs if v not in live[q]]
         kept = [v for v in inputs if v in live[q]]
@@ -310,6 +313,18 @@ def _find_from(module, compute, live, p, cache):
         if fallback is None or rank < fallback[0]:
             fallback = (rank, q, segment)
     return fallback[1:] if fallback else None
+
+
+def _scope(compute: list[fx.Node], p: int) -> tuple[str, ...]:
+    """The module a segment starting at ``p`` starts inside of: the one the nodes on both sides of the cut
+    were called in (empty at a module's start, or at the top level)."""
+    if p == 0:
+        return ()
+    left, right = _parent_path(compute[p - 1]), _parent_path(compute[p])
+    n = 0
+    while n < min(len(left), len(right)) and left[n] == right[n]:
+        n += 1
+    return left[:n]
 
 
 def module_path(node: fx.Node) -> tuple[str, ...]:
