@@ -19,11 +19,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m invfx demo
 
+# `make bench`: every benchmark whose table is in the README, at its size, tables collected in
+# benchmarks/results/README_tables.md. The revlib and memcnn columns need
+#   pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy
+# (skipped with a note without them); the torch.compile column: inductor needs a C compiler, else aot_eager.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/chain_memory.py
-	$(BIN)/python benchmarks/depth_sweep.py
-	$(BIN)/python benchmarks/peers.py  # revlib and memcnn columns need: pip install -c constraints.txt --no-deps revlib==1.7.2 memcnn==1.5.2 numpy
-	$(BIN)/python benchmarks/resnet_budget.py  # torch.compile column: inductor needs a C compiler, else aot_eager
+	$(BIN)/python benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

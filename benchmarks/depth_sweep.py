@@ -51,7 +51,7 @@ figure) to ``benchmarks/results/depth_sweep.md`` and, where matplotlib is instal
 peak against depth, a panel per model and a line per library, to ``depth_sweep.png`` beside it
 (``--quick``: ``depth_sweep_quick.*``; ``--output`` overrides)::
 
-    .venv/bin/python benchmarks/depth_sweep.py                      # depths 8,16,32 (ResNet 4,8,16), 5 repeats
+    .venv/bin/python benchmarks/depth_sweep.py                      # depths 8,16,32, 5 repeats
     .venv/bin/python benchmarks/depth_sweep.py --quick              # tiny sizes, seconds
     .venv/bin/python benchmarks/depth_sweep.py --models ResNet --resnet-depths 16 --repeats 3
 """
@@ -87,7 +87,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")
 PEER_DISTS = {"revlib": "revlib", "memcnn": "memcnn"}
 RESNET_BUDGET = 0.5
-DEFAULTS = dict(depths=(8, 16, 32), resnet_depths=(4, 8, 16), repeats=5)
+DEFAULTS = dict(depths=(8, 16, 32), resnet_depths=(8, 16, 32), repeats=5)
 QUICK = dict(depths=(2, 4), resnet_depths=(2, 4), repeats=2)
 FLAT_GOALS = {"coupling stack": 1.05, "Glow-style flow": 1.2, "two-stream transformer": 1.2}
 GLOW_KNOWN = "known: ReLU masks flip on rebuilt inputs in float32 (README, limitations)"

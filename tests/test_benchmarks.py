@@ -1,0 +1,159 @@
+"""``benchmarks/suite.py --quick`` runs every README benchmark at tiny sizes and writes every report, the
+depth-sweep table has a row per model and depth and a column per library, and missing peer libraries are
+skipped with a note. One subprocess of the whole quick suite (about 15 s on two cores), the rest in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NAMES = ("chain_memory", "depth_sweep", "peers", "resnet_budget", "plan_speed")
+MODELS = ("coupling stack", "Glow-style flow", "two-stream transformer", "ResNet")
+QUICK_DEPTHS = ("2", "4")
+LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="module")
+def quick_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "suite.py"), "--quick", "--output-dir", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    return out, run
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every github-style table of ``text``: its rows (the header first) as lists of stripped cells."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|[-|: ]+\|", line):
+                current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_quick_suite_writes_every_report(quick_suite):
+    out, run = quick_suite
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in NAMES:
+        assert (out / f"{name}_quick.md").stat().st_size > 0, name
+    assert (out / "depth_sweep_quick.png").stat().st_size > 0 or not installed("matplotlib")
+    assert not list(out.glob(f"{NAMES[0]}.md")), "--quick must not write the full-size report names"
+
+
+def test_combined_file_has_the_machine_and_every_table(quick_suite):
+    out, _ = quick_suite
+    text = (out / "README_tables_quick.md").read_text()
+    assert re.search(r"Machine: .+, \d+ cores, \d+ torch threads; .*torch \d", text)
+    assert "Quick run" in text
+    for name in NAMES:
+        assert f"## {name}: " in text and f"`python benchmarks/{name}.py" in text, name
+        assert ": ok, " in text.split(f"## {name}: ")[1].split("\n## ")[0], name
+    assert len(markdown_tables(text)) >= len(NAMES)
+
+
+def test_depth_sweep_table_rows_and_columns(quick_suite):
+    out, _ = quick_suite
+    compact, detail = markdown_tables((out / "depth_sweep_quick.md").read_text())
+    assert compact[0] == ["model", "depth", "plain peak (MiB)", "plain step (ms)", *LIBRARIES[1:]]
+    assert [row[:2] for row in compact[1:]] == [[m, d] for m in MODELS for d in QUICK_DEPTHS]
+    cells = {(row[0], row[1]): dict(zip(compact[0], row)) for row in compact[1:]}
+    for (model, depth), row in cells.items():
+        assert float(row["plain peak (MiB)"]) > 0
+        assert re.fullmatch(r"[0-9.]+, [0-9.]+x", row["checkpoint"]), row
+        if model in ("Glow-style flow", "ResNet"):
+            assert row["revlib"] == row["memcnn"] == "n/a"
+        for peer in ("revlib", "memcnn"):
+            if model in ("coupling stack", "two-stream transformer") and installed(peer):
+                assert re.fullmatch(r"[0-9.]+, [0-9.]+x", row[peer]), row
+        if model != "ResNet":  # the ResNet's budget of 0.5 is out of reach at the quick depths
+            assert re.fullmatch(r"[0-9.]+, [0-9.]+x( \(grads differ\))?", row["invfx"]), row
+    assert detail[0][:3] == ["model", "depth", "library"]
+    assert {row[2] for row in detail[1:]} >= {"plain", "checkpoint", "invfx"}
+
+
+def test_progress_lines_say_elapsed_and_left(quick_suite):
+    _, run = quick_suite
+    sweep = [line for line in run.stderr.splitlines() if line.startswith("[depth_sweep] ")]
+    cells = sum(1 for line in sweep if re.search(r" depth \d+ \w+: ", line))
+    assert cells >= len(MODELS) * len(QUICK_DEPTHS) * 3  # plain, checkpoint and invfx at least
+    assert all(re.search(r"\(\d+ s elapsed, (about \d+ s left|estimate after the first model)\)$", line)
+               for line in sweep)
+    suite = [line for line in run.stderr.splitlines() if line.startswith("[suite] ")]
+    assert len(suite) == 2 * len(NAMES) and all("s left)" in line for line in suite)
+
+
+@pytest.fixture
+def benchmarks_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+
+@pytest.fixture
+def one_thread():
+    """As the quick suite does: on a busy machine two threads spin-wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_missing_peers_are_skipped_with_a_note(benchmarks_path, one_thread, monkeypatch, tmp_path):
+    import depth_sweep
+
+    monkeypatch.setitem(sys.modules, "revlib", None)  # import revlib raises ImportError
+    monkeypatch.setitem(sys.modules, "memcnn", None)
+    output = tmp_path / "sweep.md"
+    assert depth_sweep.main(["--quick", "--depths", "2", "--models", "coupling stack", "--repeats", "1",
+                             "--output", str(output)]) == 0
+    text = output.read_text()
+    assert "revlib: skipped, import failed" in text and "memcnn: skipped, import failed" in text
+    compact = markdown_tables(text)[0]
+    assert compact[1][compact[0].index("revlib")] == "n/a"
+
+
+def test_checkpoint_blocks_shares_parameters_and_leaves_the_model_alone(benchmarks_path):
+    from depth_sweep import Checkpointed, checkpoint_blocks
+    from invfx.examples import Glow
+
+    model = Glow(channels=3, levels=2, depth=2, hidden=4)
+    wrapped = checkpoint_blocks(model, "levels")
+    assert all(isinstance(step, Checkpointed) for level in wrapped.levels for step in level)
+    assert not any(isinstance(m, Checkpointed) for m in model.modules())
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(wrapped(x), model(x))
+
+
+def test_transformer_peers_compute_the_plain_model(benchmarks_path):
+    from depth_sweep import TwoStreamPeer, AttentionHalf, MLPHalf
+    from invfx.examples import ReversibleTransformer
+
+    class Plain(nn.Module):  # the peers' body without a peer: F, G applied as revlib and memcnn apply them
+        def __init__(self, model):
+            super().__init__()
+            self.halves = nn.ModuleList(h for b in model.blocks for h in (AttentionHalf(b), MLPHalf(b)))
+
+        def forward(self, x):
+            x1, x2 = x.chunk(2, -1)
+            for f, g in zip(self.halves[::2], self.halves[1::2]):
+                x1 = x1 + f(x2)
+                x2 = x2 + g(x1)
+            return torch.cat([x1, x2], -1)
+
+    model = ReversibleTransformer(features=4, dim=8, depth=2, heads=2, hidden=8)
+    x = torch.randn(2, 5, 4)
+    torch.testing.assert_close(TwoStreamPeer(model, Plain(model))(x), model(x))
