@@ -337,7 +337,9 @@ class Progress:
 
     def finish_group(self, name: str, depth: int) -> None:
         units = self.left.pop((name, depth))
-        self.rates.setdefault(name, []).append((time.perf_counter() - self.group_started) / units)
+        now = time.perf_counter()
+        self.rates.setdefault(name, []).append((now - self.group_started) / units)
+        self.group_started = now  # nothing of the next group has run yet
 
     def remaining(self) -> float | None:
         if not self.rates:
@@ -350,7 +352,7 @@ class Progress:
     def say(self, text: str) -> None:
         elapsed = time.perf_counter() - self.started
         left = self.remaining()
-        estimate = "estimate after the first model" if left is None else f"about {left:.0f} s left"
+        estimate = "no estimate before one group is done" if left is None else f"about {left:.0f} s left"
         print(f"[depth_sweep] {text} ({elapsed:.0f} s elapsed, {estimate})", file=sys.stderr, flush=True)
 
 
@@ -360,6 +362,11 @@ def jobs(specs: dict[str, ModelSpec], args) -> list[tuple[str, int]]:
     lists = {name: args.resnet_depths if spec.resnet else args.depths for name, spec in specs.items()}
     return [(name, lists[name][i]) for i in range(max(map(len, lists.values())))
             for name in specs if i < len(lists[name])]
+
+
+def columns(spec: ModelSpec, peers: set[str]) -> int:
+    """How many libraries run on this model: plain, checkpoint, invfx and the installed peers that apply."""
+    return 3 + sum(name in peers for name in spec.peers)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -373,8 +380,8 @@ def run_group(name: str, spec: ModelSpec, depth: int, peers: set[str], repeats: 
     x = spec.data()
     cells = build_cells(spec, model, x, peers)
     for cell in cells:
-        if cell.module is not None:
-            measure_cell(cell, model, x, spec.known_mismatch)
+        if cell.module is not None:  # checkpoint reruns plain's kernels on the same inputs: no known excuse there
+            measure_cell(cell, model, x, "" if cell.library == "checkpoint" else spec.known_mismatch)
         progress.say(f"{name} depth {depth} {cell.library}: " + (
             f"peak {mib(cell.peak)} MiB, gradients {cell.grads}" if cell.peak is not None else cell.status))
     time_cells(cells, x, repeats)
@@ -419,7 +426,7 @@ def compact_rows(results: dict[str, dict[int, list[Cell]]]) -> list[list]:
                     row.append(c.status.split(":")[0])
                 else:
                     mark = "" if c.grads.startswith("yes") else " (grads differ)"
-                    row.append(f"{c.peak / plain.peak:.3f}, {c.seconds / plain.seconds:.2f}x{mark}")
+                    row.append(f"{ratio(c.peak, plain.peak, 3)}, {ratio(c.seconds, plain.seconds, 2)}x{mark}")
             rows.append(row)
     return rows
 
@@ -551,11 +558,6 @@ def main(argv=None) -> int:
     status = write_report(lines, args.output, failures)
     plot(results, args.output.with_suffix(".png"))
     return status
-
-
-def columns(spec: ModelSpec, peers: set[str]) -> int:
-    """How many libraries run on this model."""
-    return 3 + sum(name in peers for name in spec.peers)
 
 
 if __name__ == "__main__":
