@@ -282,6 +282,17 @@ def restore(state: tuple[dict, dict]) -> None:
     _SIGNATURES.update(signatures)
 
 
+def writes_into(write):
+    """Attach ``write(buffer, *args, **kwargs)`` to an inverse: the inverse computed straight into ``buffer``, the
+    freed storage of the input it rebuilds (no temporary, no copy back), or None where it cannot (the inverse
+    then runs as usual). The fused replay uses it for the step that makes a freed input. ``write`` must check
+    that the result has ``buffer``'s shape, dtype and device: ``out=`` would resize or cast the buffer."""
+    def attach(inverse):
+        inverse.into = write
+        return inverse
+    return attach
+
+
 def register_inverse(*targets, solves: str = "input", params: Sequence[str] | None = None,
                      args: Sequence[str] = (), bind: Callable[[OpCall], tuple[tuple, dict]] | None = None,
                      needs: Sequence[str] | None = None, condition: Callable[[OpCall], str | None] | None = None,

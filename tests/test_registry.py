@@ -313,3 +313,22 @@ def test_condition_that_raises_refuses_with_the_error():
     call = OpCall.of(torch.asinh, (torch.randn(3),))
     rule, reasons = find_rule(call, "input")
     assert rule is None and "could not be checked" in reasons[0]
+
+
+def test_inverses_written_into_a_buffer_decline_what_does_not_fit():
+    from invfx.inverses.arithmetic import add_solve_input, mul_solve_input
+    from invfx.inverses.shape import split_inverse
+
+    y, f = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    buffer = torch.empty(3, 4, dtype=torch.float64)
+    assert add_solve_input.into(buffer, y, f) is buffer and torch.equal(buffer, add_solve_input(y, f))
+    assert mul_solve_input.into(buffer, y, 2.0) is buffer and torch.equal(buffer, mul_solve_input(y, 2.0))
+    # a result of another shape or dtype would resize or cast the freed storage: declined, buffer untouched
+    before = buffer.clone()
+    assert add_solve_input.into(torch.empty(3, 1, dtype=torch.float64), y, f) is None
+    assert add_solve_input.into(torch.empty(3, 4, dtype=torch.float32), y, f) is None
+    assert add_solve_input.into(torch.empty(3, 4, dtype=torch.float64), y, torch.randn(2, 3, 4)) is None
+    assert split_inverse.into(torch.empty(3, 5, dtype=torch.float64), [y[:, :2], y[:, 2:]], -1) is None
+    assert split_inverse.into(buffer, [y[:, :2], y[:, 2:].float()], -1) is None
+    assert torch.equal(buffer, before)
+    assert split_inverse.into(buffer, [y[:, :2], y[:, 2:]], -1) is buffer and torch.equal(buffer, y)

@@ -7,7 +7,7 @@ import operator
 
 import torch
 
-from ..registry import OpCall, Risk, provably_nonzero, register_inverse
+from ..registry import OpCall, Risk, provably_nonzero, register_inverse, writes_into
 
 ADD = ("input", "other", "*", "alpha=1")
 BINARY = ("input", "other")
@@ -85,6 +85,32 @@ def _rule(inverse, *, solves, known, conditions=(), risk=Risk.WELL_CONDITIONED, 
                          condition=_checks(*checks), risk=risk)(inverse)
 
 
+def _same_shape_and_dtype(buffer, *operands) -> bool:
+    """Whether the elementwise result of ``operands`` has ``buffer``'s shape, dtype and device: ``out=`` would
+    otherwise resize the buffer (a freed input's own storage) or cast."""
+    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
+    return all(t.device == buffer.device for t in tensors) and \
+        torch.broadcast_shapes(*(t.shape for t in tensors)) == buffer.shape and \
+        torch.result_type(*operands[:2]) == buffer.dtype
+
+
+def _sub_into(buffer, out, other, alpha=1):
+    return torch.sub(out, other, alpha=alpha, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+
+
+def _add_into(buffer, out, other, alpha=1):
+    return torch.add(out, other, alpha=alpha, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+
+
+def _div_into(buffer, out, other):
+    return torch.div(out, other, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+
+
+def _mul_into(buffer, out, other):
+    return torch.mul(out, other, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+
+
+@writes_into(_sub_into)
 def add_solve_input(out, other, alpha=1):
     """input from ``out = input + alpha * other``."""
     return out - other if alpha == 1 else out - alpha * other
@@ -95,6 +121,7 @@ def add_solve_other(out, input, alpha=1):  # noqa: A002 - the forward's name
     return out - input if alpha == 1 else (out - input) / alpha
 
 
+@writes_into(_add_into)
 def sub_solve_input(out, other, alpha=1):
     """input from ``out = input - alpha * other``."""
     return out + other if alpha == 1 else out + alpha * other
@@ -105,6 +132,7 @@ def sub_solve_other(out, input, alpha=1):  # noqa: A002
     return input - out if alpha == 1 else (input - out) / alpha
 
 
+@writes_into(_div_into)
 def mul_solve_input(out, other):
     """input from ``out = input * other``, other non-zero."""
     return out / other
@@ -115,6 +143,7 @@ def mul_solve_other(out, input):  # noqa: A002
     return out / input
 
 
+@writes_into(_mul_into)
 def div_solve_input(out, other):
     """input from ``out = input / other``: multiplying back keeps the relative error, whatever ``other`` is."""
     return out * other

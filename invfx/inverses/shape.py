@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InverseError
-from ..registry import register_inverse
+from ..registry import register_inverse, writes_into
 
 
 def _input_shape(call):
@@ -113,6 +113,20 @@ def _split_sizes(call):
     return [shape[dim % rank] for shape in shapes], dim
 
 
+def _cat_into(buffer, pieces, dim):
+    """``torch.cat(pieces, dim, out=buffer)`` when the result has the buffer's shape, dtype and device."""
+    if not pieces or not all(isinstance(p, torch.Tensor) and p.dtype == buffer.dtype and p.device == buffer.device
+                             and p.dim() == buffer.dim() for p in pieces):
+        return None
+    dim = dim + buffer.dim() if dim < 0 else dim
+    shape = list(pieces[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in pieces)
+    if tuple(shape) != tuple(buffer.shape) or \
+            any(p.shape[:dim] != buffer.shape[:dim] or p.shape[dim + 1:] != buffer.shape[dim + 1:] for p in pieces):
+        return None
+    return torch.cat(pieces, dim, out=buffer)
+
+
 @register_inverse(torch.cat, torch.concat, torch.concatenate, solves="tensors", params=("tensors", "dim=0"),
                   bind=lambda call: (_split_sizes(call), {}), cost=0)
 def cat_inverse(out, sizes, dim=0):
@@ -129,6 +143,7 @@ def stack_inverse(out, dim=0):
 @register_inverse(torch.chunk, "chunk", params=("input", "chunks", "dim=0"), args=("dim",), needs=(), cost=0)
 @register_inverse(torch.tensor_split, "tensor_split", params=("input", "indices_or_sections", "dim=0"),
                   args=("dim",), needs=(), cost=0)
+@writes_into(lambda buffer, out, dim=0: _cat_into(buffer, list(out), dim))
 def split_inverse(out, dim=0):
     return torch.cat(list(out), dim)
 

@@ -106,23 +106,23 @@ class _Rebuild(_Interpreter):
         self.write_into: dict[fx.Node, int] = {}  # nodes making a freed input: its argument position
         self.ctx = None
 
-    def _cat_into_storage(self, n: fx.Node) -> torch.Tensor | None:
-        """A rebuilt input that is a concatenation (split's inverse) is written straight into the freed
-        input's own storage: no temporary the size of the input, and no copy into the storage afterwards.
-        (Which nodes qualify is decided once, in the analysis: ``FusedReplay.write_into``.)"""
-        pieces, *rest = [self.env[a] if isinstance(a, fx.Node) else a for a in n.args]
-        if not isinstance(pieces, (tuple, list)):
-            return None
+    def _into_storage(self, n: fx.Node) -> torch.Tensor | None:
+        """A rebuilt input made by a step that can write its result (``y - F(x2)``, a concatenation) is written
+        straight into the freed input's own storage: no temporary the size of the input, and no copy into the
+        storage afterwards. (Which nodes qualify is decided once, in the analysis: ``FusedReplay.write_into``;
+        the step's ``into`` declines, returning None, when the result would not fit the buffer.)"""
         buffer = self.ctx.input_buffer(self.write_into[n])
         if buffer is None:
             return None
+        args = fx.node.map_arg(n.args, lambda a: self.env[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
         with torch.no_grad():
-            return torch.cat(list(pieces), rest[0] if rest else 0, out=buffer)
+            return self.fetch_attr(n.target).function.into(buffer, *args, **kwargs)
 
     def run_node(self, n: fx.Node):
         value = _value(n)
         if n in self.write_into:
-            written = self._cat_into_storage(n)
+            written = self._into_storage(n)
             if written is not None:
                 return written
         if not (n.meta.get("invfx_recompute") and value in self.fused.recomputed):
@@ -176,9 +176,9 @@ class FusedReplay(_Analysis):
             elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
         output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
-        # the split inverses (a cat) that make a rebuilt input and nothing else: they may write into its storage
+        # the inverse steps that make a rebuilt input and nothing else: they may write into its storage
         self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
-                           if _is_cat_into(rebuild_body, node)}
+                           if _writes_into(rebuild_body, node)}
         self.units = units  # reverse topological order; a sub-network where its last node is
         self.inverted = [n.meta["invfx_inverts"] for n in rebuild_body.graph.nodes if "invfx_inverts" in n.meta]
         # what checking each inverted value reads: the value and the op's arguments (kept until it is checked)
@@ -231,15 +231,13 @@ class FusedReplay(_Analysis):
         self.__init__(*state["bodies"])
 
 
-def _is_cat_into(body: fx.GraphModule, node) -> bool:
-    """Whether ``node`` is ``split_inverse(pieces[, dim])`` with a constant int dim, read by nothing else."""
-    from ..inverses.shape import split_inverse  # (the inverses import the registry, which is imported here)
-
-    if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1 and not node.kwargs):
+def _writes_into(body: fx.GraphModule, node) -> bool:
+    """Whether ``node`` is an inverse step with an ``into`` form (``registry.writes_into``). Later steps may read
+    what it wrote (``F(x2)`` after ``x2 = y2 - G(y1)``): the buffer is the input itself, restored, and nothing
+    writes into a restored input again."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
         return False
-    if getattr(body.get_submodule(node.target), "function", None) is not split_inverse:
-        return False
-    return len(node.args) == 1 or (len(node.args) == 2 and type(node.args[1]) is int)
+    return callable(getattr(getattr(body.get_submodule(node.target), "function", None), "into", None))
 
 
 def _is_mark(body, node: fx.Node) -> bool:
