@@ -1,6 +1,9 @@
-"""Pass 2: facts on ``node.meta`` from one run on the example inputs: ``tensor_meta`` (ShapeProp), ``bytes``
-(of the node's tensor outputs) and ``producer`` (what made the value: a function, a method name or a module
-type). The run leaves the model as it was: buffers (BatchNorm statistics) and the RNG are restored."""
+"""Pass 2: facts on ``node.meta`` from one run on the example inputs: ``tensor_meta`` (as ShapeProp records it),
+``storages`` (the storages the node's tensors use on that run: two values that share one alias each other),
+``bytes`` (of the node's tensor outputs) and ``producer`` (what made the value: a function, a method name or a
+module type). The run leaves the model as it was: buffers (BatchNorm statistics) and the RNG are restored. A
+model that does not run on the example inputs is an :class:`invfx.InvfxError` naming the node, its module and
+the reason."""
 
 from __future__ import annotations
 
@@ -9,18 +12,83 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from ..errors import InvfxError
+from ..runtime.storage import storage_key
 
 __all__ = ["annotate", "node_bytes", "producer_of", "is_tensor_meta", "tuple_metas", "numel", "fetch_attr"]
 
 
+class _ExampleRun(fx.Interpreter):
+    """ShapeProp's ``tensor_meta`` and ``type``, and each value's storages. Every value is held until the run
+    ends (no garbage collection), so no value's memory is reused by another: equal storage keys mean aliasing,
+    which is what segments.py needs to know before it frees a value whose view is read later."""
+
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module, garbage_collect_values=False)
+        self.extra_traceback = False  # (the error names the node itself)
+
+    def run_node(self, node: fx.Node):
+        try:
+            result = super().run_node(node)
+        except Exception as error:  # noqa: BLE001 - the user's model: report which node failed and why
+            raise InvfxError(f"invfx.optimize: the model does not run on example_inputs: {_where(node, self.module)} "
+                             f"raised {type(error).__name__}: {_first_line(error)}") from error
+        tensors = []
+
+        def meta(value):
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+                return _extract_tensor_metadata(value)
+            return value
+
+        metadata = map_aggregate(result, meta)
+        if tensors:
+            node.meta["tensor_meta"] = metadata
+        node.meta["type"] = type(result)
+        node.meta["storages"] = frozenset(_storage_keys(tensors))
+        return result
+
+
+def _storage_keys(tensors):
+    for tensor in tensors:
+        try:
+            if tensor.untyped_storage().nbytes():
+                yield storage_key(tensor)
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without storage: nothing to alias
+            continue
+
+
+def _where(node: fx.Node, root: nn.Module) -> str:
+    """``node 'stem' (module 'stem', Linear)``, ``node 'add_3' (add in module 'blocks.1')``, or ``node 'linear'
+    (linear in Model.forward)``."""
+    if node.op == "placeholder":
+        return f"input {node.target!r}"
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module":
+        module = stack[next(reversed(stack))][1].__name__ if stack else "module"
+        return f"node {node.name!r} (module {node.target!r}, {module})"
+    what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    inside = f" in module {next(reversed(stack.values()))[0]!r}" if stack else f" in {type(root).__name__}.forward"
+    return f"node {node.name!r} ({what}{inside})"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    _check_arity(module, example_inputs)
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         with torch.no_grad():
-            ShapeProp(module).propagate(*example_inputs)
+            _ExampleRun(module).run(*example_inputs)
     finally:
         with torch.no_grad():
             for buffer, value in buffers:
@@ -31,6 +99,18 @@ def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> 
     for node in module.graph.nodes:
         node.meta["bytes"] = node_bytes(node)
         node.meta["producer"] = producer_of(module, node)
+
+
+def _check_arity(module: fx.GraphModule, example_inputs: Sequence) -> None:
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    if any(str(n.target).startswith("*") for n in placeholders):
+        return  # (*args, **kwargs): any number
+    names = [str(n.target) for n in placeholders]
+    required = sum(1 for n in placeholders if not n.args)  # (a placeholder's args hold its default)
+    if not required <= len(example_inputs) <= len(placeholders):
+        count = str(required) if required == len(placeholders) else f"{required} to {len(placeholders)}"
+        raise InvfxError(f"invfx.optimize: the model's forward takes {count} input{'s' * (len(placeholders) != 1)} "
+                         f"({', '.join(names)}); example_inputs has {len(example_inputs)}")
 
 
 def is_tensor_meta(meta) -> bool:

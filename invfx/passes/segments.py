@@ -47,6 +47,9 @@ _SAVES_OUTPUT = {torch.relu, torch.nn.functional.relu, "relu", "relu_", torch.nn
                  torch.softmax, "softmax", torch.nn.functional.softmax, torch.nn.Softmax, torch.log_softmax,
                  "log_softmax", torch.nn.functional.log_softmax, torch.nn.LogSoftmax, torch.nn.functional.elu,
                  torch.nn.ELU, torch.sqrt, "sqrt", torch.rsqrt, "rsqrt"}
+# The names of those ops, so that their in-place forms (``torch.relu_``, ``F.relu_``, ``torch.sigmoid_``), which save
+# their output just the same, are caught too.
+_SAVES_OUTPUT_NAMES = {p if isinstance(p, str) else p.__name__ for p in _SAVES_OUTPUT if not isinstance(p, type)}
 # Ops that may hand back their input itself (dropout with p = 0 or in eval mode, identity): the value they make
 # is the value they read, so the producer behind them is what counts.
 _MAY_ALIAS = {torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
@@ -111,7 +114,7 @@ def _mutates(module: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
     if user.op == "call_method":
         return user.target.endswith("_") and not user.target.endswith("__")
     if user.op == "call_function":
-        if user.target in _IN_PLACE_FUNCTIONS or user.kwargs.get("inplace") is True:
+        if user.target in _IN_PLACE_FUNCTIONS or user.kwargs.get("inplace") is True or _in_place_function(user.target):
             return True
         # F.relu(x, True): an in-place flag given positionally (for dropout a True may be ``training``:
         # counted as in-place too, which only costs a region)
@@ -120,6 +123,15 @@ def _mutates(module: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
     if user.op == "call_module":
         return bool(getattr(module.get_submodule(user.target), "inplace", False))
     return False
+
+
+def _in_place_function(target) -> bool:
+    """``torch.relu_``, ``F.relu_``, ``torch.sigmoid_``: a function named like an in-place method writes into its
+    first argument (missed before: a checkpoint region that wrote into its own input failed in autograd, and an
+    invertible one freed a relu_ output and rebuilt its mask inexactly). ``operator.and_`` and the like are not."""
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and \
+        getattr(target, "__module__", "") not in ("operator", "_operator")
 
 
 def _written(module: fx.GraphModule, value: fx.Node, by) -> bool:
@@ -156,7 +168,7 @@ def _why_not_freeable(module: fx.GraphModule, node: fx.Node) -> str | None:
     source = node
     while True:
         producer = type(module.get_submodule(source.target)) if source.op == "call_module" else source.target
-        if producer in _SAVES_OUTPUT:
+        if producer in _SAVES_OUTPUT or _saves_output_in_place(producer):
             name = getattr(producer, "__name__", producer)
             return f"the output of {name} (its backward reads it; a rebuilt value would change its gradient)"
         if producer in _MAY_ALIAS and source.args and isinstance(source.args[0], fx.Node):
@@ -168,6 +180,39 @@ def _why_not_freeable(module: fx.GraphModule, node: fx.Node) -> str | None:
     if not is_tensor_meta(node.meta.get("tensor_meta")):
         return "not a tensor"
     return None
+
+
+def _saves_output_in_place(producer) -> bool:
+    """``torch.relu_`` and ``"tanh_"``: the in-place form of an op in ``_SAVES_OUTPUT``."""
+    name = producer if isinstance(producer, str) else getattr(producer, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__") and \
+        (isinstance(producer, str) or _in_place_function(producer))
+    return in_place and name[:-1] in _SAVES_OUTPUT_NAMES
+
+
+def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.Node]) -> bool:
+    """Whether a value read after the segment shares ``value``'s memory: a view of it (``v = h[:, :2]`` read at
+    the end while ``h`` dies in the segment), the same tensor handed back (identity, ``.to`` of its own dtype),
+    or anything that aliased it on the example run. Freeing ``value`` would free that too, and reading it would
+    segfault (it did, before this check). The graph's view ops are followed, and the storages each value used on
+    the example run (annotate) catch what the graph does not say (a leaf module returning a view)."""
+    mine = value.meta.get("storages") or frozenset()
+    if any(mine & (v.meta.get("storages") or frozenset()) for v in live_after if v is not value):
+        return True
+    pending, seen = [value], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node is not value and node in live_after:
+            return True
+        for user in node.users:
+            target = type(module.get_submodule(user.target)) if user.op == "call_module" else user.target
+            if user.args and user.args[0] is node and (_is_view(module, user) or target in _MAY_ALIAS or
+                                                       _mutates(module, user, node)):
+                pending.append(user)  # (an in-place op hands back the tensor it wrote into)
+    return False
 
 
 def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[Segment]:
@@ -287,7 +332,9 @@ def _find_from(module, compute, live, p, cache):
             continue  # the region saves it for backward: an in-place op after it would invalidate that
         if any(_written(module, v, lambda user: user in inside) for v in inputs):
             continue  # the region would write into its own input (a region must not mutate its inputs)
-        if not any(_why_not_freeable(module, d) is None for d in dying):
+        freeable = [d for d in dying if _why_not_freeable(module, d) is None and
+                    not _aliased_after(module, d, live[q])]
+        if not freeable:
             continue  # frees nothing: no memory to gain
         numbers_in, numbers_out = sum(numel(d) for d in dying), sum(numel(o) for o in outputs)
         if numbers_out < numbers_in:
@@ -303,7 +350,7 @@ def _find_from(module, compute, live, p, cache):
             if attempts >= MAX_ATTEMPTS:
                 break
             continue
-        segment = _invertible(module, nodes, inputs, outputs, kept, dying, rebuild)
+        segment = _invertible(nodes, inputs, outputs, kept, freeable, rebuild)
         clean = not kept and not any(_why_not_freeable(module, o) for o in outputs)
         if clean and (q == len(compute) or not _inside(compute[q], nodes)):
             return q, segment
@@ -351,8 +398,7 @@ def _inside(node: fx.Node, nodes: list[fx.Node]) -> bool:
     return module_path(node)[:len(common)] == common
 
 
-def _invertible(module, nodes, inputs, outputs, kept, dying, rebuild) -> Segment:
-    freeable = [d for d in dying if _why_not_freeable(module, d) is None]
+def _invertible(nodes, inputs, outputs, kept, freeable, rebuild) -> Segment:
     why = "rebuilt from its outputs by " + ", ".join(
         sorted({s.rule.name for s in rebuild.steps if s.rule is not None}) or ["recomputation"])
     return Segment(list(nodes), inputs, outputs, "invertible", rebuild, kept, freeable, why)
