@@ -10,6 +10,7 @@ forward's dropout masks whatever order it runs them in.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -152,6 +153,15 @@ class BodyRegion(nn.Module):
     def forward(self, *inputs):
         if self.mode == "keep" or not (self.training and torch.is_grad_enabled()):
             return self.forward_body(*inputs)
+        if _hooked(self._modules_used):
+            # A forward hook on a module called inside the region sees values computed there: without a graph
+            # (a loss on a feature taken by a hook silently lost its gradient) or with the dry run's graph
+            # (backward failed). FSDP2's fully_shard works by such hooks (its parameters got no gradient). Plain
+            # code is right for all of them; no memory is saved while the hooks are there.
+            warnings.warn(f"{self._label}: forward hooks are registered on modules it calls "
+                          f"({_hooked_names(self)}); it runs as plain code (saving no memory) while they are",
+                          stacklevel=2)
+            return self.forward_body(*inputs)
         return run_region(self._region(), inputs)
 
     def _region(self) -> Region:
@@ -251,9 +261,12 @@ class InvertibleRegion(BodyRegion):
     def _region(self) -> Region:
         if self.mode != "invertible":
             return super()._region()
+        # A forward hook that saw a value this region frees (on the module that made it, read it, or a view of it)
+        # may have kept it: the user would read freed memory (a segfault). Then this call frees nothing.
+        free = () if _hooked(getattr(self, "_watched", ())) else self.free
         return Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
                       replay=self.fused_replay if self.fused else None,
-                      free=frozenset(self.free), keep=frozenset(self.kept), buffers=self._modules_used,
+                      free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,
                       name=self._label)
 
     def _rebuild(self, ctx: ReplayContext) -> None:
@@ -263,6 +276,45 @@ class InvertibleRegion(BodyRegion):
             rebuilt = self.rebuild_body(*[o.detach() if isinstance(o, torch.Tensor) else o for o in outputs], *kept)
         for position, value in zip(self.rebuilt, rebuilt):
             ctx.input(position, value)
+
+
+def _hooked(modules: Sequence[nn.Module]) -> bool:
+    """Whether a forward hook (global, or on one of ``modules``) runs, and so may keep a reference to the values
+    those modules read and make."""
+    from torch.nn.modules import module as torch_module
+
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
+    """The modules called on a value that ``segment`` frees, or on anything sharing its memory (a view of it,
+    the same tensor handed on), as they read or make it: their forward hooks would see it."""
+    freed = frozenset().union(*(n.meta.get("storages") or frozenset() for n in segment.freeable))
+    found: dict[int, nn.Module] = {}
+    for node in root.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = root.get_submodule(node.target)
+        if isinstance(module, BodyRegion):
+            continue
+        seen = frozenset().union(*(n.meta.get("storages") or frozenset() for n in [node, *node.all_input_nodes]))
+        if seen & freed:
+            found[id(module)] = module
+    return tuple(found.values())
+
+
+def _hooked_names(region: "BodyRegion") -> str:
+    from torch.nn.modules import module as torch_module
+
+    names = [f"{n.target} ({type(region.forward_body.get_submodule(n.target)).__name__})"
+             for n in region.forward_body.graph.nodes
+             if n.op == "call_module" and (region.forward_body.get_submodule(n.target)._forward_hooks or
+                                           region.forward_body.get_submodule(n.target)._forward_pre_hooks)]
+    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
+        names.insert(0, "global hooks")
+    return ", ".join(dict.fromkeys(names))
 
 
 def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: set[str], prefix: str = "inv_") -> str:
@@ -444,6 +496,7 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
         fx.GraphModule(_attributes(root, rebuild_graph, helpers), rebuild_graph, f"{name}_rebuild"), len(inputs),
         rebuilt, kept, free,
         [root.get_submodule(m) for m in modules], source)
+    object.__setattr__(region, "_watched", _watched(root, segment))
     root.add_module(name, region)
     _replace_by_call(root, segment, name)
     return region
@@ -504,6 +557,7 @@ def _inline(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> None:
             if is_rng_mark(body, node):
                 continue
             if node.op == "get_attr":
+                _carry_attr(root, body, node.target)
                 env[node] = graph.get_attr(node.target)
                 continue
             copy = graph.node_copy(node, lambda n: env[n])
@@ -516,3 +570,16 @@ def _inline(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> None:
         graph.erase_node(user)
     graph.erase_node(call)
 
+
+def _carry_attr(root: nn.Module, body: fx.GraphModule, target: str) -> None:
+    """A tensor constant fx made for a tensor created in forward (``torch.tensor(2.0)``) is an attribute of the
+    region's body only; code going back into ``root`` needs it there too (before, it raised AttributeError)."""
+    try:
+        fetch_attr(root, target)
+    except AttributeError:
+        owner, _, name = target.rpartition(".")
+        owner_module, value = root.get_submodule(owner) if owner else root, fetch_attr(body, target)
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            owner_module.register_buffer(name, value, persistent=False)  # (as fx keeps it; not in state_dict)
+        else:
+            setattr(owner_module, name, value)
