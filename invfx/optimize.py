@@ -117,13 +117,57 @@ class OptimizedModule(fx.GraphModule):
     plan: Plan
 
 
+#: non-tensor arguments an example may hold (``forward(x, scale: float)``): passed through as they are
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
 def _check_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    raise InvfxError("invfx.optimize: example_inputs must be a tensor or a tuple of tensors, got "
-                     f"{type(example_inputs).__name__}")
+    what = ("invfx.optimize: example_inputs must be a tensor or a tuple of tensors (numbers, strings and None "
+            "may stand for non-tensor arguments)")
+    if not isinstance(example_inputs, (tuple, list)):
+        raise InvfxError(f"{what}, got {type(example_inputs).__name__}")
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, (torch.Tensor, *_SCALARS)):
+            raise InvfxError(f"{what}; example_inputs[{i}] is a {type(x).__name__} (pass a container's tensors one "
+                             "by one)")
+    if not any(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise InvfxError(f"{what}; {example_inputs!r} holds no tensor")
+    return tuple(example_inputs)
+
+
+def _check_modes(modes) -> None:
+    if isinstance(modes, str) or not isinstance(modes, (tuple, list, set, frozenset)):
+        raise InvfxError(f"invfx.optimize: modes must be a tuple of mode names from {MODES}, got {modes!r}")
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise InvfxError(f"invfx.optimize: unknown modes {sorted(map(str, unknown))}; choose from {MODES}")
+
+
+def _check_leaf_modules(leaf_modules) -> None:
+    if isinstance(leaf_modules, (str, nn.Module)) or not isinstance(leaf_modules, (tuple, list, set, frozenset)):
+        raise InvfxError("invfx.optimize: leaf_modules must be a list of nn.Module classes or instances, got "
+                         f"{leaf_modules!r}")
+    for item in leaf_modules:
+        if not (isinstance(item, nn.Module) or (isinstance(item, type) and issubclass(item, nn.Module))):
+            raise InvfxError(f"invfx.optimize: leaf_modules holds {item!r}, which is neither an nn.Module class "
+                             "nor an nn.Module")
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    """FSDP2's hooks gather parameters when a wrapped module is called; the optimized module calls the traced
+    modules' leaves, never the wrapped ones, so a model sharded before optimize does not run (torch says "mixed
+    torch.Tensor and DTensor")."""
+    import sys
+
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    sharded = [name or "(the model)" for name, m in model.named_modules() if isinstance(m, fsdp_module)]
+    if sharded:
+        raise InvfxError(f"invfx.optimize: {', '.join(sharded)} already wrapped by fully_shard (FSDP2); optimize "
+                         "the unsharded model, then apply fully_shard to the optimized module")
 
 
 def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Sequence[str] = MODES,
@@ -140,10 +184,10 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     if not isinstance(model, nn.Module):
         raise InvfxError(f"invfx.optimize: model must be an nn.Module, got {type(model).__name__}")
     inputs = _check_inputs(example_inputs)
-    unknown = set(modes) - set(MODES)
-    if unknown or not modes:
-        raise InvfxError(f"invfx.optimize: unknown modes {sorted(unknown)}; choose from {MODES}")
+    _check_modes(modes)
+    _check_leaf_modules(leaf_modules)
     _check_budget(memory_budget)
+    _check_not_sharded(model)
 
     traced, opaque = trace(model, leaf_modules)
     annotate(traced, inputs)
@@ -185,14 +229,29 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
                              {n: s.rebuild.inverse_flops for n, s in by_name.items() if s.rebuild is not None},
                              {n: bool(s.freeable) for n, s in by_name.items()})
     regions = {c.name: optimized.get_submodule(c.name) for c in measured.costs}
-    chain, calibration = _plan_within(optimized, model, inputs, measured, memory_budget, regions)
-    chosen = dict(zip((c.name for c in measured.costs), chain.modes))
+    if measured.costs:
+        chain, calibration = _plan_within(optimized, model, inputs, measured, memory_budget, regions)
+        chosen = dict(zip((c.name for c in measured.costs), chain.modes))
+    else:  # no segment may run as a region (e.g. each writes into its input in place): plain code, said why
+        chain, calibration, chosen = None, _plain_within(model, inputs, memory_budget, blocked), {}
     apply_modes(optimized, chosen)
     rows = _rows(names, segments, measured, chosen, blocked, refused, regions)
     optimized.plan = Plan(rows, opaque, chain=chain, outside_bytes=measured.outside_bytes, budget=memory_budget,
                           forward_flops=sum(c.flops for c in measured.costs), calibration=calibration)
     optimized.train(model.training)
     return optimized
+
+
+def _plain_within(model, inputs, budget, blocked: dict) -> None:
+    """With no region to plan, a budget is met only if plain training meets it."""
+    if budget is None:
+        return None
+    plain = _measure_step(model, inputs)
+    if isinstance(budget, int) and plain <= budget or isinstance(budget, float) and budget >= 1.0:
+        return None
+    reasons = "; ".join(f"{name}: {why}" for name, why in blocked.items()) or "the model has no segment"
+    raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: no segment of the model "
+                      f"can be checkpointed or inverted ({reasons}); plain training measures {_size(plain)}")
 
 
 def _check_budget(budget) -> None:
@@ -368,6 +427,11 @@ def _share_everything(optimized: nn.Module, model: nn.Module) -> None:
     optimized._modules.update(regions)
     optimized._parameters.clear()
     optimized._parameters.update(model._parameters)
+    # fx made tensors created in forward (``torch.tensor(2.0)``) buffers of the traced module: they stay, out of
+    # the state_dict (dropping them broke every model with such a constant: AttributeError on the first call)
+    constants = {name: b for name, b in optimized._buffers.items() if name not in model._buffers}
     optimized._buffers.clear()
     optimized._buffers.update(model._buffers)
     optimized._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    for name, value in constants.items():
+        optimized.register_buffer(name, value, persistent=False)

@@ -95,7 +95,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
         handles.append(region.register_forward_hook(after(name)))
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in example_inputs]
+    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+              for x in example_inputs]
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(*inputs)
@@ -114,7 +115,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
                 record.pop("counter").__exit__(None, None, None)
 
     costs = []
-    caller = {storage_key(x) for x in inputs}
+    caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):  # a region called twice (shared weights) is charged once
         record, region = records[name], regions[name]
         saved = dict(record["saved"])

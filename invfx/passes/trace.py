@@ -65,11 +65,18 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = ()) -> tu
     if not isinstance(model, nn.Module):
         raise TraceError(f"invfx.optimize needs an nn.Module, got {type(model).__name__}")
     tracer = InvfxTracer(leaf_modules)
+    attributes = set(vars(model))
     try:
         graph = tracer.trace(model)
+        module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001
         raise TraceError(f"{type(model).__name__} (the root module) cannot be traced by torch.fx: "
                          f"{type(error).__name__}: {_first_line(error)}") from error
-    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        # fx stores a tensor made in forward (``torch.tensor(2.0)``) on the model as ``_tensor_constant0``: the
+        # GraphModule has its own reference; the model is left as it was
+        for name in set(vars(model)) - attributes:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
     return module, dict(tracer.opaque)
 
