@@ -86,12 +86,17 @@ def _rule(inverse, *, solves, known, conditions=(), risk=Risk.WELL_CONDITIONED, 
 
 
 def _same_shape_and_dtype(buffer, *operands) -> bool:
-    """Whether the elementwise result of ``operands`` has ``buffer``'s shape, dtype and device: ``out=`` would
-    otherwise resize the buffer (a freed input's own storage) or cast."""
-    tensors = [t for t in operands if isinstance(t, torch.Tensor)]
-    return all(t.device == buffer.device for t in tensors) and \
-        torch.broadcast_shapes(*(t.shape for t in tensors)) == buffer.shape and \
-        torch.result_type(*operands[:2]) == buffer.dtype
+    """Whether the elementwise result of ``operands`` (tensors of ``buffer``'s shape, dtype and device, or Python
+    numbers with a floating buffer) is what ``buffer`` holds: ``out=`` would otherwise resize the buffer (a freed
+    input's own storage) or cast. Anything else, broadcasting included, is declined: the copy path handles it.
+    (Checked by hand: ``torch.broadcast_shapes`` costs tens of microseconds per step.)"""
+    for operand in operands:
+        if isinstance(operand, torch.Tensor):
+            if operand.shape != buffer.shape or operand.dtype != buffer.dtype or operand.device != buffer.device:
+                return False
+        elif not (isinstance(operand, (int, float)) and buffer.is_floating_point()):
+            return False
+    return True
 
 
 def _sub_into(buffer, out, other, alpha=1):
