@@ -1,6 +1,10 @@
-"""DistributedDataParallel (gloo, 2 processes on this machine) over an optimized module: gradients equal a
-single-process step on the whole batch, with weights shared across blocks too."""
+"""DistributedDataParallel and FSDP2 (gloo, 2 processes on this machine) over an optimized module: gradients equal
+a single-process step on the whole batch, with weights shared across blocks too."""
 
+import warnings
+from datetime import timedelta
+
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,6 +13,15 @@ import invfx
 from invfx.examples import RevNetMLP
 
 from conftest import assert_close
+
+try:
+    from torch.distributed.fsdp import fully_shard  # FSDP2 (torch >= 2.6)
+except ImportError:  # pragma: no cover
+    fully_shard = None
+
+
+#: a collective one process never joins (it failed, or ran other code) fails the test instead of hanging it
+TIMEOUT = timedelta(seconds=180)
 
 
 def build(shared: bool) -> RevNetMLP:
@@ -21,7 +34,7 @@ def build(shared: bool) -> RevNetMLP:
 
 def worker(rank, world, store, x, shared, path):
     # a file store, not a TCP port: a port picked free can be taken again before the processes bind it
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         model = build(shared)
         ddp = torch.nn.parallel.DistributedDataParallel(invfx.optimize(model, x[:2]))
@@ -42,3 +55,62 @@ def test_ddp_gloo_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         model = build(shared)
         model(x).pow(2).sum().backward()
         assert_close(torch.load(path), [p.grad for p in model.parameters()], rtol=1e-9, atol=1e-11)
+
+
+def fsdp_worker(rank, world, store, x, path):
+    """FSDP2 (fully_shard) on CPU over gloo: the optimized module sharded as a whole; modules inside its regions
+    sharded one by one (those regions then run as plain code: FSDP's hooks see inside them); and a model sharded
+    before optimize (refused)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        results = {}
+        mine = x.chunk(world)[rank]
+
+        model = build(False)
+        optimized = invfx.optimize(model, x[:2])
+        results["modes"] = sorted({row["mode"] for row in optimized.plan.rows})
+        fully_shard(optimized)
+        optimized(mine).pow(2).sum().backward()
+        results["whole"] = [p.grad.full_tensor() for p in model.parameters()]  # (FSDP averages over processes)
+
+        model = build(False)
+        optimized = invfx.optimize(model, x[:2])
+        inner = [m for block in model.blocks for m in (*block.F, *block.G) if any(True for _ in m.parameters())]
+        for module in inner:
+            fully_shard(module)
+        fully_shard(optimized)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimized(mine).pow(2).sum().backward()
+        results["inner"] = [p.grad.full_tensor() for p in model.parameters()]
+        results["inner_warnings"] = [str(w.message) for w in caught if "runs as plain code" in str(w.message)]
+
+        model = build(False)
+        for block in model.blocks:
+            fully_shard(block)
+        try:
+            invfx.optimize(model, x[:2])
+            results["sharded_first"] = "no error"
+        except invfx.InvfxError as error:
+            results["sharded_first"] = str(error)
+        if rank == 0:
+            torch.save(results, path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(fully_shard is None or not dist.is_gloo_available(), reason="needs FSDP2 and gloo")
+def test_fsdp2_fully_shard_gloo_two_processes_match_one_process(tmp_path):
+    x = torch.randn(8, 8, dtype=torch.float64)
+    path = tmp_path / "fsdp.pt"
+    mp.spawn(fsdp_worker, args=(2, str(tmp_path / "store"), x, str(path)), nprocs=2)
+    results = torch.load(path)
+    model = build(False)
+    model(x).pow(2).sum().backward()
+    expected = [p.grad * 0.5 for p in model.parameters()]  # FSDP averages the two processes' gradients
+    assert "invertible" in results["modes"]
+    assert_close(results["whole"], expected, rtol=1e-9, atol=1e-11)
+    assert_close(results["inner"], expected, rtol=1e-9, atol=1e-11)
+    assert results["inner_warnings"] and "FSDPLinear" in results["inner_warnings"][0]
+    assert "already wrapped by fully_shard" in results["sharded_first"] and "blocks.0" in results["sharded_first"]
