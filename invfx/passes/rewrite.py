@@ -294,13 +294,11 @@ def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
     freed = frozenset().union(*(n.meta.get("storages") or frozenset() for n in segment.freeable))
     found: dict[int, nn.Module] = {}
     for node in root.graph.nodes:
-        if node.op != "call_module":
+        if node.op != "call_module" or not any(freed & (n.meta.get("storages") or frozenset())
+                                               for n in [node, *node.all_input_nodes]):
             continue
         module = root.get_submodule(node.target)
-        if isinstance(module, BodyRegion):
-            continue
-        seen = frozenset().union(*(n.meta.get("storages") or frozenset() for n in [node, *node.all_input_nodes]))
-        if seen & freed:
+        if not isinstance(module, BodyRegion):
             found[id(module)] = module
     return tuple(found.values())
 
