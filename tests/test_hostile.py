@@ -476,9 +476,6 @@ def test_in_place_functions_next_to_segments(how, modes):
     assert_uses(optimized, modes)
 
 
-@pytest.mark.xfail(strict=True, reason="invfx/runtime/region.py reports any failure to unpack the saved outputs "
-                                       "as 'backward through a region a second time'; here an output was written "
-                                       "in place after the region (see the report on issue 7)")
 def test_writing_into_a_regions_output_after_it_is_named_as_such():
     """The model's output is an invertible region's output; the caller writes into it before backward. Plain
     autograd does not mind (cat saves nothing); the region rebuilds its inputs from that output, so it must
@@ -657,10 +654,6 @@ class SquareLinears(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.xfail(strict=True, reason="invfx/inverses/linear.py: LUCache keys LU factors by id(weight) and "
-                                       "weight._version, which .to(dtype) (param.data = ...) does not change: the "
-                                       "float32 factors solve in float32 after the move to float64 (InverseError "
-                                       "1.5e-07 > 1e-07); see the report on issue 7")
 def test_to_dtype_after_optimize_with_square_linear_inverses():
     torch.manual_seed(0)
     model = SquareLinears()

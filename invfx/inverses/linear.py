@@ -14,7 +14,8 @@ from ..registry import OpCall, Risk, numel, register_inverse
 
 
 class LUCache:
-    """LU factors of square weights, keyed by the weight tensor and valid while its version is unchanged."""
+    """LU factors of square weights, keyed by the weight tensor and valid while its version, memory, dtype and device
+    are unchanged (``module.to(dtype)`` sets ``param.data`` without moving the version counter)."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}
@@ -23,14 +24,15 @@ class LUCache:
         matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], weight.shape[1])
         key = id(weight)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is weight and entry[1] == weight._version:
+        state = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        if entry is not None and entry[0]() is weight and entry[1] == state:
             return entry[2], entry[3]
         with torch.no_grad():
             dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
             lu, pivots = torch.linalg.lu_factor(matrix.detach().to(dtype))
         if entry is None:
             weakref.finalize(weight, self._entries.pop, key, None)
-        self._entries[key] = (weakref.ref(weight), weight._version, lu, pivots)
+        self._entries[key] = (weakref.ref(weight), state, lu, pivots)
         return lu, pivots
 
     def __len__(self) -> int:

@@ -638,6 +638,13 @@ class RegionFunction(torch.autograd.Function):
         try:
             saved = ctx.saved_tensors
         except RuntimeError as error:
+            if "inplace" in str(error) or "in-place" in str(error):
+                # (autograd's version check: a tensor the region saved, an output it rebuilds its inputs from or
+                # an input it keeps, was written into after the forward)
+                raise RegionError(f"{call.name}: a tensor this region saved for backward (one of its outputs, or an "
+                                  "input it keeps) was modified in place after the region ran, so its inputs "
+                                  "cannot be rebuilt or recomputed from it; write into a copy (y = y.clone()) or "
+                                  "use an out-of-place op") from error
             raise RegionError(f"{call.name}: backward through a region a second time; pass retain_graph=True "
                               "to the first backward") from error
         grads = call.backward(saved, grad_outputs)
