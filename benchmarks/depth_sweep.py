@@ -39,8 +39,10 @@ Per cell (model, depth, library), on the same input ``x``, one step being ``modu
 * time: the median over ``--repeats`` rounds in which every library of the (model, depth) runs one step, the
   order rotated each round (:func:`invfx.timing.interleaved_medians`), reported as a ratio to plain;
 * gradients: :func:`peers.check_gradients` against plain on ``x``: outputs, every parameter gradient and the
-  input gradient, float32, ``torch.allclose(rtol=1e-4, atol=1e-5)``; the cell shows the largest
-  ``|diff| / max|plain|`` of the worst tensor. The Glow-style flow's ReLU masks can flip when its coupling nets
+  input gradient, float32; a tensor matches when its relative error ``max |diff| / max |plain|`` is at most
+  1e-4 (issue 4's bound; an elementwise ``allclose`` fails every library, revlib and memcnn included, on
+  gradients summed over 32 blocks, whose small entries carry the rounding of the large ones). The cell shows
+  the largest relative error of any tensor. The Glow-style flow's ReLU masks can flip when its coupling nets
   rerun on rebuilt inputs (README, limitations): such a mismatch is shown in the table, marked known, and does
   not fail the run; any other mismatch or crash does (exit status 1). So does invfx's peak not staying flat in
   depth on the three invertible models (peak(deepest) / peak(shallowest) <= 1.05, 1.2, 1.2, issue 4's goals).
@@ -80,13 +82,14 @@ from invfx.argtypes import apply_profile, depths, positive, write_report
 from invfx.examples import Glow, ResNet, ReversibleTransformer
 from invfx.memory import mib
 from invfx.timing import interleaved_medians
-from peers import (ATOL, RTOL, _quiet_import, check_gradients, make_stack, memcnn_stack, revlib_stack,
+from peers import (_quiet_import, check_gradients, make_stack, memcnn_stack, revlib_stack,
                    steady_peak_of_step, step, version, zero_grads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")
 PEER_DISTS = {"revlib": "revlib", "memcnn": "memcnn"}
 RESNET_BUDGET = 0.5
+REL_TOL = 1e-4  # largest relative error of a gradient tensor against plain, float32 (issue 4)
 DEFAULTS = dict(depths=(8, 16, 32), resnet_depths=(8, 16, 32), repeats=5)
 QUICK = dict(depths=(2, 4), resnet_depths=(2, 4), repeats=2)
 FLAT_GOALS = {"coupling stack": 1.05, "Glow-style flow": 1.2, "two-stream transformer": 1.2}
@@ -296,9 +299,10 @@ def measure_cell(cell: Cell, model: nn.Module, x: torch.Tensor, known_mismatch: 
         cell.status, cell.ok, cell.module = f"crashed: {one_line(error)}", False, None
         traceback.print_exc()
         return
-    cell.grads = ("yes" if check.ok else "NO") + f" ({check.worst_rel:.1e})"
-    if not check.ok:
-        cell.grads += f", worst {check.worst}"
+    ok = check.params_ok and check.max_rel <= REL_TOL
+    cell.grads = ("yes" if ok else "NO") + f" ({check.max_rel:.1e})"
+    if not ok:
+        cell.grads += f", worst {check.max_rel_at}"
         cell.known = bool(known_mismatch)
         cell.ok = cell.known
         if cell.known:
@@ -452,7 +456,7 @@ def report(results, specs, args, notes, elapsed) -> tuple[list[str], list[str]]:
     compact = tabulate(compact_rows(results), ["model", "depth", "plain peak (MiB)", "plain step (ms)",
                                                *LIBRARIES[1:]], tablefmt="github", disable_numparse=True)
     detail = tabulate(detail_rows(results), ["model", "depth", "library", "peak (MiB)", "peak / plain", "step (ms)",
-                                             "time / plain", f"gradients match (rtol {RTOL:g}, atol {ATOL:g})"],
+                                             "time / plain", f"gradients match (relative error <= {REL_TOL:g})"],
                       tablefmt="github", disable_numparse=True)
     flat_lines, failures = flatness(results)
     failures += [f"{name} depth {depth} {c.library}: {c.status or c.grads}" for name, by_depth in results.items()
@@ -472,8 +476,8 @@ def report(results, specs, args, notes, elapsed) -> tuple[list[str], list[str]]:
         *(f"- {name}: {spec.not_applicable}" for name, spec in specs.items() if spec.not_applicable),
         "- checkpoint: `torch.utils.checkpoint.checkpoint(block, use_reentrant=False)` per block (on the ResNet it "
         "updates BatchNorm's running statistics twice per step).",
-        f"- gradients: outputs, every parameter gradient and the input gradient against plain, `torch.allclose(rtol="
-        f"{RTOL:g}, atol={ATOL:g})`; the figure is the worst tensor's max |diff| / max |plain|.",
+        f"- gradients: outputs, every parameter gradient and the input gradient against plain; the figure is the "
+        f"largest relative error of any tensor, max |diff| / max |plain|, which must be <= {REL_TOL:g}.",
         *(f"- {note}" for note in notes), "", "Every figure:", "", detail, "",
         f"run took {elapsed:.0f} s on {datetime.date.today().isoformat()}"]
     return lines, failures

@@ -220,6 +220,8 @@ class GradCheck:
     worst_rel: float  # its |diff| / max|plain| of that tensor
     mismatched: int  # parameter tensors whose grads are not allclose
     report: str
+    max_rel: float = 0.0  # the largest relative error of any one tensor: max |diff| / max |plain|
+    max_rel_at: str = ""  # ... and which tensor
 
     def __str__(self) -> str:
         return self.report
@@ -260,8 +262,10 @@ def check_gradients(model: nn.Module, peer: nn.Module, x: torch.Tensor, name: st
               + f", input grad {input_ok}, same parameters {params_ok}; max abs diff {max_abs:.2e} "
               f"({worst}, {worst_rel:.1e} of its max) -> {'OK' if ok else 'MISMATCH'}")
     zero_grads(model)
+    relative = [(d / sc if sc else float("inf") if d else 0.0, label) for d, label, sc in diffs]
+    max_rel, max_rel_at = max(relative)
     return GradCheck(ok, outputs_ok, mismatched == 0, input_ok, params_ok, max_abs, worst, worst_rel, mismatched,
-                     report)
+                     report, max_rel, max_rel_at)
 
 
 # --------------------------------------------------------------------------------------------- measurement
