@@ -618,7 +618,13 @@ def test_the_same_optimized_model_twice_in_one_loss():
     assert_close(siamese(optimized), siamese(model), rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def _has_c_compiler() -> bool:
+    import shutil
+    return any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not _has_c_compiler(), reason="inductor compiles C++: no C compiler here"))])
 def test_torch_compile_of_an_optimized_module(backend, recwarn):
     torch.manual_seed(0)
     model = RevNetMLP(depth=2, width=8, hidden=8).to(DT)
