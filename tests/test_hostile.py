@@ -264,14 +264,18 @@ def test_a_second_backward(modes):
             loss.backward()
 
 
-class Scaled(nn.Module):
-    """Non-tensor arguments: a float and an int with a default."""
+class StemBlocksHead(nn.Module):
+    """A stem, three coupling blocks and a head: what most models here wrap; each subclass has its own forward."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Linear(8, 8)
         self.blocks = nn.ModuleList([CouplingBlock(8, 16) for _ in range(3)])
         self.head = nn.Linear(8, 2)
+
+
+class Scaled(StemBlocksHead):
+    """Non-tensor arguments: a float and an int with a default."""
 
     def forward(self, x, scale: float, shift: int = 0):
         h = self.stem(x) * scale + shift
@@ -307,16 +311,13 @@ def test_non_tensor_arguments():
         invfx.optimize(model, (x, [2.0]))
 
 
-class ViewReadLater(nn.Module):
+class ViewReadLater(StemBlocksHead):
     """A view (or alias) of a value is read after the blocks that could free the value: freeing it would free
     the view's memory too (a segfault when the view is read: a slice and an expand did, before the fix)."""
 
     def __init__(self, how):
         super().__init__()
         self.how = how
-        self.stem = nn.Linear(8, 8)
-        self.blocks = nn.ModuleList([CouplingBlock(8, 16) for _ in range(3)])
-        self.head = nn.Linear(8, 2)
         self.identity = nn.Identity()
         self.first_two = FirstTwo()
 
@@ -445,15 +446,12 @@ def test_forward_hooks_keep_what_a_region_would_free(global_hook):
     run_isolated("forward_hooks_case", global_hook)
 
 
-class InPlaceAfter(nn.Module):
+class InPlaceAfter(StemBlocksHead):
     """An in-place function (not method) on a block's output, between two blocks."""
 
     def __init__(self, how):
         super().__init__()
         self.how = how
-        self.stem = nn.Linear(8, 8)
-        self.blocks = nn.ModuleList([CouplingBlock(8, 16) for _ in range(3)])
-        self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         h = self.stem(x) * 2
@@ -491,14 +489,8 @@ def test_writing_into_a_regions_output_after_it_is_named_as_such():
         y.pow(2).sum().backward()
 
 
-class Residual(nn.Module):
+class Residual(StemBlocksHead):
     """``h + f(h)`` around a chain of coupling blocks: ``h`` is read after the chain, kept, never freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(8, 8)
-        self.blocks = nn.ModuleList([CouplingBlock(8, 16) for _ in range(3)])
-        self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         h = self.stem(x) * 1.5
@@ -516,14 +508,8 @@ def test_x_plus_f_of_x_around_invertible_segments(modes):
     assert all("mul" not in row["freed"] for row in optimized.plan.rows), str(optimized.plan)
 
 
-class WithConstant(nn.Module):
+class WithConstant(StemBlocksHead):
     """A tensor made in forward: fx stores it as a constant of the traced module."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(8, 8)
-        self.blocks = nn.ModuleList([CouplingBlock(8, 16) for _ in range(3)])
-        self.head = nn.Linear(8, 2)
 
     def forward(self, x):
         h = self.stem(x) * torch.tensor(2.0, dtype=torch.float64)
