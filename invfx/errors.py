@@ -1,6 +1,12 @@
 """invfx exceptions. Every error names what failed (node, module or function) and why."""
 
-__all__ = ["InvfxError", "TraceError", "BudgetError", "InverseError", "RegionError"]
+__all__ = ["InvfxError", "TraceError", "BudgetError", "InverseError", "RegionError", "first_line"]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name): what an invfx error quotes of another one."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 class InvfxError(RuntimeError):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import InvfxError
+from ..errors import InvfxError, first_line
 from ..runtime.storage import storage_key
 
 __all__ = ["annotate", "node_bytes", "producer_of", "is_tensor_meta", "tuple_metas", "numel", "fetch_attr"]
@@ -36,7 +36,7 @@ class _ExampleRun(fx.Interpreter):
             result = super().run_node(node)
         except Exception as error:  # noqa: BLE001 - the user's model: report which node failed and why
             raise InvfxError(f"invfx.optimize: the model does not run on example_inputs: {_where(node, self.module)} "
-                             f"raised {type(error).__name__}: {_first_line(error)}") from error
+                             f"raised {type(error).__name__}: {first_line(error)}") from error
         tensors = []
 
         def meta(value):
@@ -74,11 +74,6 @@ def _where(node: fx.Node, root: nn.Module) -> str:
     what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
     inside = f" in module {next(reversed(stack.values()))[0]!r}" if stack else f" in {type(root).__name__}.forward"
     return f"node {node.name!r} ({what}{inside})"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:

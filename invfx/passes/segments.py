@@ -273,11 +273,15 @@ def _parent_path(node: fx.Node) -> tuple[str, ...]:
 
 def _ends_module(before: fx.Node, after: fx.Node) -> bool:
     """Whether the module ``before`` was called in ends between the two nodes."""
-    left, right = _parent_path(before), _parent_path(after)
+    left = _parent_path(before)
+    return len(_common_prefix(left, _parent_path(after))) < len(left)
+
+
+def _common_prefix(left: tuple[str, ...], right: tuple[str, ...]) -> tuple[str, ...]:
     n = 0
     while n < min(len(left), len(right)) and left[n] == right[n]:
         n += 1
-    return n < len(left)
+    return left[:n]
 
 
 def why_not_checkpoint(module: fx.GraphModule, segment: Segment) -> str | None:
@@ -365,13 +369,7 @@ def _find_from(module, compute, live, p, cache):
 def _scope(compute: list[fx.Node], p: int) -> tuple[str, ...]:
     """The module a segment starting at ``p`` starts inside of: the one the nodes on both sides of the cut
     were called in (empty at a module's start, or at the top level)."""
-    if p == 0:
-        return ()
-    left, right = _parent_path(compute[p - 1]), _parent_path(compute[p])
-    n = 0
-    while n < min(len(left), len(right)) and left[n] == right[n]:
-        n += 1
-    return left[:n]
+    return _common_prefix(_parent_path(compute[p - 1]), _parent_path(compute[p])) if p else ()
 
 
 def module_path(node: fx.Node) -> tuple[str, ...]:
@@ -388,11 +386,7 @@ def _inside(node: fx.Node, nodes: list[fx.Node]) -> bool:
     a module)."""
     common = _parent_path(nodes[0])  # (a module called as one node is not a module the segment is inside)
     for other in nodes[1:]:
-        path = _parent_path(other)
-        n = 0
-        while n < min(len(common), len(path)) and common[n] == path[n]:
-            n += 1
-        common = common[:n]
+        common = _common_prefix(common, _parent_path(other))
     if not common:
         return False
     return module_path(node)[:len(common)] == common

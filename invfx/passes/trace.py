@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 
-from ..errors import TraceError
+from ..errors import TraceError, first_line
 from ..nn.module import Module as InvertibleModule
 
 __all__ = ["trace", "InvfxTracer"]
@@ -51,13 +51,8 @@ class InvfxTracer(fx.Tracer):
             self.module_stack.update(stack)
             self.num_calls.clear()
             self.num_calls.update(calls)
-            self.opaque[name] = f"{type(error).__name__}: {_first_line(error)}"
+            self.opaque[name] = f"{type(error).__name__}: {first_line(error)}"
             return super().call_module(m, forward, args, kwargs)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = ()) -> tuple[fx.GraphModule, dict[str, str]]:
@@ -71,7 +66,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = ()) -> tu
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001
         raise TraceError(f"{type(model).__name__} (the root module) cannot be traced by torch.fx: "
-                         f"{type(error).__name__}: {_first_line(error)}") from error
+                         f"{type(error).__name__}: {first_line(error)}") from error
     finally:
         # fx stores a tensor made in forward (``torch.tensor(2.0)``) on the model as ``_tensor_constant0``: the
         # GraphModule has its own reference; the model is left as it was
