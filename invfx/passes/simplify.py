@@ -8,8 +8,8 @@ both ops. The values are the same (a cat and a split only move elements), and so
 
 It is applied only where the graph proves nobody can tell the difference: the cat's output is read by the split
 alone (not an output of the model, not a tensor another op reads), each item the split makes has the shape and
-dtype of the piece in its place (no type promotion by the cat, the same cut points), and no item is mutated in
-place (a view of the cat would have shielded the piece from the mutation; the piece itself does not).
+dtype of the piece in its place (no type promotion by the cat, the same cut points), and no item, nor a view of
+one, is written in place (a view of the cat shielded the piece from the write; the piece itself does not).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .annotate import is_tensor_meta, tuple_metas
+from .segments import _written
 
 __all__ = ["split_through_cat"]
 
@@ -75,8 +76,8 @@ def _pieces_through(split: fx.Node) -> list[fx.Node] | None:
     for item in split.users:
         if not (item.op == "call_function" and item.target is operator.getitem and type(item.args[1]) is int):
             return None  # the tuple itself escapes
-        if any(_in_place(user) for user in item.users):
-            return None
+        if _written(split.graph.owning_module, item, lambda user: True):
+            return None  # an item, or a view of it, written in place
     return list(pieces)
 
 
@@ -98,20 +99,3 @@ def _dim(dim, cat: fx.Node) -> int | None:
         return None
     ndim = len(meta.shape)
     return dim + ndim if dim < 0 else dim
-
-
-def _in_place(node: fx.Node) -> bool:
-    """Whether ``node`` may write into one of its arguments: a trailing-underscore op, ``out=``, an
-    ``inplace=True`` module, or an unknown module call we cannot see into (opaque leaves)."""
-    if "out" in node.kwargs or node.kwargs.get("inplace"):
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_module":
-        module = node.graph.owning_module.get_submodule(node.target)
-        known = type(module).__module__.startswith(("torch.nn.", "invfx.nn."))  # (invfx.nn refuses to mutate)
-        return not known or bool(getattr(module, "inplace", False))
-    return False
