@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch import nn
 
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, rng_mark, run_region
@@ -281,11 +282,15 @@ class InvertibleRegion(BodyRegion):
 def _hooked(modules: Sequence[nn.Module]) -> bool:
     """Whether a forward hook (global, or on one of ``modules``) runs, and so may keep a reference to the values
     those modules read and make."""
-    from torch.nn.modules import module as torch_module
+    return _global_hooks() or any(_own_hooks(m) for m in modules)
 
-    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+def _global_hooks() -> bool:
+    return bool(_global_forward_hooks or _global_forward_pre_hooks)
+
+
+def _own_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
@@ -304,14 +309,11 @@ def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
 
 
 def _hooked_names(region: "BodyRegion") -> str:
-    from torch.nn.modules import module as torch_module
-
-    names = [f"{n.target} ({type(region.forward_body.get_submodule(n.target)).__name__})"
-             for n in region.forward_body.graph.nodes
-             if n.op == "call_module" and (region.forward_body.get_submodule(n.target)._forward_hooks or
-                                           region.forward_body.get_submodule(n.target)._forward_pre_hooks)]
-    if getattr(torch_module, "_global_forward_hooks", None) or getattr(torch_module, "_global_forward_pre_hooks", None):
-        names.insert(0, "global hooks")
+    body = region.forward_body
+    names = ["global hooks"] if _global_hooks() else []
+    for node in body.graph.nodes:
+        if node.op == "call_module" and _own_hooks(body.get_submodule(node.target)):
+            names.append(f"{node.target} ({type(body.get_submodule(node.target)).__name__})")
     return ", ".join(dict.fromkeys(names))
 
 
