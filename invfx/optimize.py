@@ -4,6 +4,7 @@ for backward and rebuild their inputs from their outputs instead."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -159,8 +160,6 @@ def _check_not_sharded(model: nn.Module) -> None:
     """FSDP2's hooks gather parameters when a wrapped module is called; the optimized module calls the traced
     modules' leaves, never the wrapped ones, so a model sharded before optimize does not run (torch says "mixed
     torch.Tensor and DTensor")."""
-    import sys
-
     fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     if fsdp_module is None:
         return

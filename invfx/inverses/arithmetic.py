@@ -99,23 +99,14 @@ def _same_shape_and_dtype(buffer, *operands) -> bool:
     return True
 
 
-def _sub_into(buffer, out, other, alpha=1):
-    return torch.sub(out, other, alpha=alpha, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+def _into(op):
+    """``op(out, other, **kwargs)`` (the inverse, as one torch op) written into ``buffer``, or None."""
+    def into(buffer, out, other, **kwargs):
+        return op(out, other, **kwargs, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
+    return into
 
 
-def _add_into(buffer, out, other, alpha=1):
-    return torch.add(out, other, alpha=alpha, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
-
-
-def _div_into(buffer, out, other):
-    return torch.div(out, other, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
-
-
-def _mul_into(buffer, out, other):
-    return torch.mul(out, other, out=buffer) if _same_shape_and_dtype(buffer, out, other) else None
-
-
-@writes_into(_sub_into)
+@writes_into(_into(torch.sub))
 def add_solve_input(out, other, alpha=1):
     """input from ``out = input + alpha * other``."""
     return out - other if alpha == 1 else out - alpha * other
@@ -126,7 +117,7 @@ def add_solve_other(out, input, alpha=1):  # noqa: A002 - the forward's name
     return out - input if alpha == 1 else (out - input) / alpha
 
 
-@writes_into(_add_into)
+@writes_into(_into(torch.add))
 def sub_solve_input(out, other, alpha=1):
     """input from ``out = input - alpha * other``."""
     return out + other if alpha == 1 else out + alpha * other
@@ -137,7 +128,7 @@ def sub_solve_other(out, input, alpha=1):  # noqa: A002
     return input - out if alpha == 1 else (input - out) / alpha
 
 
-@writes_into(_div_into)
+@writes_into(_into(torch.div))
 def mul_solve_input(out, other):
     """input from ``out = input * other``, other non-zero."""
     return out / other
@@ -148,7 +139,7 @@ def mul_solve_other(out, input):  # noqa: A002
     return out / input
 
 
-@writes_into(_mul_into)
+@writes_into(_into(torch.mul))
 def div_solve_input(out, other):
     """input from ``out = input / other``: multiplying back keeps the relative error, whatever ``other`` is."""
     return out * other

@@ -119,10 +119,9 @@ def _cat_into(buffer, pieces, dim):
                              and p.dim() == buffer.dim() for p in pieces):
         return None
     dim = dim + buffer.dim() if dim < 0 else dim
-    shape = list(pieces[0].shape)
-    shape[dim] = sum(p.shape[dim] for p in pieces)
-    if tuple(shape) != tuple(buffer.shape) or \
-            any(p.shape[:dim] != buffer.shape[:dim] or p.shape[dim + 1:] != buffer.shape[dim + 1:] for p in pieces):
+    others = buffer.shape[:dim], buffer.shape[dim + 1:]
+    if any((p.shape[:dim], p.shape[dim + 1:]) != others for p in pieces) or \
+            sum(p.shape[dim] for p in pieces) != buffer.shape[dim]:
         return None
     return torch.cat(pieces, dim, out=buffer)
 

@@ -176,7 +176,7 @@ class FusedReplay(_Analysis):
             elif node.op != "placeholder" and not _is_mark(forward_body, node):
                 units.append(node)
         output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
-        # the inverse steps that make a rebuilt input and nothing else: they may write into its storage
+        # the inverse steps that make a rebuilt input and can write their result: they write into its storage
         self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
                            if _writes_into(rebuild_body, node)}
         self.units = units  # reverse topological order; a sub-network where its last node is
