@@ -17,6 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..errors import RegionError
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grad
@@ -83,72 +84,184 @@ class _Analysis:
         return list(groups.values())
 
 
-class _Interpreter(fx.Interpreter):
-    """An interpreter that looks each attribute up once: a body's modules and tensors are fixed when it is made
-    (they are its own attributes), and walking ``blocks.3.F.0`` at every node of every backward adds up."""
+class _Ref:
+    """A runtime value in a node's argument template: a rebuild node's result (``key``), or a forward value
+    (``key`` its name). ``stand_in``: in a recomputed sub-network, a value from outside it, read through a
+    stand-in leaf."""
 
-    def fetch_attr(self, target: str):
-        cache = self.__dict__.setdefault("_attributes", {})
-        if target not in cache:
-            cache[target] = super().fetch_attr(target)
-        return cache[target]
+    __slots__ = ("key", "stand_in")
+
+    def __init__(self, key, stand_in: bool = False):
+        self.key, self.stand_in = key, stand_in
 
 
-class _Rebuild(_Interpreter):
-    """Phase A: the rebuild body under no_grad, but recomputed sub-networks with grad from stand-ins."""
+def _holds_ref(value) -> bool:
+    if type(value) is _Ref:
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_ref(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_ref(v) for v in value.values())
+    if isinstance(value, slice):
+        return any(_holds_ref(v) for v in (value.start, value.stop, value.step))
+    return False
 
-    def __init__(self, module, fused: _Analysis, garbage_collect: bool = False):
-        super().__init__(module, garbage_collect_values=garbage_collect)
-        self.fused = fused
-        self.graph_values: dict[str, object] = {}  # a sub-network's frontier values, with their graph
-        self.recomputed: set[str] = set()  # every sub-network value run so far (inner ones are not held)
-        self.stand_ins: dict[str, torch.Tensor] = {}
-        self.write_into: dict[fx.Node, int] = {}  # nodes making a freed input: its argument position
-        self.ctx = None
 
-    def _into_storage(self, n: fx.Node) -> torch.Tensor | None:
-        """A rebuilt input made by a step that can write its result (``y - F(x2)``, a concatenation) is written
-        straight into the freed input's own storage: no temporary the size of the input, and no copy into the
-        storage afterwards. (Which nodes qualify is decided once, in the analysis: ``FusedReplay.write_into``;
-        the step's ``into`` declines, returning None, when the result would not fit the buffer.)"""
-        buffer = self.ctx.input_buffer(self.write_into[n])
-        if buffer is None:
+class _Arguments:
+    """A node's arguments resolved once: constants (attributes, literals) in place, runtime values as
+    :class:`_Ref` read through a lookup at each call (``map_arg`` over the node at every step of every backward
+    was a large share of the replay's Python)."""
+
+    __slots__ = ("args", "kwargs", "flat")
+
+    def __init__(self, node: fx.Node, resolve):
+        self.args = fx.node.map_arg(node.args, resolve)
+        self.kwargs = dict(fx.node.map_arg(node.kwargs, resolve))
+        # the common case: every runtime value a top-level argument (nested ones: torch.cat's list)
+        self.flat = not any(_holds_ref(a) and type(a) is not _Ref for a in (*self.args, *self.kwargs.values()))
+
+    def __call__(self, lookup):
+        if self.flat:
+            args = tuple(lookup(a) if type(a) is _Ref else a for a in self.args)
+            if not self.kwargs:
+                return args, {}
+            return args, {k: lookup(v) if type(v) is _Ref else v for k, v in self.kwargs.items()}
+
+        def fetch(a):
+            return lookup(a) if type(a) is _Ref else a
+
+        return fx.node.map_aggregate(self.args, fetch), dict(fx.node.map_aggregate(self.kwargs, fetch))
+
+
+def _target(body: fx.GraphModule, node: fx.Node):
+    """What running ``node`` calls (a module goes through ``__call__``: its hooks fire, as in the forward)."""
+    if node.op == "call_module":
+        return body.get_submodule(node.target)
+    if node.op == "call_function":
+        return node.target
+    if node.op == "call_method":
+        name = node.target
+        return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+    raise RegionError(f"fused replay: cannot run node {node.name} ({node.op})")
+
+
+def _attribute(body: fx.GraphModule, target: str):
+    value = body
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+class _RebuildStep:
+    """One node of the rebuild body: under no_grad, but a recomputed sub-network's node with grad, from
+    stand-in leaves for its inputs from outside the sub-network."""
+
+    __slots__ = ("node", "kind", "index", "constant", "call", "arguments", "value", "publish", "graph_value",
+                 "release", "into", "into_position")
+
+    def __init__(self, replay: "FusedReplay", node: fx.Node, release: list[fx.Node]):
+        body = replay.rebuild_body
+        self.node, self.value, self.release = node, _value(node), tuple(release)
+        # (a sub-network's inner values are only read inside its graph: holding them would keep the graph's
+        # memory alive after its backward)
+        self.publish = self.value is not None and self.value not in replay.internal
+        self.into = self.into_position = None
+        if node.op == "placeholder":
+            self.kind, self.index = "placeholder", replay.rebuild_placeholders.index(node)
+            return
+        if node.op == "get_attr":
+            self.kind, self.constant = "constant", _attribute(body, node.target)
+            return
+        recompute = bool(node.meta.get("invfx_recompute")) and self.value in replay.recomputed
+        self.kind = "recompute" if recompute else "plain"
+        self.call = _target(body, node)
+        component = replay.component_of.get(self.value) if recompute else None
+
+        def resolve(arg: fx.Node):
+            if arg.op == "get_attr":
+                return _attribute(body, arg.target)
+            external = component is not None and _value(arg) not in component.values
+            return _Ref(arg, stand_in=external)
+
+        self.arguments = _Arguments(node, resolve)
+        self.graph_value = recompute and self.value not in replay.internal
+        if node in replay.write_into:
+            self.into, self.into_position = self.call.function.into, replay.write_into[node]
+
+
+class _NodeUnit:
+    """The backward of one forward node: routed without values (add, sub, cat), or the node recomputed from
+    leaves for its known inputs and differentiated alone."""
+
+    __slots__ = ("node", "value", "getitem", "source", "item", "inputs", "arguments", "call", "mark", "params",
+                 "output_index", "plumbing")
+
+    def __init__(self, replay: "FusedReplay", node: fx.Node):
+        body = replay.forward_body
+        self.node, self.value = node, _value(node)
+        self.getitem = node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[0], fx.Node)
+        if self.getitem:
+            self.source, self.item = _value(node.args[0]), node.args[1]
+        self.inputs = [(arg, _value(arg)) for arg in dict.fromkeys(node.all_input_nodes) if arg.op != "get_attr"]
+        self.arguments = _Arguments(node, lambda arg: _attribute(body, arg.target) if arg.op == "get_attr"
+                                    else _Ref(_value(arg)))
+        self.call = _target(body, node)
+        previous = node.prev
+        self.mark = body.get_submodule(previous.target) if _is_mark(body, previous) else None
+        self.params = replay.params_of(node)
+        self.output_index = None
+        self.plumbing = _plumbing_kind(node)
+
+    def plumbing_routes(self, replay: "FusedReplay", known: set[str]):
+        """How the gradient is routed without recomputing the node (what each operand's shape is read from), or
+        None when it must be recomputed (an operand's shape is not known yet, or it broadcasts or promotes)."""
+        node, body = self.node, replay.forward_body
+        if self.plumbing is None:
             return None
-        args = fx.node.map_arg(n.args, lambda a: self.env[a])
-        kwargs = fx.node.map_arg(n.kwargs, lambda a: self.env[a])
-        with torch.no_grad():
-            return self.fetch_attr(n.target).function.into(buffer, *args, **kwargs)
 
-    def run_node(self, n: fx.Node):
-        value = _value(n)
-        if n in self.write_into:
-            written = self._into_storage(n)
-            if written is not None:
-                return written
-        if not (n.meta.get("invfx_recompute") and value in self.fused.recomputed):
-            with torch.no_grad():
-                return super().run_node(n)
-        component = self.fused.component_of[value]
+        def shape_source(arg: fx.Node):
+            if arg.op == "get_attr":
+                value = _attribute(body, arg.target)
+                return ("constant", value) if isinstance(value, torch.Tensor) else None
+            return ("value", _value(arg)) if _value(arg) in known else None
 
-        def feed(arg: fx.Node):
-            source = self.env[arg]
-            name = _value(arg)
-            if name in component.values or arg.op == "get_attr" or not isinstance(source, torch.Tensor):
-                return source
-            if name not in self.stand_ins:
-                self.stand_ins[name] = stand_in(source)
-            return self.stand_ins[name]
+        if self.plumbing == "cat":
+            tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            sources = [shape_source(t) for t in tensors]
+            if any(s is None for s in sources):
+                return None
+            return ("cat", dim, [(t, s) for t, s in zip(tensors, sources)])
+        out_meta = node.meta.get("tensor_meta")
+        routes = []
+        for arg, sign in zip(node.args, (1, 1 if self.plumbing == "add" else -1)):
+            if not isinstance(arg, fx.Node):
+                continue
+            source = shape_source(arg)
+            if source is None:
+                meta = arg.meta.get("tensor_meta")
+                if not (hasattr(meta, "shape") and hasattr(out_meta, "shape") and meta.shape == out_meta.shape
+                        and meta.dtype == out_meta.dtype):
+                    return None  # broadcast or promoted: recompute instead
+                source = ("gradient", None)  # an operand of the output's own shape keeps it
+            routes.append((arg, sign, source))
+        return ("add", None, routes)
 
-        args = fx.node.map_arg(n.args, feed)
-        kwargs = fx.node.map_arg(n.kwargs, feed)
-        with torch.enable_grad():
-            result = getattr(self, n.op)(n.target, args, kwargs)
-        self.recomputed.add(value)
-        if value not in self.fused.internal:
-            # an inner value lives on only where its graph saved it: holding it here would keep, say, a
-            # hidden activation alive through the whole sub-network's backward
-            self.graph_values[value] = result
-        return result
+
+def _plumbing_kind(node: fx.Node) -> str | None:
+    """Whether the node's backward needs no values, only shapes: add, sub, cat."""
+    if node.op == "call_function" and node.target in _CAT:
+        tensors = node.args[0] if node.args else None
+        if isinstance(tensors, (list, tuple)) and not set(node.kwargs) - {"dim"} and \
+                all(isinstance(t, fx.Node) for t in tensors):
+            return "cat"
+        return None
+    if node.op in ("call_function", "call_method") and not node.kwargs and len(node.args) == 2:
+        if node.target in _ADD:
+            return "add"
+        if node.target in _SUB:
+            return "sub"
+    return None
 
 
 class FusedReplay(_Analysis):
@@ -159,6 +272,11 @@ class FusedReplay(_Analysis):
     (the rebuild's graph differentiated, then dropped), as far as the values known so far allow. For a coupling
     ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` this is revlib's order: G is rebuilt and backpropagated before F is
     rebuilt, so one sub-network's graph is alive at a time. The replay hands the runtime the gradients itself.
+
+    Which values are known after each rebuild step follows from the graphs alone, so the whole order (rebuild
+    steps, checks, backward units, values dropped) is worked out once, on the first backward, into a flat
+    schedule (:meth:`schedule`); each backward then runs it without searching for what can run next. Only a
+    unit through which no gradient flows in this backward is skipped where it stands.
     """
 
     def __init__(self, forward_body, rebuild_body, rebuilt, kept):
@@ -166,6 +284,7 @@ class FusedReplay(_Analysis):
         nodes = [n for n in forward_body.graph.nodes]
         self.output_node = nodes[-1]
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        self.rebuild_placeholders = [n for n in rebuild_body.graph.nodes if n.op == "placeholder"]
         units, seen = [], set()
         for node in reversed(nodes[:-1]):
             component = self.component_of.get(_value(node))
@@ -173,9 +292,10 @@ class FusedReplay(_Analysis):
                 if id(component) not in seen:
                     seen.add(id(component))
                     units.append(component)
-            elif node.op != "placeholder" and not _is_mark(forward_body, node):
-                units.append(node)
+            elif node.op not in ("placeholder", "get_attr") and not _is_mark(forward_body, node):
+                units.append(node)  # (a get_attr's gradient goes straight to its parameter: _send)
         output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
+        self.rebuild_output = output
         # the inverse steps that make a rebuilt input and can write their result: they write into its storage
         self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
                            if _writes_into(rebuild_body, node)}
@@ -190,45 +310,170 @@ class FusedReplay(_Analysis):
                 for arg in unit.all_input_nodes:
                     if arg.op != "get_attr":
                         self.readers[_value(arg)] = self.readers.get(_value(arg), 0) + 1
+        self._output_slot = {_value(n): i for i, n in enumerate(self.output_node.args[0])}
+        self._units: dict[fx.Node, _NodeUnit] = {}
+        self._component_params: dict[int, list[torch.Tensor]] = {}
+        self._schedule = None
 
     def __call__(self, ctx: ReplayContext):
         return _Sweep(self, ctx).run()
 
-    @property
-    def forward_interpreter(self) -> fx.Interpreter:
-        """Runs single forward nodes (stateless here: made once; its set-up walks every submodule)."""
-        if getattr(self, "_forward_interpreter", None) is None:
-            self._forward_interpreter = _Interpreter(self.forward_body)
-        return self._forward_interpreter
-
-    def rebuild_interpreter(self) -> "_Rebuild":
-        """A rebuild run's interpreter: made once, its per-run state reset each time."""
-        if getattr(self, "_rebuild_interpreter", None) is None:
-            self._rebuild_interpreter = _Rebuild(self.rebuild_body, self, garbage_collect=True)
-        interpreter = self._rebuild_interpreter
-        interpreter.graph_values, interpreter.recomputed, interpreter.stand_ins = {}, set(), {}
-        return interpreter
-
     def params_of(self, node: fx.Node) -> list[torch.Tensor]:
-        """The parameters a forward node reads (its module's, or get_attr arguments), found once."""
-        cache = self.__dict__.setdefault("_params_of", {})
-        if node not in cache:
-            found = list(self.forward_body.get_submodule(node.target).parameters()) if node.op == "call_module" \
-                else []
+        """The parameters a forward node reads (its module's, or get_attr arguments)."""
+        body = self.forward_body
+        found = list(body.get_submodule(node.target).parameters()) if node.op == "call_module" else []
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                value = _attribute(body, arg.target)
+                if isinstance(value, torch.Tensor):
+                    found.append(value)
+        return found
+
+    def unit_of(self, node: fx.Node) -> _NodeUnit:
+        """A forward node, ready to be run alone (made once)."""
+        unit = self._units.get(node)
+        if unit is None:
+            unit = self._units[node] = _NodeUnit(self, node)
+            # (by output slot; the sweep maps it to the runtime's count of tensor outputs)
+            unit.output_index = self._output_slot.get(unit.value)
+        return unit
+
+    def component_params(self, component: _Component) -> list[torch.Tensor]:
+        """The parameters a sub-network reads (made once)."""
+        found = self._component_params.get(id(component))
+        if found is None:
+            nodes = [self.forward_nodes[v] for v in component.values]
+            found = list({id(p): p for node in nodes for p in self.params_of(node)}.values())
+            self._component_params[id(component)] = found
+        return found
+
+    # -- the schedule ------------------------------------------------------------------------------------------
+
+    @property
+    def schedule(self) -> list[tuple]:
+        """The replay's steps in order, each ``(kind, payload)``:
+
+        * ``("rebuild", _RebuildStep)``: run one node of the rebuild body, then publish its value;
+        * ``("verify", name)``: rerun the op an inverse step undid and compare (user rules, inverses that may
+          blow up);
+        * ``("component", _Component)``: differentiate a rebuilt sub-network's graph, then drop it;
+        * ``("node", _NodeUnit)``: the backward of one forward node;
+        * ``("drop", names)``: forget values nothing left reads;
+        * ``("restore", None)``: put the rebuilt inputs back into their storage.
+
+        Worked out by running the sweep on which values are known instead of on the values themselves.
+        """
+        if self._schedule is None:
+            self._schedule = self._plan()
+        return self._schedule
+
+    def _plan(self) -> list[tuple]:
+        steps: list[tuple] = []
+        rebuild_nodes = list(self.rebuild_body.graph.nodes)
+        last_use: dict[fx.Node, fx.Node] = {}
+        for node in reversed(rebuild_nodes):
             for arg in node.all_input_nodes:
-                if arg.op == "get_attr":
-                    value = self.forward_interpreter.fetch_attr(arg.target)
-                    if isinstance(value, torch.Tensor):
-                        found.append(value)
-            cache[node] = found
-        return cache[node]
+                last_use.setdefault(arg, node)
+        releases: dict[fx.Node, list[fx.Node]] = {}
+        for arg, node in last_use.items():
+            releases.setdefault(node, []).append(arg)
+        state = _PlanState(self)
+        for node in rebuild_nodes:
+            if node.op == "output":
+                break
+            steps.append(("rebuild", _RebuildStep(self, node, releases.get(node, []))))
+            value = _value(node)
+            if "invfx_inverts" in node.meta:
+                state.checks.append(node.meta["invfx_inverts"])
+                state.unchecked.remove(node.meta["invfx_inverts"])
+            if node.meta.get("invfx_recompute") and value in self.recomputed:
+                state.recomputed.add(value)
+            if value is not None and value not in self.internal:
+                state.known.add(value)
+            state.verify(steps)
+            state.sweep(steps)
+            state.prune(steps)
+        state.verify(steps, final=True)
+        steps.append(("restore", None))
+        state.sweep(steps, final=True)
+        if state.pending:
+            raise RegionError(f"fused replay: {len(state.pending)} backward units can never run")
+        return steps
 
     # the analysis refers to fx nodes; a pickled copy (torch.save) redoes it from the two bodies
-    def __getstate__(self):  # (interpreters and caches are made again)
+    def __getstate__(self):  # (the schedule is worked out again)
         return {"bodies": (self.forward_body, self.rebuild_body, self.rebuilt, self.kept)}
 
     def __setstate__(self, state):
         self.__init__(*state["bodies"])
+
+
+class _PlanState:
+    """The sweep run on which values are known (see :attr:`FusedReplay.schedule`)."""
+
+    def __init__(self, replay: FusedReplay):
+        self.replay = replay
+        self.known: set[str] = set()
+        self.recomputed: set[str] = set()
+        self.readers = dict(replay.readers)
+        self.pending = list(replay.units)
+        self.checks: list[str] = []
+        self.unchecked = list(replay.inverted)
+
+    def verify(self, steps, final=False) -> None:
+        remaining = []
+        for name in self.checks:
+            node = self.replay.forward_nodes.get(name)
+            if node is None:
+                continue
+            if name not in self.known or any(a.op != "get_attr" and _value(a) not in self.known
+                                             for a in node.all_input_nodes):
+                remaining.append(name)
+                continue
+            steps.append(("verify", self.replay.unit_of(node)))
+        self.checks = remaining if not final else []
+
+    def sweep(self, steps, final=False) -> None:
+        while self.pending:
+            unit = self.pending[0]
+            if isinstance(unit, _Component):
+                if any(v not in self.recomputed for v in unit.values):
+                    break  # not rebuilt yet
+                steps.append(("component", unit))
+            else:
+                step = self.replay.unit_of(unit)
+                if step.getitem:
+                    steps.append(("getitem", step))
+                else:
+                    routes = step.plumbing_routes(self.replay, self.known)
+                    known = all(name in self.known for _, name in step.inputs)
+                    if routes is None and not known and not final:
+                        break
+                    steps.append(("node", (step, routes)))
+                    if routes is None and not known:
+                        # (final: the values are computed from the inputs up, with grad, at run time)
+                        self.known.update(self._filled(unit))
+                for arg in unit.all_input_nodes:
+                    name = _value(arg)
+                    if name in self.readers:
+                        self.readers[name] -= 1
+            self.pending.pop(0)
+
+    def _filled(self, node: fx.Node) -> set[str]:
+        found = set()
+        for arg in node.all_input_nodes:
+            if arg.op not in ("get_attr", "placeholder") and _value(arg) not in self.known:
+                found.add(_value(arg))
+                found |= self._filled(arg)
+        return found
+
+    def prune(self, steps) -> None:
+        reads = self.replay.check_reads
+        needed = set().union(*(reads.get(name, ()) for name in self.checks + self.unchecked))
+        dropped = [n for n in self.known if not self.readers.get(n) and n not in needed]
+        if dropped:
+            self.known.difference_update(dropped)
+            steps.append(("drop", tuple(dropped)))
 
 
 def _writes_into(body: fx.GraphModule, node) -> bool:
@@ -247,243 +492,229 @@ def _is_mark(body, node: fx.Node) -> bool:
 
 
 class _Sweep:
+    """One backward of a region: runs :attr:`FusedReplay.schedule` on the region's values."""
+
     def __init__(self, staged: FusedReplay, ctx: ReplayContext):
         self.staged, self.ctx = staged, ctx
-        self.values: dict[str, object] = {}
+        self.env: dict[fx.Node, object] = {}  # the rebuild body's values, by node
+        self.values: dict[str, object] = {}  # forward values known so far, detached, by name
         self.grads: dict[str, object] = {}
         self.param_grads: dict[int, torch.Tensor] = {}
         self.params = {id(p): p for p in ctx.params}
+        self.direct = ctx.direct_params
+        self.graph_values: dict[str, object] = {}  # a sub-network's frontier values, with their graph
+        self.stand_ins: dict[str, torch.Tensor] = {}
         self.evaluated: dict[str, tuple] = {}  # filled values whose graph awaits their own backward
-        # the region's tensor outputs by value, numbered as the runtime counts them (grad_outputs, check_output)
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
-        self.tensor_outputs = [node for node, value in zip(staged.output_node.args[0], outputs)
-                               if isinstance(value, torch.Tensor)]
-        self.output_index = {_value(node): i for i, node in enumerate(self.tensor_outputs)}
-        self.checks: list[str] = []  # inverted forward values whose inverse step awaits its check
-        self.unchecked: list[str] = list(staged.inverted)  # ... and those whose inverse step is still to run
-        self.readers = dict(staged.readers)
-        self.forward = staged.forward_interpreter
-        self.rebuild = staged.rebuild_interpreter()
-
-    # -- driving -----------------------------------------------------------------------------------------------
+        self.outputs = outputs
+        # grad_outputs and check_output count the region's *tensor* outputs (it may also return sizes)
+        self.tensor_index: dict[int, int] = {}
+        for slot, value in enumerate(outputs):
+            if isinstance(value, torch.Tensor):
+                self.tensor_index[slot] = len(self.tensor_index)
 
     def run(self):
-        try:
-            return self._run()
-        finally:
-            # the interpreter is reused: it must not keep this run's values (a region's rebuilt inputs) alive
-            rebuild = self.rebuild
-            rebuild.env, rebuild.graph_values, rebuild.recomputed, rebuild.stand_ins = {}, {}, set(), {}
-            rebuild.ctx, rebuild.write_into = None, {}
-            rebuild.args_iter = iter(())
-
-    def _run(self):
         staged, ctx = self.staged, self.ctx
-        outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
-        kept = {p: ctx.input(p) for p in staged.kept}
-        # grad_outputs has one entry per *tensor* output (a region may also return sizes and other values)
-        for node, grad in zip(self.tensor_outputs, ctx.grad_outputs):
-            if grad is not None:
-                self._add_grad(_value(node), grad)
-        rebuild = self.rebuild
-        rebuild.args_iter = iter([o.detach() if isinstance(o, torch.Tensor) else o for o in outputs] +
-                                 [kept[p].detach() for p in staged.kept])
-        rebuild.env = {}
-        rebuild.ctx = ctx
-        rebuild.write_into = staged.write_into
-        pending = list(staged.units)
-        rebuilt = None
-        for node in staged.rebuild_body.graph.nodes:
-            if node.op == "output":
-                rebuilt = [rebuild.env[a] for a in node.args[0]]
-                break
-            result = rebuild.run_node(node)
-            rebuild.env[node] = result
-            for used in rebuild.user_to_last_uses.get(node, []):
-                del rebuild.env[used]  # (a sub-network's graph lives on in graph_values until its backward)
-            if "invfx_inverts" in node.meta:
-                self.checks.append(node.meta["invfx_inverts"])
-                self.unchecked.remove(node.meta["invfx_inverts"])
-            value = _value(node)
-            if value is not None and value not in self.staged.internal:
-                # (a sub-network's inner values are only read inside its graph: holding them would keep the
-                # graph's memory alive after its backward)
-                self.values[value] = _detached(result)
-            self._verify()
-            pending = self._sweep(pending)
-            self._prune()
-        self._verify(final=True)
-        for position, value in zip(staged.rebuilt, rebuilt or []):
-            ctx.input(position, value.detach())  # back into the freed storage
-        pending = self._sweep(pending, final=True)
-        if pending:
-            raise RuntimeError(f"staged replay stopped with {len(pending)} units left")
+        grad_outputs = ctx.grad_outputs
+        for slot, node in enumerate(staged.output_node.args[0]):
+            index = self.tensor_index.get(slot)
+            if index is not None and grad_outputs[index] is not None:
+                self._add_grad(_value(node), grad_outputs[index])
+        kept = [ctx.input(p).detach() for p in staged.kept]
+        self.inputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in self.outputs] + kept
+        try:
+            for kind, payload in staged.schedule:
+                getattr(self, "_" + kind)(payload)
+        finally:
+            self.env = self.inputs = None  # (nothing of this run may outlive it: the rebuilt inputs)
         input_grads = {p: self.grads.get(_value(node)) for p, node in enumerate(staged.placeholders)}
         ctx.gradients = (input_grads, self.param_grads)
         return None  # outputs were checked as they were recomputed (ctx.check_output)
 
-    def _prune(self) -> None:
-        """Drop the values no unit left and no pending check reads. A sub-network's output is often rebuilt
-        after the node that read it was backpropagated (``y1 = x1 + F(x2)``: the add needs no values), and
-        holding it would cost its size through the rest of the sweep."""
-        reads = self.staged.check_reads
-        needed = set().union(*(reads.get(name, ()) for name in self.checks + self.unchecked))
-        for name in [n for n in self.values if not self.readers.get(n) and n not in needed]:
-            del self.values[name]
+    # -- the rebuild -------------------------------------------------------------------------------------------
 
-    def _verify(self, final: bool = False) -> None:
-        """Each inverse step, once the values it involves are known: rerun the op it undid on the rebuilt
-        argument and the known ones, and compare with the op's output. A wrong or blown-up inverse is an error
-        where it happens, at the cost of one forward op per inverse step (never a sub-network)."""
-        remaining = []
-        nodes = self.staged.forward_nodes
-        for name in self.checks:
-            node = nodes.get(name)
-            if node is None:
-                continue
-            if name not in self.values or any(a.op != "get_attr" and _value(a) not in self.values
-                                               for a in node.all_input_nodes):
-                remaining.append(name)
-                continue
-            args = fx.node.map_arg(node.args, self._known)
-            kwargs = fx.node.map_arg(node.kwargs, self._known)
-            with torch.no_grad():
-                redone = self._evaluate(node, args, kwargs)
-            expected = self.values[name]
-            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-            for got, want in zip(tensors_in(redone), tensors_in(expected)):
-                self.ctx.check_value(got, want, f"{name} (undone by {target})")
-        self.checks = remaining if not final else []
+    def _rebuild(self, step: _RebuildStep) -> None:
+        env = self.env
+        kind = step.kind
+        if kind == "placeholder":
+            result = self.inputs[step.index]
+        elif kind == "constant":
+            result = step.constant
+        elif kind == "plain":
+            args, kwargs = step.arguments(self._env_value)
+            result = None
+            if step.into is not None:
+                result = self._into_storage(step, args, kwargs)
+            if result is None:
+                with torch.no_grad():
+                    result = step.call(*args, **kwargs)
+        else:  # recompute: with grad, from stand-ins
+            args, kwargs = step.arguments(self._feed)
+            with torch.enable_grad():
+                result = step.call(*args, **kwargs)
+            if step.graph_value:
+                self.graph_values[step.value] = result
+        env[step.node] = result
+        for used in step.release:
+            del env[used]  # (a sub-network's graph lives on in graph_values until its backward)
+        if step.publish:
+            self.values[step.value] = _detached(result)
 
-    def _known(self, arg: fx.Node):
-        return self.forward.fetch_attr(arg.target) if arg.op == "get_attr" else self.values[_value(arg)]
+    def _env_value(self, ref: _Ref):
+        return self.env[ref.key]
 
-    def _sweep(self, pending, final=False):
-        while pending:
-            unit = pending[0]
-            done = self._component(unit) if isinstance(unit, _Component) else self._node(unit, final)
-            if not done:
-                break
-            pending = pending[1:]
-            if isinstance(unit, fx.Node):
-                for arg in unit.all_input_nodes:
-                    name = _value(arg)
-                    if name in self.readers:
-                        self.readers[name] -= 1  # (at 0 ``_prune`` drops it, once no check needs it either)
-        return pending
+    def _feed(self, ref: _Ref):
+        source = self.env[ref.key]
+        if not ref.stand_in or not isinstance(source, torch.Tensor):
+            return source
+        name = _value(ref.key)
+        found = self.stand_ins.get(name)
+        if found is None:
+            found = self.stand_ins[name] = stand_in(source)
+        return found
 
-    # -- one unit ----------------------------------------------------------------------------------------------
+    def _into_storage(self, step: _RebuildStep, args, kwargs) -> torch.Tensor | None:
+        """A rebuilt input made by a step that can write its result (``y - F(x2)``, a concatenation) is written
+        straight into the freed input's own storage: no temporary the size of the input, and no copy into the
+        storage afterwards. (Which nodes qualify is decided once, in the analysis: ``FusedReplay.write_into``;
+        the step's ``into`` declines, returning None, when the result would not fit the buffer.)"""
+        buffer = self.ctx.input_buffer(step.into_position)
+        if buffer is None:
+            return None
+        with torch.no_grad():
+            return step.into(buffer, *args, **kwargs)
 
-    def _component(self, component: _Component) -> bool:
-        graph_values = self.rebuild.graph_values
-        if any(v not in self.rebuild.recomputed for v in component.values):
-            return False  # not rebuilt yet
-        roots = [(graph_values[v], self.grads.get(v)) for v in component.frontier]
-        roots = [(o, g) for o, g in roots if isinstance(o, torch.Tensor) and g is not None and o.requires_grad]
-        stand_ins = [(v, self.rebuild.stand_ins[v]) for v in component.external if v in self.rebuild.stand_ins]
-        wrt_inputs = [(v, s) for v, s in stand_ins if s.requires_grad]
-        params = [p for p in self.params.values() if p.requires_grad]
-        if roots and (wrt_inputs or params):
-            input_grads, param_grads = self.ctx.differentiate(
-                [o for o, _ in roots], [g for _, g in roots], [s for _, s in wrt_inputs], params)
-            for (v, _), grad in zip(wrt_inputs, input_grads):
-                self._add_grad(v, grad)
-            for p, grad in zip(params, param_grads):
-                self._add_param_grad(p, grad)
+    def _restore(self, _) -> None:
+        staged = self.staged
+        for position, node in zip(staged.rebuilt, staged.rebuild_output.args[0]):
+            self.ctx.input(position, self.env[node].detach())  # back into the freed storage
+
+    def _drop(self, names) -> None:
+        """Values no unit left and no pending check reads. A sub-network's output is often rebuilt after the
+        node that read it was backpropagated (``y1 = x1 + F(x2)``: the add needs no values), and holding it
+        would cost its size through the rest of the sweep."""
+        values = self.values
+        for name in names:
+            values.pop(name, None)
+
+    def _verify(self, unit: _NodeUnit) -> None:
+        """Rerun the op an inverse step undid on the rebuilt argument and the known ones, and compare with the
+        op's output. A wrong or blown-up inverse is an error where it happens, at the cost of one forward op per
+        inverse step (never a sub-network)."""
+        node = unit.node
+        args, kwargs = unit.arguments(self._value_of)
+        with torch.no_grad():
+            redone = self._evaluate(unit, args, kwargs)
+        expected = self.values[unit.value]
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        for got, want in zip(tensors_in(redone), tensors_in(expected)):
+            self.ctx.check_value(got, want, f"{unit.value} (undone by {target})")
+
+    def _value_of(self, ref: _Ref):
+        return self.values[ref.key]
+
+    # -- backward units ----------------------------------------------------------------------------------------
+
+    def _component(self, component: _Component) -> None:
+        graph_values, grads = self.graph_values, self.grads
+        roots, root_grads = [], []
+        for v in component.frontier:
+            out, grad = graph_values.get(v), grads.get(v)
+            if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+                roots.append(out)
+                root_grads.append(grad)
+        if roots:
+            stand_ins = self.stand_ins
+            wrt_inputs = [(v, stand_ins[v]) for v in component.external
+                          if v in stand_ins and stand_ins[v].requires_grad]
+            params = [p for p in self._component_params(component) if p.requires_grad]
+            if wrt_inputs or params:
+                input_grads, param_grads = self.ctx.differentiate(roots, root_grads, [s for _, s in wrt_inputs],
+                                                                  params)
+                for (v, _), grad in zip(wrt_inputs, input_grads):
+                    self._add_grad(v, grad)
+                for p, grad in zip(params, param_grads):
+                    self._add_param_grad(p, grad)
+        del roots, root_grads
         for v in component.values:  # its graph and gradients are done with
             graph_values.pop(v, None)
-            self.grads.pop(v, None)
-        return True
+            grads.pop(v, None)
 
-    def _node(self, node: fx.Node, final: bool) -> bool:
-        name = _value(node)
-        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            grad = self.grads.get(name)
-            if grad is not None:
-                source = _value(node.args[0])
-                items = self.grads.setdefault(source, {})
-                items[node.args[1]] = grad if node.args[1] not in items else items[node.args[1]] + grad
-            return True
+    def _component_params(self, component: _Component) -> list[torch.Tensor]:
+        """The region's parameters the sub-network reads (differentiating with respect to the region's others
+        would cost a hook and an unused input each)."""
+        found = self.staged.component_params(component)
+        params = self.params
+        return [p for p in found if id(p) in params]
+
+    def _getitem(self, unit: _NodeUnit) -> None:
+        grad = self.grads.get(unit.value)
+        if grad is not None:
+            items = self.grads.setdefault(unit.source, {})
+            items[unit.item] = grad if unit.item not in items else items[unit.item] + grad
+
+    def _node(self, payload) -> None:
+        unit, routes = payload
+        name = unit.value
         grad = self.grads.get(name)
         if grad is None:
-            return True  # nothing flows back through it
-        if self._plumbing(node, grad):
+            return  # nothing flows back through it
+        if routes is not None and isinstance(grad, torch.Tensor):
+            self._route(routes, grad)
             self.grads.pop(name, None)
-            return True
+            return
         if name in self.evaluated:  # run with grad already, to give a later node its input: not again
             out, leaves = self.evaluated.pop(name)
         else:
-            if any(a.op != "get_attr" and _value(a) not in self.values for a in node.all_input_nodes):
-                if not final:
-                    return False
-                for arg in node.all_input_nodes:
+            values = self.values
+            for arg, value in unit.inputs:
+                if value not in values:
                     self._fill(arg)
-            out, leaves = self._with_grad(node)
+            out, leaves = self._with_grad(unit)
         self.grads.pop(name, None)  # consumed here
-        if name in self.output_index and isinstance(out, torch.Tensor):
-            self.ctx.check_output(self.output_index[name], out)  # now: keeping it would cost memory
+        if unit.output_index is not None and isinstance(out, torch.Tensor):
+            index = self.tensor_index.get(unit.output_index)
+            if index is not None:
+                self.ctx.check_output(index, out)  # now: keeping it would cost memory
         outs, grads = _pairs(out, grad)
         if not outs:
-            return True
-        params = [p for p in self._params_of(node) if p.requires_grad]
-        wrt = [leaf for leaf in leaves.values()] + params
-        if wrt:
+            return
+        params = [p for p in unit.params if id(p) in self.params and p.requires_grad]
+        if leaves or params:
             input_grads, param_grads = self.ctx.differentiate(outs, grads, list(leaves.values()), params)
-            for arg, grad_in in zip(leaves, input_grads):
-                self._add_grad(_value(arg), grad_in)
+            for name_in, grad_in in zip(leaves, input_grads):
+                self._add_grad(name_in, grad_in)
             for p, grad_p in zip(params, param_grads):
                 self._add_param_grad(p, grad_p)
-        return True
 
-    def _plumbing(self, node: fx.Node, grad) -> bool:
-        """The backward of add, sub and cat without recomputing them: it needs no values, only shapes, taken
-        from the runtime values when known, else from the example run when they cannot have changed (an operand
-        of the output's own shape keeps it). Outputs of the region are still recomputed: the reconstruction
-        check compares them."""
-        if not isinstance(grad, torch.Tensor) or node.op not in ("call_function", "call_method"):
-            return False
-        target = node.target
-        if target in _CAT and node.op == "call_function":
-            tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if not isinstance(tensors, (list, tuple)) or set(node.kwargs) - {"dim"} or \
-                    not all(isinstance(t, fx.Node) for t in tensors):
-                return False
-            sizes = [self._runtime_shape(t) for t in tensors]
-            if any(size is None for size in sizes):
-                return False
-            sizes = [size[dim] for size in sizes]
+    def _route(self, routes, grad: torch.Tensor) -> None:
+        """The backward of add, sub and cat without recomputing them: it needs no values, only shapes (see
+        :meth:`_NodeUnit.plumbing_routes`)."""
+        kind, dim, pieces = routes
+        if kind == "cat":
+            sizes = [self._shape(source, grad)[dim] for _, source in pieces]
             if sum(sizes) != grad.shape[dim]:
-                return False
-            for arg, piece in zip(tensors, grad.split(sizes, dim)):
+                raise RegionError(f"fused replay: a gradient of shape {tuple(grad.shape)} does not split into "
+                                  f"{sizes} along dim {dim}")
+            for (arg, _), piece in zip(pieces, grad.split(sizes, dim)):
                 self._send(arg, piece)
-            return True
-        if (target in _ADD or target in _SUB) and not node.kwargs and len(node.args) == 2:
-            out_meta = node.meta.get("tensor_meta")
-            routes = []
-            for arg, sign in zip(node.args, (1, 1 if target in _ADD else -1)):
-                if not isinstance(arg, fx.Node):
-                    continue
-                shape = self._runtime_shape(arg)
-                if shape is None:
-                    meta = arg.meta.get("tensor_meta")
-                    if not (hasattr(meta, "shape") and hasattr(out_meta, "shape") and meta.shape == out_meta.shape
-                            and meta.dtype == out_meta.dtype):
-                        return False  # broadcast or promoted: recompute instead
-                    shape = tuple(grad.shape)
-                routes.append((arg, sign, shape))
-            for arg, sign, shape in routes:
-                piece = grad if sign == 1 else -grad
-                self._send(arg, piece if tuple(piece.shape) == shape else piece.sum_to_size(shape))
-            return True
-        return False
+            return
+        for arg, sign, source in pieces:
+            shape = self._shape(source, grad)
+            piece = grad if sign == 1 else -grad
+            self._send(arg, piece if tuple(piece.shape) == shape else piece.sum_to_size(shape))
 
-    def _runtime_shape(self, node: fx.Node):
-        value = self.forward.fetch_attr(node.target) if node.op == "get_attr" else self.values.get(_value(node))
-        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    def _shape(self, source, grad) -> tuple:
+        kind, payload = source
+        if kind == "value":
+            return tuple(self.values[payload].shape)
+        if kind == "constant":
+            return tuple(payload.shape)
+        return tuple(grad.shape)
 
     def _send(self, arg: fx.Node, grad: torch.Tensor) -> None:
         if arg.op == "get_attr":
-            param = self.forward.fetch_attr(arg.target)
+            param = _attribute(self.staged.forward_body, arg.target)
             if isinstance(param, torch.Tensor) and id(param) in self.params and param.requires_grad:
                 self._add_param_grad(param, grad.to(param.dtype))
         else:
@@ -492,25 +723,22 @@ class _Sweep:
                 grad = grad.to(value.dtype)
             self._add_grad(_value(arg), grad)
 
-    def _with_grad(self, node: fx.Node):
-        """``node`` run with grad from leaves standing for its (known) input values."""
-        leaves: dict[fx.Node, torch.Tensor] = {}
-
-        def feed(arg: fx.Node):
-            if arg.op == "get_attr":
-                return self.forward.fetch_attr(arg.target)
-            if arg in leaves:  # one leaf per value, however often the node reads it (attention(h, h, h))
-                return leaves[arg]
-            value = self.values[_value(arg)]
+    def _with_grad(self, unit: _NodeUnit):
+        """The unit's node run with grad from leaves standing for its (known) input values."""
+        leaves: dict[str, torch.Tensor] = {}
+        values = self.values
+        for _, name in unit.inputs:  # one leaf per value, however often the node reads it (attention(h, h, h))
+            value = values[name]
             if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
-                leaves[arg] = value.detach().requires_grad_()
-                return leaves[arg]
-            return value
+                leaves[name] = value.detach().requires_grad_()
 
-        args = fx.node.map_arg(node.args, feed)
-        kwargs = fx.node.map_arg(node.kwargs, feed)
+        def feed(ref: _Ref):
+            found = leaves.get(ref.key)
+            return found if found is not None else values[ref.key]
+
+        args, kwargs = unit.arguments(feed)
         with torch.enable_grad():
-            out = self._evaluate(node, args, kwargs)
+            out = self._evaluate(unit, args, kwargs)
         return out, leaves
 
     def _fill(self, node: fx.Node) -> None:
@@ -520,19 +748,18 @@ class _Sweep:
             return
         for arg in node.all_input_nodes:
             self._fill(arg)
-        out, leaves = self._with_grad(node)
-        self.evaluated[_value(node)] = (out, leaves)
-        self.values[_value(node)] = _detached(out)
+        unit = self.staged.unit_of(node)
+        out, leaves = self._with_grad(unit)
+        self.evaluated[unit.value] = (out, leaves)
+        self.values[unit.value] = _detached(out)
 
-    def _evaluate(self, node: fx.Node, args, kwargs):
-        if _is_mark(self.staged.forward_body, node.prev):
-            self.forward.fetch_attr(node.prev.target)()  # this node's dropout mask, as in the forward
-        return getattr(self.forward, node.op)(node.target, args, kwargs)
+    @staticmethod
+    def _evaluate(unit: _NodeUnit, args, kwargs):
+        if unit.mark is not None:
+            unit.mark()  # this node's dropout mask, as in the forward
+        return unit.call(*args, **kwargs)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
-
-    def _params_of(self, node: fx.Node) -> list[torch.Tensor]:
-        return [p for p in self.staged.params_of(node) if id(p) in self.params]
 
     def _add_grad(self, name, grad) -> None:
         if grad is None:
@@ -543,9 +770,10 @@ class _Sweep:
     def _add_param_grad(self, param, grad) -> None:
         if grad is None:
             return
-        if id(param) in self.ctx.direct_params:  # into .grad now: holding it would cost its size
-            add_into_grad(param, grad)
+        if id(param) in self.direct:
+            add_into_grad(param, grad)  # into .grad now: holding it would cost its size
             return
+        # (a small one goes back to the engine, whose accumulation is cheaper than ours)
         current = self.param_grads.get(id(param))
         self.param_grads[id(param)] = grad if current is None else current + grad
 
