@@ -20,7 +20,7 @@ import torch.fx as fx
 from ..errors import RegionError
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
-from ..runtime.region import add_into_grad
+from ..runtime.region import add_into_grads
 
 __all__ = ["FusedReplay"]
 
@@ -523,8 +523,10 @@ class _Sweep:
         kept = [ctx.input(p).detach() for p in staged.kept]
         self.inputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in self.outputs] + kept
         try:
-            for kind, payload in staged.schedule:
-                getattr(self, "_" + kind)(payload)
+            steps = _STEPS
+            with torch.enable_grad():
+                for kind, payload in staged.schedule:
+                    steps[kind](self, payload)
         finally:
             self.env = self.inputs = None  # (nothing of this run may outlive it: the rebuilt inputs)
         input_grads = {p: self.grads.get(_value(node)) for p, node in enumerate(staged.placeholders)}
@@ -548,10 +550,9 @@ class _Sweep:
             if result is None:
                 with torch.no_grad():
                     result = step.call(*args, **kwargs)
-        else:  # recompute: with grad, from stand-ins
+        else:  # recompute: with grad (the replay runs with grad on), from stand-ins
             args, kwargs = step.arguments(self._feed)
-            with torch.enable_grad():
-                result = step.call(*args, **kwargs)
+            result = step.call(*args, **kwargs)
             if step.graph_value:
                 self.graph_values[step.value] = result
         env[step.node] = result
@@ -633,8 +634,7 @@ class _Sweep:
                                                                   params)
                 for (v, _), grad in zip(wrt_inputs, input_grads):
                     self._add_grad(v, grad)
-                for p, grad in zip(params, param_grads):
-                    self._add_param_grad(p, grad)
+                self._add_param_grads(params, param_grads)
         del roots, root_grads
         for v in component.values:  # its graph and gradients are done with
             graph_values.pop(v, None)
@@ -684,8 +684,7 @@ class _Sweep:
             input_grads, param_grads = self.ctx.differentiate(outs, grads, list(leaves.values()), params)
             for name_in, grad_in in zip(leaves, input_grads):
                 self._add_grad(name_in, grad_in)
-            for p, grad_p in zip(params, param_grads):
-                self._add_param_grad(p, grad_p)
+            self._add_param_grads(params, param_grads)
 
     def _route(self, routes, grad: torch.Tensor) -> None:
         """The backward of add, sub and cat without recomputing them: it needs no values, only shapes (see
@@ -716,7 +715,7 @@ class _Sweep:
         if arg.op == "get_attr":
             param = _attribute(self.staged.forward_body, arg.target)
             if isinstance(param, torch.Tensor) and id(param) in self.params and param.requires_grad:
-                self._add_param_grad(param, grad.to(param.dtype))
+                self._add_param_grads([param], [grad.to(param.dtype)])
         else:
             value = self.values.get(_value(arg))
             if isinstance(value, torch.Tensor) and value.dtype != grad.dtype:
@@ -737,8 +736,7 @@ class _Sweep:
             return found if found is not None else values[ref.key]
 
         args, kwargs = unit.arguments(feed)
-        with torch.enable_grad():
-            out = self._evaluate(unit, args, kwargs)
+        out = self._evaluate(unit, args, kwargs)  # (with grad: the replay runs with grad on)
         return out, leaves
 
     def _fill(self, node: fx.Node) -> None:
@@ -767,16 +765,23 @@ class _Sweep:
         current = self.grads.get(name)
         self.grads[name] = grad if current is None else current + grad
 
-    def _add_param_grad(self, param, grad) -> None:
-        if grad is None:
-            return
-        if id(param) in self.direct:
-            add_into_grad(param, grad)  # into .grad now: holding it would cost its size
-            return
-        # (a small one goes back to the engine, whose accumulation is cheaper than ours)
-        current = self.param_grads.get(id(param))
-        self.param_grads[id(param)] = grad if current is None else current + grad
+    def _add_param_grads(self, params, grads) -> None:
+        direct, direct_grads = [], []
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            if id(param) in self.direct:  # into .grad now: holding it would cost its size
+                direct.append(param)
+                direct_grads.append(grad)
+                continue
+            current = self.param_grads.get(id(param))
+            self.param_grads[id(param)] = grad if current is None else current + grad
+        if direct:
+            add_into_grads(direct, direct_grads)
 
+
+_STEPS = {kind: getattr(_Sweep, "_" + kind)
+          for kind in ("rebuild", "verify", "component", "getitem", "node", "drop", "restore")}
 
 _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}

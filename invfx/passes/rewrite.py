@@ -166,8 +166,19 @@ class BodyRegion(nn.Module):
         return run_region(self._region(), inputs)
 
     def _region(self) -> Region:
-        return Region(function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery,
-                      buffers=self._modules_used, name=self._label)
+        return self._cached_region(CHECKPOINT, lambda: Region(
+            function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
+            name=self._label))
+
+    def _cached_region(self, key, make) -> Region:
+        """The Region for this call, made once per configuration (a Region is immutable; making one and
+        checking it at every call of every block added up)."""
+        key = (key, self._label, id(self.discovery), id(self.forward_body))
+        cache = self.__dict__.get("_regions")
+        if cache is None or cache[0] != key:
+            cache = (key, make())
+            object.__setattr__(self, "_regions", cache)
+        return cache[1]
 
     def _derive(self) -> None:
         """State computed from the bodies: the dry-run cache (which parameters the forward reads)."""
@@ -183,6 +194,7 @@ class BodyRegion(nn.Module):
         state = dict(self.__dict__)
         state.pop("fused_replay", None)
         state.pop("discovery", None)
+        state.pop("_regions", None)
         for key in self._BODIES:
             body = state.pop(key)
             state[key + "_graph"] = (_portable_graph(body.graph, self._CARRIED_META), _named_objects(body),
@@ -264,11 +276,13 @@ class InvertibleRegion(BodyRegion):
             return super()._region()
         # A forward hook that saw a value this region frees (on the module that made it, read it, or a view of it)
         # may have kept it: the user would read freed memory (a segfault). Then this call frees nothing.
-        free = () if _hooked(getattr(self, "_watched", ())) else self.free
-        return Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild, discovery=self.discovery,
-                      replay=self.fused_replay if self.fused else None,
-                      free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,
-                      name=self._label)
+        free = () if _hooked(self.__dict__.get("_watched", ())) else self.free
+        return self._cached_region(
+            (INVERTIBLE, self.fused, tuple(free), tuple(self.kept), id(self.fused_replay)),
+            lambda: Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
+                           discovery=self.discovery, replay=self.fused_replay if self.fused else None,
+                           free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,
+                           name=self._label))
 
     def _rebuild(self, ctx: ReplayContext) -> None:
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)

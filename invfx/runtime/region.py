@@ -63,6 +63,10 @@ __all__ = ["Region", "Discovery", "ReplayContext", "RegionFunction", "checkpoint
 #: (see :meth:`ReplayContext.differentiate`); smaller ones are handed on with the rest.
 STREAM_BYTES = 64 * 1024
 
+#: A parameter smaller than this (a bias, a norm's scale) gets its gradient from the engine, as outside regions:
+#: holding it to the end of the region costs nothing, and the engine adds it faster than a replay can.
+DIRECT_BYTES = 4 * 1024
+
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
 
@@ -493,14 +497,15 @@ class _RegionCall:
         node: not under ``autograd.grad``, not left out by ``backward(inputs=...)``), and only plain dense
         parameters with no tensor hooks (a hook must see the gradient). For a gradient the replay put into
         ``.grad`` itself the node returns None, and the engine's AccumulateGrad runs with nothing to add, so its
-        post-accumulate hooks fire once, after the gradient is in ``.grad`` (a replay may also hand a small
-        parameter's gradient on as usual: see :data:`STREAM_BYTES`). Holding every gradient of a region to its end would cost its parameters'
-        size (8 MiB for a width-1024 coupling).
+        post-accumulate hooks fire once, after the gradient is in ``.grad`` (a replay may also hand a
+        parameter's gradient on as usual). Holding every gradient of a region to its end would cost its
+        parameters' size (8 MiB for a width-1024 coupling); parameters under :data:`DIRECT_BYTES` are left to the
+        engine.
         """
         direct = set()
         for param, node in zip(params, getattr(self, "accumulators", ())):
-            if not param.requires_grad or param._backward_hooks or param.is_sparse or \
-                    type(param) not in (torch.Tensor, torch.nn.Parameter):
+            if not param.requires_grad or param.numel() * param.element_size() < DIRECT_BYTES or \
+                    param._backward_hooks or param.is_sparse or type(param) not in (torch.Tensor, torch.nn.Parameter):
                 continue
             grad = param.grad
             if grad is not None and (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype):
@@ -881,11 +886,17 @@ class _RestoreOnDrop:
 def add_into_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     """``param.grad += grad``, as the engine's AccumulateGrad would, without its hooks. A first gradient is
     copied, never adopted: the engine may hand the same tensor to another consumer."""
+    add_into_grads((param,), (grad,))
+
+
+def add_into_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """:func:`add_into_grad` for several parameters at once."""
     with torch.no_grad():
-        if param.grad is None:
-            param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
-        else:
-            param.grad.add_(grad)
+        for param, grad in zip(params, grads):
+            if param.grad is None:
+                param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                param.grad.add_(grad)
 
 
 def _into_grad_hook(param: torch.Tensor):

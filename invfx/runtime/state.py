@@ -77,8 +77,14 @@ class AutocastState:
         """The dtypes autocast computed in (none when it was off)."""
         return [dtype for _, enabled, dtype in self.devices if enabled]
 
+    def replayed(self) -> contextlib.AbstractContextManager:
+        """A block run with the forward's autocast state (nothing to do where it is the current one)."""
+        if not self.enabled and not any(torch.is_autocast_enabled(d) for d, _, _ in self.devices):
+            return contextlib.nullcontext()
+        return self._replayed()
+
     @contextlib.contextmanager
-    def replayed(self) -> Iterator[None]:
+    def _replayed(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for device_type, enabled, dtype in self.devices:
                 stack.enter_context(
@@ -110,8 +116,13 @@ class BufferState:
                 if any(b._version != v for b, v in zip(group, versions)) for b in group]
 
     @staticmethod
+    def preserved(buffers: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """A block after which ``buffers`` hold their values from before it."""
+        return BufferState._preserved(buffers) if buffers else contextlib.nullcontext()
+
+    @staticmethod
     @contextlib.contextmanager
-    def preserved(buffers: list[torch.Tensor]) -> Iterator[None]:
+    def _preserved(buffers: list[torch.Tensor]) -> Iterator[None]:
         snapshot = [b.detach().clone() for b in buffers]
         try:
             yield
@@ -125,8 +136,9 @@ def _buffer_groups(owners) -> Iterator[list[torch.Tensor]]:
     seen: set[int] = set()
     for owner in owners:
         if isinstance(owner, torch.nn.Module):
-            for module in owner.modules():
-                group = [b for b in module.buffers(recurse=False) if id(b) not in seen]
+            # (a module without children, the common owner, skips the modules() walk: it runs at every call)
+            for module in owner.modules() if owner._modules else (owner,):
+                group = [b for b in module._buffers.values() if b is not None and id(b) not in seen]
                 seen.update(id(b) for b in group)
                 if group:
                     yield group
