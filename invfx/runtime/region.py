@@ -900,8 +900,23 @@ def add_into_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 
 
 def _into_grad_hook(param: torch.Tensor):
+    # What autograd.grad keeps in place of the gradient: a zero expanded to its shape (no memory), made once per
+    # shape. The hook runs between two big kernels, where every Python step is slow (its caches are cold): it
+    # does the least it can. (The engine runs hooks with grad mode off.)
+    key = (tuple(param.shape), param.dtype, param.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+
     def into_grad(grad: torch.Tensor) -> torch.Tensor:
-        add_into_grad(param, grad)
-        return grad.new_zeros(()).expand(grad.shape)  # what autograd.grad keeps instead: no memory
+        accumulated = param.grad
+        if accumulated is None or torch.is_grad_enabled():
+            add_into_grad(param, grad)
+        else:
+            accumulated.add_(grad)
+        return zero
 
     return into_grad
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
