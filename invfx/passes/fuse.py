@@ -189,6 +189,37 @@ class _RebuildStep:
             self.into, self.into_position = self.call.function.into, replay.write_into[node]
 
 
+class _SubnetworkStep:
+    """Several rebuild steps of one recomputed sub-network run as one generated function (with grad, from
+    stand-ins for its inputs from outside it)."""
+
+    __slots__ = ("module", "inputs", "outputs", "release")
+
+    def __init__(self, replay: "FusedReplay", steps: list[_RebuildStep]):
+        nodes = {step.node: step for step in steps}
+        component = replay.component_of[steps[0].value]
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[_Ref] = []
+        for step in steps:
+            for arg in step.node.all_input_nodes:
+                if arg in env or arg in nodes:
+                    continue
+                if arg.op == "get_attr":
+                    env[arg] = graph.get_attr(arg.target)
+                else:
+                    env[arg] = graph.placeholder(arg.name)
+                    self.inputs.append(_Ref(arg, stand_in=_value(arg) not in component.values))
+            env[step.node] = graph.node_copy(step.node, lambda n: env[n])
+        # what the rest of the replay reads: values read by later rebuild steps, published or kept with their graph
+        self.outputs = [(step.node, step.value, any(user not in nodes for user in step.node.users), step.publish,
+                         step.graph_value) for step in steps
+                        if step.publish or step.graph_value or any(user not in nodes for user in step.node.users)]
+        graph.output(tuple(env[node] for node, *_ in self.outputs))
+        self.module = fx.GraphModule(replay.rebuild_body, graph, "subnetwork")
+        self.release = tuple(used for step in steps for used in step.release if used not in nodes)
+
+
 class _NodeUnit:
     """The backward of one forward node: routed without values (add, sub, cat), or the node recomputed from
     leaves for its known inputs and differentiated alone."""
@@ -398,7 +429,33 @@ class FusedReplay(_Analysis):
         state.sweep(steps, final=True)
         if state.pending:
             raise RegionError(f"fused replay: {len(state.pending)} backward units can never run")
-        return steps
+        return self._join_subnetworks(steps)
+
+    def _join_subnetworks(self, steps: list[tuple]) -> list[tuple]:
+        """Consecutive rebuild steps of one sub-network (nothing else due between them) become one call of
+        code generated for them, as the model's own forward would run them: between two big kernels every
+        Python step of the replay is slow (its caches are cold), so fewer, straight-line steps pay."""
+        joined: list[tuple] = []
+        run: list[_RebuildStep] = []
+
+        def flush():
+            if len(run) > 1:
+                joined.append(("subnetwork", _SubnetworkStep(self, list(run))))
+            else:
+                joined.extend(("rebuild", step) for step in run)
+            run.clear()
+
+        for kind, payload in steps:
+            if kind == "rebuild" and payload.kind == "recompute":
+                component = self.component_of[payload.value]
+                if run and self.component_of[run[0].value] is not component:
+                    flush()
+                run.append(payload)
+                continue
+            flush()
+            joined.append((kind, payload))
+        flush()
+        return joined
 
     # the analysis refers to fx nodes; a pickled copy (torch.save) redoes it from the two bodies
     def __getstate__(self):  # (the schedule is worked out again)
@@ -560,6 +617,19 @@ class _Sweep:
             del env[used]  # (a sub-network's graph lives on in graph_values until its backward)
         if step.publish:
             self.values[step.value] = _detached(result)
+
+    def _subnetwork(self, step: _SubnetworkStep) -> None:
+        env = self.env
+        results = step.module(*[self._feed(ref) for ref in step.inputs])
+        for (node, value, read_later, publish, graph_value), result in zip(step.outputs, results):
+            if read_later:
+                env[node] = result
+            if graph_value:
+                self.graph_values[value] = result
+            if publish:
+                self.values[value] = _detached(result)
+        for used in step.release:
+            del env[used]
 
     def _env_value(self, ref: _Ref):
         return self.env[ref.key]
@@ -781,7 +851,7 @@ class _Sweep:
 
 
 _STEPS = {kind: getattr(_Sweep, "_" + kind)
-          for kind in ("rebuild", "verify", "component", "getitem", "node", "drop", "restore")}
+          for kind in ("rebuild", "subnetwork", "verify", "component", "getitem", "node", "drop", "restore")}
 
 _ADD = {operator.add, torch.add, "add"}
 _SUB = {operator.sub, torch.sub, "sub"}
