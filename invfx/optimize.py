@@ -15,7 +15,7 @@ from torch import nn
 from .errors import BudgetError, InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.cost import measure_costs
-from .passes.rewrite import apply_modes, region_name, rewrite_checkpoint
+from .passes.rewrite import apply_modes, bind_attributes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
 from .passes.simplify import split_through_cat
 from .passes.validate import check_reconstruction
@@ -214,6 +214,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     traced.graph.lint()
     optimized = OptimizedModule(traced, traced.graph, type(model).__name__)
     _share_everything(optimized, model)
+    bind_attributes(optimized)
     refused = check_reconstruction(optimized, inputs)
 
     by_name = dict(zip(names, segments))

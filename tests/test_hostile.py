@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import invfx
-from invfx.examples import CouplingBlock, RevNetMLP
+from invfx.examples import CouplingBlock, Glow, RevNetMLP
 from invfx.runtime.storage import is_freed
 
 from conftest import assert_close
@@ -835,3 +835,48 @@ def test_random_chains_of_hostile_pieces():
     """Couplings mixed with views read at the end, in-place functions, tensor constants, in-place writes into
     a block's output and dropout: plain's gradients in every mode (in a child process: a freed view segfaults)."""
     run_isolated("hostile_chains_case", int(os.environ.get("INVFX_PROPERTY_EXAMPLES", "0")) or 20)
+
+
+def replaced_weights(model: nn.Module, scale: float = 1.5) -> dict:
+    return {name: value * scale if value.is_floating_point() else value.clone()
+            for name, value in model.state_dict().items()}
+
+
+MODELS_WITH_PARAMETERS = {
+    "coupling": lambda: (RevNetMLP(depth=3, width=8, hidden=8), (torch.randn(4, 8),)),
+    # Glow reads its actnorm, 1x1 convolution and coupling parameters as attributes (get_attr), not modules
+    "glow": lambda: (Glow(channels=1, levels=1, depth=2, hidden=8), (torch.rand(2, 1, 4, 4),)),
+}
+
+
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "module.weight = Parameter"])
+@pytest.mark.parametrize("name", sorted(MODELS_WITH_PARAMETERS))
+@pytest.mark.parametrize("modes", MODES, ids=MODE_IDS)
+def test_parameters_replaced_after_optimize(name, how, modes):
+    """Parameters replaced by new objects after optimize (``load_state_dict(..., assign=True)``, a checkpoint
+    loaded onto a meta-initialised model, or an assignment) are the ones the optimized model computes with and
+    gives gradients to. Before, regions kept the old objects: outputs of the old weights, and no gradient at
+    all for the new ones (training silently did nothing)."""
+    torch.manual_seed(0)
+    model, args = MODELS_WITH_PARAMETERS[name]()
+    model = model.to(DT)
+    args = tuple(a.to(DT) for a in args)
+    optimized = invfx.optimize(model, args, modes=modes)
+    assert_uses(optimized, modes)
+    step(optimized, list(optimized.parameters()), *args)  # a first step: whatever a region caches, it has
+    twin = copy.deepcopy(model)
+    if how == "module.weight = Parameter":
+        for module in model.modules():
+            for field, value in list(module._parameters.items()):
+                setattr(module, field, nn.Parameter(value.detach() * 1.5))
+        twin.load_state_dict(model.state_dict())
+    else:
+        weights = replaced_weights(model)
+        optimized.load_state_dict(weights, assign=True)
+        twin.load_state_dict(weights)
+    params = list(optimized.parameters())
+    assert all(p is q for p, q in zip(params, model.parameters()))  # (the two still share them)
+    got = step(optimized, params, *args)
+    expected = step(twin, list(twin.parameters()), *args)
+    assert all(g is not None for g in got[2])
+    assert_close(got, expected, **TOL, what=f"{name} after {how}")

@@ -26,7 +26,7 @@ from .fuse import FusedReplay
 from .segments import Segment, module_path
 
 __all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "rewrite_segment", "rewrite_checkpoint",
-           "region_name", "apply_modes"]
+           "region_name", "apply_modes", "bind_attributes"]
 
 _RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
                      torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
@@ -34,6 +34,21 @@ _RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d,
                      torch.randn, torch.rand_like, torch.randn_like, torch.randint, torch.randperm,
                      torch.multinomial, torch.normal}
 _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_"}
+
+
+# Parameters and buffers registered anywhere after optimize (``load_state_dict(..., assign=True)``,
+# ``module.weight = nn.Parameter(...)``) bump this count, and each region checks its own at its next call
+# (:meth:`BodyRegion._rebind`). A region's bodies hold the tensors they read as attributes, and its caches hold
+# its modules' parameters: without the check it computed with the old tensors and gave the new ones no gradient.
+_registrations = [0]
+
+
+def _count_registration(module, name, value) -> None:
+    _registrations[0] += 1  # (returns None: the registration itself goes on unchanged)
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
 
 
 def _is_random(root: nn.Module, node: fx.Node) -> bool:
@@ -98,6 +113,45 @@ class ShapeMeta(tuple):
     dtype = property(lambda self: self[1])
 
 
+def bind_attributes(root: nn.Module) -> None:
+    """Record, for each region of ``root``, which of ``root``'s modules hold the attributes its bodies read, so
+    that a region follows a parameter or buffer replaced there (see :meth:`BodyRegion._rebind`). Call it once
+    ``root`` has its final module tree."""
+    for region in root.children():
+        if isinstance(region, BodyRegion):
+            object.__setattr__(region, "_owners", _attribute_owners(root, region))
+
+
+def _attribute_owners(root: nn.Module, region: "BodyRegion") -> dict[str, tuple[nn.Module, str]]:
+    """For each attribute a region's bodies read (get_attr): the model's module holding it, and its name there."""
+    owners = {}
+    for key in region._BODIES:
+        for node in region.__dict__[key].graph.nodes:
+            if node.op != "get_attr" or node.target in owners:
+                continue
+            path, _, field = node.target.rpartition(".")
+            if not path:
+                # (the root's own attributes, fx's tensor constants, are not replaced; and a region referring to
+                # the root GraphModule would carry it into every copy of the region, which fx cannot unpickle)
+                continue
+            try:
+                owner = root.get_submodule(path)
+            except AttributeError:
+                continue
+            if hasattr(owner, field) and not isinstance(owner, fx.GraphModule):
+                owners[node.target] = (owner, field)
+    return owners
+
+
+def _assign_attr(body: nn.Module, target: str, value) -> None:
+    """``body.<target> = value``, whatever it was before (a parameter may have been replaced by a tensor)."""
+    path, _, field = target.rpartition(".")
+    parent = body.get_submodule(path) if path else body
+    for store in (parent._parameters, parent._buffers, parent._modules, parent.__dict__):
+        store.pop(field, None)
+    setattr(parent, field, value)
+
+
 def _portable_graph(graph: fx.Graph, keep: Sequence[str]) -> fx.Graph:
     """A copy of ``graph`` whose nodes keep only the ``keep`` meta, in a form that pickles."""
     copy = fx.Graph()
@@ -152,6 +206,8 @@ class BodyRegion(nn.Module):
         self.mode = "checkpoint"  # or "keep": plain code (the plan's choice)
 
     def forward(self, *inputs):
+        if self.__dict__.get("_epoch") != _registrations[0]:
+            self._rebind()
         if self.mode == "keep" or not (self.training and torch.is_grad_enabled()):
             return self.forward_body(*inputs)
         if _hooked(self._modules_used):
@@ -189,6 +245,28 @@ class BodyRegion(nn.Module):
                 if isinstance(value, torch.Tensor):
                     candidates[id(value)] = value
         object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
+        object.__setattr__(self, "_parameter_ids", self._current_parameter_ids())
+        object.__setattr__(self, "_epoch", _registrations[0])
+
+    def _current_parameter_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for m in self._modules_used for p in m.parameters())
+
+    def _rebind(self) -> None:
+        """After a parameter or buffer was registered anywhere: give each attribute the bodies read the object
+        its owner module holds now, and work the caches out again (which parameters the region reads, the
+        fused replay's schedule) when any of them, or a parameter of the region's modules, changed."""
+        changed = False
+        for target, (owner, field) in self.__dict__.get("_owners", {}).items():
+            current = getattr(owner, field, None)
+            for key in self._BODIES:
+                body = self.__dict__[key]
+                if any(n.op == "get_attr" and n.target == target for n in body.graph.nodes) and \
+                        fetch_attr(body, target) is not current:
+                    _assign_attr(body, target, current)
+                    changed = True
+        if changed or self._current_parameter_ids() != self.__dict__.get("_parameter_ids"):
+            self._derive()
+        object.__setattr__(self, "_epoch", _registrations[0])
 
     def __getstate__(self):
         state = dict(self.__dict__)
