@@ -21,6 +21,7 @@ from ..errors import RegionError
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
+from .annotate import fetch_attr
 
 __all__ = ["FusedReplay"]
 
@@ -145,13 +146,6 @@ def _target(body: fx.GraphModule, node: fx.Node):
     raise RegionError(f"fused replay: cannot run node {node.name} ({node.op})")
 
 
-def _attribute(body: fx.GraphModule, target: str):
-    value = body
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
 class _RebuildStep:
     """One node of the rebuild body: under no_grad, but a recomputed sub-network's node with grad, from
     stand-in leaves for its inputs from outside the sub-network."""
@@ -170,7 +164,7 @@ class _RebuildStep:
             self.kind, self.index = "placeholder", replay.rebuild_placeholders.index(node)
             return
         if node.op == "get_attr":
-            self.kind, self.constant = "constant", _attribute(body, node.target)
+            self.kind, self.constant = "constant", fetch_attr(body, node.target)
             return
         recompute = bool(node.meta.get("invfx_recompute")) and self.value in replay.recomputed
         self.kind = "recompute" if recompute else "plain"
@@ -179,7 +173,7 @@ class _RebuildStep:
 
         def resolve(arg: fx.Node):
             if arg.op == "get_attr":
-                return _attribute(body, arg.target)
+                return fetch_attr(body, arg.target)
             external = component is not None and _value(arg) not in component.values
             return _Ref(arg, stand_in=external)
 
@@ -235,7 +229,7 @@ class _NodeUnit:
         if self.getitem:
             self.source, self.item = _value(node.args[0]), node.args[1]
         self.inputs = [(arg, _value(arg)) for arg in dict.fromkeys(node.all_input_nodes) if arg.op != "get_attr"]
-        self.arguments = _Arguments(node, lambda arg: _attribute(body, arg.target) if arg.op == "get_attr"
+        self.arguments = _Arguments(node, lambda arg: fetch_attr(body, arg.target) if arg.op == "get_attr"
                                     else _Ref(_value(arg)))
         self.call = _target(body, node)
         previous = node.prev
@@ -253,7 +247,7 @@ class _NodeUnit:
 
         def shape_source(arg: fx.Node):
             if arg.op == "get_attr":
-                value = _attribute(body, arg.target)
+                value = fetch_attr(body, arg.target)
                 return ("constant", value) if isinstance(value, torch.Tensor) else None
             return ("value", _value(arg)) if _value(arg) in known else None
 
@@ -355,7 +349,7 @@ class FusedReplay(_Analysis):
         found = list(body.get_submodule(node.target).parameters()) if node.op == "call_module" else []
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
-                value = _attribute(body, arg.target)
+                value = fetch_attr(body, arg.target)
                 if isinstance(value, torch.Tensor):
                     found.append(value)
         return found
@@ -783,7 +777,7 @@ class _Sweep:
 
     def _send(self, arg: fx.Node, grad: torch.Tensor) -> None:
         if arg.op == "get_attr":
-            param = _attribute(self.staged.forward_body, arg.target)
+            param = fetch_attr(self.staged.forward_body, arg.target)
             if isinstance(param, torch.Tensor) and id(param) in self.params and param.requires_grad:
                 self._add_param_grads([param], [grad.to(param.dtype)])
         else:
