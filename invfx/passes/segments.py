@@ -13,6 +13,7 @@ exact zeros, which an inverse rebuilds only up to rounding), or a tuple.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import operator
@@ -134,20 +135,24 @@ def _in_place_function(target) -> bool:
         getattr(target, "__module__", "") not in ("operator", "_operator")
 
 
-def _written(module: fx.GraphModule, value: fx.Node, by) -> bool:
-    """Whether a user of ``value`` or of a view of it for which ``by(user)`` holds writes into it in place."""
+def _aliases(value: fx.Node, follows) -> Iterator[fx.Node]:
+    """``value`` and every node reached from it through users for which ``follows(user, node)`` holds (the
+    nodes sharing its memory, for the rule given), each once."""
     pending, seen = [value], set()
     while pending:
         node = pending.pop()
         if node in seen:
             continue
         seen.add(node)
-        for user in node.users:
-            if by(user) and _mutates(module, user, node):
-                return True
-            if _is_view(module, user):
-                pending.append(user)  # a write into a view writes into the value
-    return False
+        yield node
+        pending.extend(user for user in node.users if follows(user, node))
+
+
+def _written(module: fx.GraphModule, value: fx.Node, by) -> bool:
+    """Whether a user of ``value`` or of a view of it for which ``by(user)`` holds writes into it in place."""
+    # (a write into a view writes into the value)
+    views = _aliases(value, lambda user, node: _is_view(module, user))
+    return any(by(user) and _mutates(module, user, node) for node in views for user in node.users)
 
 
 def _is_view(module: fx.GraphModule, node: fx.Node) -> bool:
@@ -199,20 +204,13 @@ def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.No
     mine = value.meta.get("storages") or frozenset()
     if any(mine & (v.meta.get("storages") or frozenset()) for v in live_after if v is not value):
         return True
-    pending, seen = [value], set()
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node is not value and node in live_after:
-            return True
-        for user in node.users:
-            target = type(module.get_submodule(user.target)) if user.op == "call_module" else user.target
-            if user.args and user.args[0] is node and (_is_view(module, user) or target in _MAY_ALIAS or
-                                                       _mutates(module, user, node)):
-                pending.append(user)  # (an in-place op hands back the tensor it wrote into)
-    return False
+
+    def hands_on(user: fx.Node, node: fx.Node) -> bool:  # (an in-place op hands back the tensor it wrote into)
+        target = type(module.get_submodule(user.target)) if user.op == "call_module" else user.target
+        return bool(user.args) and user.args[0] is node and (
+            _is_view(module, user) or target in _MAY_ALIAS or _mutates(module, user, node))
+
+    return any(node is not value and node in live_after for node in _aliases(value, hands_on))
 
 
 def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[Segment]:
