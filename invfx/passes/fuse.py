@@ -206,9 +206,11 @@ class _SubnetworkStep:
                     self.inputs.append(_Ref(arg, stand_in=_value(arg) not in component.values))
             env[step.node] = graph.node_copy(step.node, lambda n: env[n])
         # what the rest of the replay reads: values read by later rebuild steps, published or kept with their graph
-        self.outputs = [(step.node, step.value, any(user not in nodes for user in step.node.users), step.publish,
-                         step.graph_value) for step in steps
-                        if step.publish or step.graph_value or any(user not in nodes for user in step.node.users)]
+        self.outputs = []
+        for step in steps:
+            read_later = any(user not in nodes for user in step.node.users)
+            if read_later or step.publish or step.graph_value:
+                self.outputs.append((step.node, step.value, read_later, step.publish, step.graph_value))
         graph.output(tuple(env[node] for node, *_ in self.outputs))
         self.module = fx.GraphModule(replay.rebuild_body, graph, "subnetwork")
         self.release = tuple(used for step in steps for used in step.release if used not in nodes)
