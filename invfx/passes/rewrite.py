@@ -122,12 +122,13 @@ def bind_attributes(root: nn.Module) -> None:
             object.__setattr__(region, "_owners", _attribute_owners(root, region))
 
 
-def _attribute_owners(root: nn.Module, region: "BodyRegion") -> dict[str, tuple[nn.Module, str]]:
-    """For each attribute a region's bodies read (get_attr): the model's module holding it, and its name there."""
+def _attribute_owners(root: nn.Module, region: "BodyRegion") -> dict[tuple[str, str], tuple[nn.Module, str]]:
+    """For each attribute a region's bodies read (get_attr), by (body, target): the model's module holding it,
+    and its name there."""
     owners = {}
     for key in region._BODIES:
         for node in region.__dict__[key].graph.nodes:
-            if node.op != "get_attr" or node.target in owners:
+            if node.op != "get_attr" or (key, node.target) in owners:
                 continue
             path, _, field = node.target.rpartition(".")
             if not path:
@@ -139,7 +140,7 @@ def _attribute_owners(root: nn.Module, region: "BodyRegion") -> dict[str, tuple[
             except AttributeError:
                 continue
             if hasattr(owner, field) and not isinstance(owner, fx.GraphModule):
-                owners[node.target] = (owner, field)
+                owners[key, node.target] = (owner, field)
     return owners
 
 
@@ -256,14 +257,11 @@ class BodyRegion(nn.Module):
         its owner module holds now, and work the caches out again (which parameters the region reads, the
         fused replay's schedule) when any of them, or a parameter of the region's modules, changed."""
         changed = False
-        for target, (owner, field) in self.__dict__.get("_owners", {}).items():
-            current = getattr(owner, field, None)
-            for key in self._BODIES:
-                body = self.__dict__[key]
-                if any(n.op == "get_attr" and n.target == target for n in body.graph.nodes) and \
-                        fetch_attr(body, target) is not current:
-                    _assign_attr(body, target, current)
-                    changed = True
+        for (key, target), (owner, field) in self.__dict__.get("_owners", {}).items():
+            current, body = getattr(owner, field, None), self.__dict__[key]
+            if fetch_attr(body, target) is not current:
+                _assign_attr(body, target, current)
+                changed = True
         if changed or self._current_parameter_ids() != self.__dict__.get("_parameter_ids"):
             self._derive()
         object.__setattr__(self, "_epoch", _registrations[0])
