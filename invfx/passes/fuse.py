@@ -54,6 +54,11 @@ class _Analysis:
         self.component_of = {v: c for c in self.components for v in c.values}
         # values only read inside their sub-network's graph (never published to the sweep)
         self.internal = {v for c in self.components for v in c.values if v not in c.frontier}
+        # how many sub-networks read each value from outside (through a stand-in leaf shared by all of them)
+        self.stand_in_readers: dict[str, int] = {}
+        for component in self.components:
+            for v in component.external:
+                self.stand_in_readers[v] = self.stand_in_readers.get(v, 0) + 1
 
     def _components(self, forward_nodes: dict[str, fx.Node]) -> list[_Component]:
         parent = {v: v for v in self.recomputed}
@@ -557,6 +562,9 @@ class _Sweep:
         self.direct = ctx.direct_params
         self.graph_values: dict[str, object] = {}  # a sub-network's frontier values, with their graph
         self.stand_ins: dict[str, torch.Tensor] = {}
+        # sub-networks still to be differentiated that read each stand-in: the last one drops it (a stand-in
+        # shares its value's memory, so holding it to the end of a region of many blocks held every block's input)
+        self.stand_in_readers = dict(staged.stand_in_readers)
         self.evaluated: dict[str, tuple] = {}  # filled values whose graph awaits their own backward
         outputs = ctx.outputs if isinstance(ctx.outputs, tuple) else (ctx.outputs,)
         self.outputs = outputs
@@ -705,6 +713,11 @@ class _Sweep:
         for v in component.values:  # its graph and gradients are done with
             graph_values.pop(v, None)
             grads.pop(v, None)
+        readers = self.stand_in_readers
+        for v in component.external:
+            readers[v] -= 1
+            if not readers[v]:
+                self.stand_ins.pop(v, None)
 
     def _component_params(self, component: _Component) -> list[torch.Tensor]:
         """The region's parameters the sub-network reads (differentiating with respect to the region's others
