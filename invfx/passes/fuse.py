@@ -581,6 +581,7 @@ class _Sweep:
             index = self.tensor_index.get(slot)
             if index is not None and grad_outputs[index] is not None:
                 self._add_grad(_value(node), grad_outputs[index])
+        ctx.grad_outputs = grad_outputs = None  # (from here only self.grads holds them, until used up)
         kept = [ctx.input(p).detach() for p in staged.kept]
         self.inputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in self.outputs] + kept
         try:

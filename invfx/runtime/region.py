@@ -298,6 +298,9 @@ def run_region(region: Region, args: Sequence[Any]):
     call.accumulators = accumulators
     del result
     returned = RegionFunction.apply(call, *inputs, *params)
+    node = next((t.grad_fn for t in returned if t.grad_fn is not None), None)
+    if node is not None:
+        node.register_prehook(call.take_output_grads)
     return structure.rebuild(call.non_tensor_result, returned)
 
 
@@ -441,6 +444,7 @@ class _RegionCall:
         self.kept_positions = sorted(p for p in region.keep if p in self.position_slot)
         self.param_keys = {storage_key(p) for p in params}
         self.buffer_keys = {storage_key(b) for b in mutated_buffers}
+        self.pending = None  # the gradients of the outputs, between the node's pre-hook and its backward
 
     # -- forward, inside RegionFunction.forward --------------------------------------------------------------
 
@@ -474,11 +478,26 @@ class _RegionCall:
 
     # -- backward ----------------------------------------------------------------------------------------------
 
+    def take_output_grads(self, grad_outputs):
+        """The node's pre-hook: takes the gradients of the outputs out of the engine's hands.
+
+        The engine holds the gradients it passes to a node until the node returns; a region's backward lasts
+        as long as the backward of all its sub-networks, and the gradient of its output (one activation) is
+        dead after the first of them. Taken here, the replay lets go of each as soon as it is used up. Node
+        pre-hooks run after every tensor hook and ``retain_grad`` has seen the gradients (a pre-hook a user
+        registers on the region's node itself would see None)."""
+        self.pending = grad_outputs
+        return (None,) * len(grad_outputs)
+
     def backward(self, saved: tuple[torch.Tensor, ...], grad_outputs):
         region = self.region
         replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
         context = ReplayContext(self, saved)
+        pending = self.pending
+        if pending is not None:  # (taken by the pre-hook: the engine passed None)
+            grad_outputs, self.pending = pending, None
         context.grad_outputs = grad_outputs
+        del grad_outputs, pending  # (the replay drops each as soon as it is used up)
         context.direct_params = self._direct_params(context.params)
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
         with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
@@ -486,7 +505,7 @@ class _RegionCall:
             context.reset_rng()
             with torch.enable_grad():
                 result = replay(context)
-            grads = self._gradients(context, result, grad_outputs)
+            grads = self._gradients(context, result)
         self.freed.clear()
         return grads
 
@@ -549,9 +568,10 @@ class _RegionCall:
                     "numerically, or the function is not deterministic (randomness with seed=False). The "
                     "gradients would be wrong: use checkpoint mode for this region")
 
-    def _gradients(self, context, result, grad_outputs):
+    def _gradients(self, context, result):
         if context.gradients is not None:
             return self._provided_gradients(context, result)
+        grad_outputs = context.grad_outputs
         try:
             recomputed = self.structure.tensors(result)
         except (IndexError, TypeError, RegionError):
