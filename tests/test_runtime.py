@@ -679,3 +679,22 @@ def test_parameter_hooks_fire_once(call):
         assert_close(got, block.linear.weight.grad)
     finally:
         handle.remove()
+
+
+def test_rng_marks_share_a_state_where_nothing_was_drawn():
+    """A mark where no random number was drawn since the last one shares that state (a dropout with p = 0 draws
+    none; a 5 KB state per mark held to the end of a long region grew its memory with depth); one after a draw
+    is its own. The capture never refers to itself (a cycle would keep its state until the collector ran)."""
+    from invfx.runtime.state import RngState
+
+    state = RngState()
+    first, again = state.mark("a"), state.mark("b")
+    assert first is again and first is not state and first.cpu is state.cpu
+    torch.rand(3)
+    drawn, after = state.mark("c"), state.mark("d")
+    assert drawn is after and drawn is not first and not torch.equal(drawn.cpu, first.cpu)
+    assert all(mark is not state for mark in state.marks.values())
+    replayed = torch.get_rng_state()
+    drawn.set()
+    assert torch.equal(torch.get_rng_state(), drawn.cpu)
+    torch.set_rng_state(replayed)

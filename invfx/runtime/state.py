@@ -21,7 +21,7 @@ class RngState:
     CUDA state is captured for every CUDA device that the given tensors live on.
     """
 
-    __slots__ = ("cpu", "cuda", "marks")
+    __slots__ = ("cpu", "cuda", "marks", "last")
 
     def __init__(self, tensors: Iterable[torch.Tensor] = (), devices: Iterable[int] | None = None):
         self.cpu = torch.get_rng_state()
@@ -29,12 +29,33 @@ class RngState:
             devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
         self.cuda = {d: torch.cuda.get_rng_state(d) for d in devices}
         self.marks: dict[str, RngState] = {}  # states recorded at rng_mark() calls, by name
+        self.last: RngState | None = None  # the state recorded last, if any
 
     def mark(self, name: str) -> "RngState":
-        """The current state, recorded under ``name`` (see ``invfx.runtime.rng_mark``)."""
+        """The current state, recorded under ``name`` (see ``invfx.runtime.rng_mark``). Where no random number
+        was drawn since the last one recorded, that one is shared: a dropout with p = 0 draws none, and a state
+        (5 KB on CPU) per mark held to the end of a long region grew its memory with depth."""
         state = RngState(devices=list(self.cuda))
+        last = self.last
+        if last is None and state.same_as(self):
+            state = self.last = self._alias()
+        elif last is not None and state.same_as(last):
+            state = last
+        else:
+            self.last = state
         self.marks[name] = state
         return state
+
+    def _alias(self) -> "RngState":
+        """The same state as a separate object sharing its tensors (``marks`` must not hold ``self``: a
+        reference cycle would keep its 5 KB until the garbage collector ran)."""
+        alias = RngState.__new__(RngState)
+        alias.cpu, alias.cuda, alias.marks, alias.last = self.cpu, self.cuda, {}, None
+        return alias
+
+    def same_as(self, other: "RngState") -> bool:
+        return torch.equal(self.cpu, other.cpu) and self.cuda.keys() == other.cuda.keys() and \
+            all(torch.equal(state, other.cuda[d]) for d, state in self.cuda.items())
 
     def consumed(self) -> bool:
         """Whether any generator moved since the capture. One that did not need not be replayed, and not
