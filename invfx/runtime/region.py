@@ -63,9 +63,11 @@ __all__ = ["Region", "Discovery", "ReplayContext", "RegionFunction", "checkpoint
 #: (see :meth:`ReplayContext.differentiate`); smaller ones are handed on with the rest.
 STREAM_BYTES = 64 * 1024
 
-#: A parameter smaller than this (a bias, a norm's scale) gets its gradient from the engine, as outside regions:
-#: holding it to the end of the region costs nothing, and the engine adds it faster than a replay can.
-DIRECT_BYTES = 4 * 1024
+#: A parameter smaller than this gets its gradient from the engine when the region returns, as outside
+#: regions. 0: every parameter's gradient goes into ``.grad`` as soon as the replay has it, because a region may
+#: be a chain of many blocks, and the small gradients of every block held to its end grew its memory with depth
+#: (a width-32 coupling stack: 8.8 KB a block).
+DIRECT_BYTES = 0
 
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
@@ -518,8 +520,7 @@ class _RegionCall:
         ``.grad`` itself the node returns None, and the engine's AccumulateGrad runs with nothing to add, so its
         post-accumulate hooks fire once, after the gradient is in ``.grad`` (a replay may also hand a
         parameter's gradient on as usual). Holding every gradient of a region to its end would cost its
-        parameters' size (8 MiB for a width-1024 coupling); parameters under :data:`DIRECT_BYTES` are left to the
-        engine.
+        parameters' size (8 MiB for a width-1024 coupling; in a chain, every block's).
         """
         direct = set()
         for param, node in zip(params, getattr(self, "accumulators", ())):
