@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import BudgetError, InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
+from .passes.chain import merge_chains
 from .passes.cost import measure_costs
 from .passes.rewrite import apply_modes, bind_attributes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
@@ -64,6 +65,13 @@ class Plan:
         text += "\n\n" + ", ".join(f"{counts[m]} {m}" for m in MODES) + f" of {len(self.rows)} segments"
         if self.budget is not None:
             text += f" (memory budget {_budget(self.budget)})"
+        links: dict[str, list[str]] = {}
+        for r in self.rows:
+            if r.get("region") and r["region"] != r["name"]:
+                links.setdefault(r["region"], []).append(r["name"])
+        for chain, names in links.items():
+            text += (f"\n{chain}: {names[0]} to {names[-1]} run as one region ({len(names)} segments; only its "
+                     "last outputs are kept)")
         if self.estimated_peak is not None:
             ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
             extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0
@@ -235,7 +243,10 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     else:  # no segment may run as a region (e.g. each writes into its input in place): plain code, said why
         chain, calibration, chosen = None, _plain_within(model, inputs, memory_budget, blocked), {}
     apply_modes(optimized, chosen)
-    rows = _rows(names, segments, measured, chosen, blocked, refused, regions)
+    chains = merge_chains(optimized)
+    if chains:
+        bind_attributes(optimized)
+    rows = _rows(names, segments, measured, chosen, blocked, refused, regions, chains)
     optimized.plan = Plan(rows, opaque, chain=chain, outside_bytes=measured.outside_bytes, budget=memory_budget,
                           forward_flops=sum(c.flops for c in measured.costs), calibration=calibration)
     optimized.train(model.training)
@@ -355,8 +366,9 @@ def _chain_budget(budget, measured) -> int | None:
     return budget - measured.outside_bytes
 
 
-def _rows(names, segments, measured, chosen, blocked, refused, regions) -> list[dict]:
-    """A plan row per segment, in graph order, saying what it keeps, what it costs and why."""
+def _rows(names, segments, measured, chosen, blocked, refused, regions, chains) -> list[dict]:
+    """A plan row per segment, in graph order, saying what it keeps, what it costs, why, and which region
+    runs it (``region``: its own, or the chain it is a link of)."""
     costs = {c.name: c for c in measured.costs}
     rows = []
     for name, segment in zip(names, segments):
@@ -374,7 +386,8 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions) -> list[
             recompute = {"keep": 0.0, "checkpoint": cost.flops,
                          "invertible": cost.flops + (cost.inverse_flops or 0.0)}[mode]
         shown = region.region_name if region is not None and mode != "keep" else f"({name.split('_', 1)[-1]})"
-        rows.append({"name": shown, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
+        runs_in = chains.get(shown, shown) if region is not None and mode != "keep" else None
+        rows.append({"name": shown, "region": runs_in, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
                      "recompute_flops": recompute, "risk": risk,
                      "why": _why(name, segment, cost, mode, blocked, refused),
                      "saved_bytes": cost.saved_bytes if cost else None,

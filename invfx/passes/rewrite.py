@@ -400,7 +400,11 @@ def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
 
 def _hooked_names(region: "BodyRegion") -> str:
     body = region.forward_body
-    names = ["global hooks"] if _global_hooks() else []
+    names = []
+    if _global_hooks():  # (they see every module it calls: say which, by the model's own top-level names)
+        called = dict.fromkeys(n.target.split(".")[0] for n in body.graph.nodes
+                               if n.op == "call_module" and not is_rng_mark(body, n))
+        names.append("global hooks, on the modules it calls in " + ", ".join(called))
     for node in body.graph.nodes:
         if node.op == "call_module" and _own_hooks(body.get_submodule(node.target)):
             names.append(f"{node.target} ({type(body.get_submodule(node.target)).__name__})")
@@ -604,7 +608,7 @@ def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
     for name, mode in modes.items():
         region = root.get_submodule(name)
         if mode == "keep":
-            _inline(root, calls[name], region)
+            inline_region(root, calls[name], region)
             delattr(root, name)
             taken.discard(name)
             renamed[name] = ""
@@ -629,10 +633,11 @@ def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
     return renamed
 
 
-def _inline(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> None:
-    """Replace the call of ``region`` by the nodes of its forward body."""
+def inline_region(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> list[fx.Node]:
+    """Replace the call of ``region`` by the nodes of its forward body; returns them, in order."""
     graph, body = root.graph, region.forward_body
     env: dict[fx.Node, object] = {}
+    made: list[fx.Node] = []
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     for placeholder, arg in zip(placeholders, call.args):
         env[placeholder] = arg
@@ -649,16 +654,19 @@ def _inline(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> None:
             if node.op == "get_attr":
                 _carry_attr(root, body, node.target)
                 env[node] = graph.get_attr(node.target)
+                made.append(env[node])
                 continue
             copy = graph.node_copy(node, lambda n: env[n])
             copy.meta = dict(node.meta)
             env[node] = copy
+            made.append(copy)
     values = [env[r] for r in results]
     for user in list(call.users):
         # the parent reads the region's outputs as call[k]
         user.replace_all_uses_with(values[user.args[1]])
         graph.erase_node(user)
     graph.erase_node(call)
+    return made
 
 
 def _carry_attr(root: nn.Module, body: fx.GraphModule, target: str) -> None:

@@ -13,7 +13,7 @@ exact zeros, which an inverse rebuilds only up to rounding), or a tuple.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import operator
@@ -25,7 +25,7 @@ from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
 
-__all__ = ["Segment", "find_segments", "live_values", "why_not_checkpoint"]
+__all__ = ["Segment", "find_segments", "invertible_segment", "live_values", "why_not_checkpoint"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 MAX_NODES = 256  # longest segment tried
@@ -215,13 +215,7 @@ def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.No
 
 def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[Segment]:
     """The chain of segments covering every compute node, invertible where the solver succeeds."""
-    everything = list(module.graph.nodes)
-    compute = [n for n in everything if n.op in COMPUTE]
-    order = {n: i for i, n in enumerate(everything)}
-    live_all = live_values(everything)
-    # live set at the boundary before compute[i] (in the full node order)
-    live = [live_all[order[n]] for n in compute] + [live_all[len(everything) - 1]]
-    live = [{v for v in s if v.op != "get_attr"} for s in live]
+    compute, live = _boundaries(module)  # live[i]: the values live at the boundary before compute[i]
     invertible_allowed = "invertible" in modes
 
     segments: list[Segment] = []
@@ -249,6 +243,45 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
         p = q
     flush_plain(len(compute))
     return segments
+
+
+def _boundaries(module: fx.GraphModule) -> tuple[list[fx.Node], list[set[fx.Node]]]:
+    """The graph's compute nodes in order, and the values live at the boundary before each (and at the end)."""
+    everything = list(module.graph.nodes)
+    compute = [n for n in everything if n.op in COMPUTE]
+    order = {n: i for i, n in enumerate(everything)}
+    live_all = live_values(everything)
+    live = [live_all[order[n]] for n in compute] + [live_all[len(everything) - 1]]
+    return compute, [{v for v in s if v.op != "get_attr"} for s in live]
+
+
+def invertible_segment(module: fx.GraphModule, nodes: Sequence[fx.Node], freeable: Sequence[fx.Node] = ()
+                       ) -> Segment | str:
+    """The invertible segment of exactly ``nodes`` (consecutive compute nodes of ``module``'s graph, solved
+    as one: several segments found one by one, put back as plain code, become one), or why there is none.
+
+    ``freeable``: inputs already proven freeable (by the region that read them first: read from an earlier
+    region's call, they look like views here)."""
+    compute, live = _boundaries(module)
+    nodes = [n for n in nodes if n.op in COMPUTE]
+    index = {n: i for i, n in enumerate(compute)}
+    if not nodes or any(n not in index for n in nodes):
+        return "not compute nodes of the graph"
+    p, q = index[nodes[0]], index[nodes[-1]] + 1
+    if compute[p:q] != nodes:
+        return "not consecutive in the graph"
+    inputs, outputs = _segment_io(nodes, live[p], live[q])
+    dying = [v for v in inputs if v not in live[q]]
+    kept = [v for v in inputs if v in live[q]]
+    proven = set(freeable)
+    freeable = [d for d in dying if (d in proven or _why_not_freeable(module, d) is None)
+                and not _aliased_after(module, d, live[q])]
+    if not dying or not outputs or not freeable:
+        return "frees nothing"
+    rebuild = solve(module, nodes, dying, list(outputs) + kept, CallCache(module))
+    if isinstance(rebuild, str):
+        return rebuild
+    return _invertible(nodes, inputs, outputs, kept, freeable, rebuild)
 
 
 def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:
