@@ -523,15 +523,17 @@ class _RegionCall:
         parameters' size (8 MiB for a width-1024 coupling; in a chain, every block's).
         """
         direct = set()
+        will_execute, plain = torch._C._will_engine_execute_node, (torch.Tensor, torch.nn.Parameter)
         for param, node in zip(params, getattr(self, "accumulators", ())):
-            if not param.requires_grad or param.numel() * param.element_size() < DIRECT_BYTES or \
-                    param._backward_hooks or param.is_sparse or type(param) not in (torch.Tensor, torch.nn.Parameter):
+            if type(param) not in plain or not param.requires_grad or param._backward_hooks or param.is_sparse:
+                continue
+            if DIRECT_BYTES and param.numel() * param.element_size() < DIRECT_BYTES:
                 continue
             grad = param.grad
             if grad is not None and (grad.is_sparse or grad.shape != param.shape or grad.dtype != param.dtype):
                 continue
             try:
-                if torch._C._will_engine_execute_node(node):
+                if will_execute(node):
                     direct.add(id(param))
             except RuntimeError:  # autograd.grad: gradients are returned, never accumulated
                 return set()
@@ -912,12 +914,17 @@ def add_into_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 def add_into_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
     """:func:`add_into_grad` for several parameters at once."""
+    into, added = [], []
     with torch.no_grad():
         for param, grad in zip(params, grads):
-            if param.grad is None:
+            accumulated = param.grad
+            if accumulated is None:
                 param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
             else:
-                param.grad.add_(grad)
+                into.append(accumulated)
+                added.append(grad)
+        if into:  # (one call for a sub-network's parameters: a Python add_ each cost more than the adds)
+            torch._foreach_add_(into, added)
 
 
 def _into_grad_hook(param: torch.Tensor):
