@@ -68,7 +68,9 @@ from torch import nn
 import invfx
 from invfx.argtypes import write_report, apply_profile, depths, even, positive
 from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory, mib
-from invfx.timing import interleaved_medians
+import statistics
+
+from invfx.timing import interleaved_times
 
 RTOL, ATOL = 1e-4, 1e-5
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -275,7 +277,15 @@ def check_gradients(model: nn.Module, peer: nn.Module, x: torch.Tensor, name: st
 class Measurement:
     peak_bytes: int  # invfx.memory.cpu_peak_memory of one step after a warm-up step
     steady_peak_bytes: int  # the second of two profiled steps (see steady_peak_of_step)
-    step_s: float
+    step_s: float  # the median of step_times
+    step_times: list[float]  # one per interleaved round
+
+
+def paired_ratio(a: Measurement, b: Measurement) -> tuple[float, int, int]:
+    """``a``'s step time over ``b``'s, round by round (the two ran back to back, at the same machine speed):
+    the median ratio, and in how many of how many rounds ``a`` took at most ``b``'s time."""
+    ratios = [x / y for x, y in zip(a.step_times, b.step_times)]
+    return statistics.median(ratios), sum(r <= 1 for r in ratios), len(ratios)
 
 
 def peak_of_step(module: nn.Module, x: torch.Tensor) -> int:
@@ -315,9 +325,10 @@ def measure(module: nn.Module | Mapping[str, nn.Module], x: torch.Tensor, steps:
     names = list(modules)
     peaks = {name: peak_of_step(m, x) for name, m in modules.items()}
     steady = {name: steady_peak_of_step(m, x) for name, m in modules.items()}
-    times = interleaved_medians({name: lambda m=modules[name]: step(m, x) for name in names}, steps,
-                                prepare=lambda name: zero_grads(modules[name]))
-    result = {name: Measurement(peaks[name], steady[name], times[name]) for name in names}
+    times = interleaved_times({name: lambda m=modules[name]: step(m, x) for name in names}, steps,
+                              prepare=lambda name: zero_grads(modules[name]))
+    result = {name: Measurement(peaks[name], steady[name], statistics.median(times[name]), times[name])
+              for name in names}
     return result[""] if isinstance(module, nn.Module) else result
 
 
@@ -357,7 +368,7 @@ def main(argv=None) -> int:
     for note in notes:
         print(note, file=sys.stderr)
 
-    rows, check_lines, failures = [], [], []
+    rows, check_lines, failures, paired_lines = [], [], [], []
     for depth in args.depths:
         model = make_stack(depth, args.width, args.hidden, seed=0)
         x = torch.randn(args.batch, args.width)
@@ -386,6 +397,10 @@ def main(argv=None) -> int:
             print(f"depth {depth}: measurement crashed: {type(error).__name__}: {error}", file=sys.stderr)
             continue
         base = results["plain"]
+        if "invfx" in results and "revlib" in results:
+            ratio, ahead, rounds = paired_ratio(results["invfx"], results["revlib"])
+            paired_lines.append(f"depth {depth}: invfx / revlib step time round by round: median {ratio:.3f}; "
+                                f"invfx took at most revlib's time in {ahead} of {rounds} rounds")
         for name in [*modules, *(n for n in status if n not in modules)]:
             if name in results:
                 r = results[name]
@@ -415,7 +430,7 @@ def main(argv=None) -> int:
              "two profiled steps, above the total at its start; it differs where a library keeps state from one "
              "step to the next and replaces it (revlib: a 5,056-byte `torch.get_rng_state()` per wrapped module "
              "and forward), whose old copy's free the profiler cannot see when it was allocated before profiling.",
-             "",
+             "", *(f"- {line}" for line in paired_lines), *([""] if paired_lines else []),
              f"gradient checks on a batch of {CHECK_BATCH}, same weights, `.grad` pre-allocated:", "",
              *(f"- {line}" for line in check_lines), *(f"- {note}" for note in notes), "",
              f"run took {elapsed:.0f} s on {datetime.date.today().isoformat()}"]

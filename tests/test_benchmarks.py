@@ -66,6 +66,27 @@ def test_combined_file_has_the_machine_and_every_table(quick_suite):
     assert len(markdown_tables(text)) >= len(NAMES)
 
 
+def test_peers_report_compares_invfx_and_revlib_round_by_round(quick_suite):
+    out, _ = quick_suite
+    text = (out / "peers_quick.md").read_text()
+    if not installed("revlib"):
+        pytest.skip("revlib is not installed")
+    for depth in QUICK_DEPTHS:
+        assert re.search(rf"depth {depth}: invfx / revlib step time round by round: median [0-9.]+; invfx took "
+                         rf"at most revlib's time in \d+ of 2 rounds", text), text
+
+
+def test_interleaved_times_rotate_the_order_and_keep_every_round():
+    from invfx.timing import interleaved_times
+
+    order = []
+    times = interleaved_times({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3,
+                              prepare=lambda name: order.append("prepare " + name))
+    assert [n for n in order if not n.startswith("prepare")] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert order[:2] == ["prepare a", "a"]  # (prepared right before its own call)
+    assert len(times["a"]) == len(times["b"]) == 3 and all(t >= 0 for t in times["a"] + times["b"])
+
+
 def test_depth_sweep_table_rows_and_columns(quick_suite):
     out, _ = quick_suite
     compact, detail = markdown_tables((out / "depth_sweep_quick.md").read_text())

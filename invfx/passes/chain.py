@@ -15,7 +15,7 @@ import operator
 
 import torch.fx as fx
 
-from .rewrite import InvertibleRegion, inline_region, rewrite_segment
+from .rewrite import InvertibleRegion, inline_region, rewrite_segment, unique_name
 from .segments import COMPUTE, MAX_NODES, invertible_segment
 
 __all__ = ["merge_chains"]
@@ -120,7 +120,6 @@ def _merge(root: fx.GraphModule, names: list[str], taken: set[str]) -> str | Non
     name = _chain_name(root, regions, taken)
     chain = rewrite_segment(root, segment, name)
     _carry_state(chain, regions)
-    chain.links = tuple(names)
     return name
 
 
@@ -131,13 +130,7 @@ def _chain_name(root: fx.GraphModule, regions: list[InvertibleRegion], taken: se
     n = 0
     while n < min(len(first), len(last)) - 1 and first[n] == last[n]:
         n += 1
-    base = "_".join(first) + "_to_" + "_".join(last[n:])
-    name, k = base, 1
-    while hasattr(root, name) or name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    taken.add(name)
-    return name
+    return unique_name(root, "_".join(first) + "_to_" + "_".join(last[n:]), taken)
 
 
 def _carry_state(region: InvertibleRegion, parts: list[InvertibleRegion]) -> None:

@@ -420,7 +420,12 @@ def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: se
         while n < min(len(common), len(path)) and common[n] == path[n]:
             n += 1
         common = common[:n]
-    base = prefix + (common[-1].replace(".", "_") if common else f"segment_{index}")
+    return unique_name(root, prefix + (common[-1].replace(".", "_") if common else f"segment_{index}"), taken)
+
+
+def unique_name(root: nn.Module, base: str, taken: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``, ...: the first that is neither an attribute of ``root`` nor in
+    ``taken``; added to ``taken``."""
     name, k = base, 1
     while hasattr(root, name) or name in taken:
         k += 1
