@@ -277,8 +277,11 @@ def check_gradients(model: nn.Module, peer: nn.Module, x: torch.Tensor, name: st
 class Measurement:
     peak_bytes: int  # invfx.memory.cpu_peak_memory of one step after a warm-up step
     steady_peak_bytes: int  # the second of two profiled steps (see steady_peak_of_step)
-    step_s: float  # the median of step_times
     step_times: list[float]  # one per interleaved round
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_times)
 
 
 def paired_ratio(a: Measurement, b: Measurement) -> tuple[float, int, int]:
@@ -327,8 +330,7 @@ def measure(module: nn.Module | Mapping[str, nn.Module], x: torch.Tensor, steps:
     steady = {name: steady_peak_of_step(m, x) for name, m in modules.items()}
     times = interleaved_times({name: lambda m=modules[name]: step(m, x) for name in names}, steps,
                               prepare=lambda name: zero_grads(modules[name]))
-    result = {name: Measurement(peaks[name], steady[name], statistics.median(times[name]), times[name])
-              for name in names}
+    result = {name: Measurement(peaks[name], steady[name], times[name]) for name in names}
     return result[""] if isinstance(module, nn.Module) else result
 
 

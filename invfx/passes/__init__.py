@@ -1,9 +1,11 @@
 """The fx passes of invfx.optimize, each a function over a GraphModule talking through ``node.meta``:
 trace -> annotate -> find_segments (solve) -> rewrite_segment / rewrite_checkpoint -> check_reconstruction ->
-measure_costs, then the planner (``invfx.planner``) picks each region's mode. The fused replay
-(``fuse.FusedReplay``) is what a rewritten region runs in backward."""
+measure_costs, then the planner (``invfx.planner``) picks each region's mode, and merge_chains (``chain``) makes
+each run of consecutive invertible regions one region. The fused replay (``fuse.FusedReplay``) is what a
+rewritten region runs in backward."""
 
 from .annotate import annotate
+from .chain import merge_chains
 from .rewrite import BodyRegion, CheckpointRegion, InvertibleRegion, rewrite_checkpoint, rewrite_segment
 from .segments import Segment, find_segments
 from .solve import Rebuild, Step, solve
@@ -13,4 +15,4 @@ from .cost import measure_costs
 
 __all__ = ["trace", "annotate", "find_segments", "Segment", "solve", "Rebuild", "Step", "rewrite_segment",
            "rewrite_checkpoint", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "check_reconstruction",
-           "measure_costs"]
+           "measure_costs", "merge_chains"]
