@@ -12,6 +12,7 @@ into ``.grad`` at once where the engine would (``ctx.direct_params``).
 
 from __future__ import annotations
 
+import heapq
 import operator
 
 import torch
@@ -21,7 +22,7 @@ from ..errors import RegionError
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
-from .annotate import fetch_attr
+from .annotate import fetch_attr, tuple_metas
 
 __all__ = ["FusedReplay"]
 
@@ -231,8 +232,9 @@ class _NodeUnit:
     def __init__(self, replay: "FusedReplay", node: fx.Node):
         body = replay.forward_body
         self.node, self.value = node, _value(node)
+        # (an item of a tuple, routed by index; indexing a tensor, ``x[:, :2]``, is an ordinary node)
         self.getitem = node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(node.args[0], fx.Node)
+            isinstance(node.args[0], fx.Node) and tuple_metas(node.args[0]) is not None
         if self.getitem:
             self.source, self.item = _value(node.args[0]), node.args[1]
         self.inputs = [(arg, _value(arg)) for arg in dict.fromkeys(node.all_input_nodes) if arg.op != "get_attr"]
@@ -317,21 +319,13 @@ class FusedReplay(_Analysis):
         self.output_node = nodes[-1]
         self.placeholders = [n for n in nodes if n.op == "placeholder"]
         self.rebuild_placeholders = [n for n in rebuild_body.graph.nodes if n.op == "placeholder"]
-        units, seen = [], set()
-        for node in reversed(nodes[:-1]):
-            component = self.component_of.get(_value(node))
-            if component is not None:
-                if id(component) not in seen:
-                    seen.add(id(component))
-                    units.append(component)
-            elif node.op not in ("placeholder", "get_attr") and not _is_mark(forward_body, node):
-                units.append(node)  # (a get_attr's gradient goes straight to its parameter: _send)
+        units = self._backward_order(nodes)
         output = next(n for n in rebuild_body.graph.nodes if n.op == "output")
         self.rebuild_output = output
         # the inverse steps that make a rebuilt input and can write their result: they write into its storage
         self.write_into = {node: position for position, node in zip(rebuilt, output.args[0])
                            if _writes_into(rebuild_body, node)}
-        self.units = units  # reverse topological order; a sub-network where its last node is
+        self.units = units  # reverse topological order, each sub-network one unit
         self.inverted = [n.meta["invfx_inverts"] for n in rebuild_body.graph.nodes if "invfx_inverts" in n.meta]
         # what checking each inverted value reads: the value and the op's arguments (kept until it is checked)
         self.check_reads = {name: frozenset([name, *(_value(a) for a in self.forward_nodes[name].all_input_nodes)])
@@ -349,6 +343,59 @@ class FusedReplay(_Analysis):
 
     def __call__(self, ctx: ReplayContext):
         return _Sweep(self, ctx).run()
+
+    def _backward_order(self, nodes: list[fx.Node]) -> list:
+        """The backward units (a forward node, or a whole recomputed sub-network) in an order in which every
+        unit comes after all the units that read what it makes: a sub-network is differentiated once, so each
+        gradient into it must have arrived first. That is not always where its last node stands: a log-det
+        ``j = sum(s)`` read from inside ``s, t = F(x2)`` before ``y = exp(s) * x + t``, or ``F``'s ``sum(s)``
+        recomputed at the end of the block, read values of the sub-network after it (differentiating it there
+        lost those gradients: Glow's parameter gradients were wrong by 300 %). Among the units that may go next
+        the one made last in the forward goes first, so the order is the forward's reversed wherever it can be.
+
+        Raises RegionError where no order exists (a node outside a sub-network both reads one of its values
+        and feeds one of its nodes)."""
+        forward_body = self.forward_body
+        position = {n: i for i, n in enumerate(nodes)}
+        unit_of: dict[fx.Node, object] = {}
+        for node in nodes[:-1]:
+            component = self.component_of.get(_value(node))
+            if component is not None:
+                unit_of[node] = component
+            elif node.op not in ("placeholder", "get_attr") and not _is_mark(forward_body, node):
+                unit_of[node] = node  # (a get_attr's gradient goes straight to its parameter: _send)
+        members: dict[int, list[fx.Node]] = {}
+        units: dict[int, object] = {}
+        for node, unit in unit_of.items():
+            members.setdefault(id(unit), []).append(node)
+            units[id(unit)] = unit
+        # waiting[u]: how many other units read what u makes (u's backward waits for all of theirs)
+        readers = {key: {id(unit_of[user]) for node in group for user in node.users if user in unit_of} - {key}
+                   for key, group in members.items()}
+        waiting = {key: len(found) for key, found in readers.items()}
+        feeds: dict[int, list[int]] = {key: [] for key in members}
+        for key, found in readers.items():
+            for reader in found:
+                feeds[reader].append(key)
+        last = {key: max(position[n] for n in group) for key, group in members.items()}
+        ready = [(-last[key], key) for key, count in waiting.items() if not count]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            _, key = heapq.heappop(ready)
+            order.append(units[key])
+            for fed in feeds[key]:
+                waiting[fed] -= 1
+                if not waiting[fed]:
+                    heapq.heappush(ready, (-last[fed], fed))
+        if len(order) != len(units):
+            stuck = [units[key] for key, count in waiting.items() if count and isinstance(units[key], _Component)]
+            outside = sorted({user for component in stuck for value in component.frontier
+                              for user in self.forward_nodes[value].users if unit_of.get(user) is user},
+                             key=position.get)
+            raise RegionError(f"no fused backward order: {', '.join(n.name for n in outside[:4])} both read and "
+                              "feed a recomputed sub-network")
+        return order
 
     def params_of(self, node: fx.Node) -> list[torch.Tensor]:
         """The parameters a forward node reads (its module's, or get_attr arguments)."""
@@ -695,10 +742,10 @@ class _Sweep:
         graph_values, grads = self.graph_values, self.grads
         roots, root_grads = [], []
         for v in component.frontier:
-            out, grad = graph_values.get(v), grads.get(v)
-            if grad is not None and isinstance(out, torch.Tensor) and out.requires_grad:
-                roots.append(out)
-                root_grads.append(grad)
+            # (a tuple it makes, ``chunk``, whose items are read outside it, has its gradient by item: _getitem)
+            outs, out_grads = _pairs(graph_values.get(v), grads.get(v))
+            roots += outs
+            root_grads += out_grads
         if roots:
             stand_ins = self.stand_ins
             wrt_inputs = [(v, stand_ins[v]) for v in component.external
