@@ -1,6 +1,7 @@
 """invfx: memory-efficient training for ordinary PyTorch models, by recomputing or inverting."""
 
 from . import inverses, nn, registry, runtime, utils
+from .check import GradientCheckError
 from .errors import BudgetError, InverseError, InvfxError, RegionError, TraceError
 from .measure import Measurement, measure
 from .optimize import OptimizedModule, Plan, optimize
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 __all__ = ["optimize", "OptimizedModule", "Plan", "nn", "runtime", "utils", "registry", "inverses", "checkpoint",
            "invertible_checkpoint",
            "register_inverse", "measure", "Measurement",
-           "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError"]
+           "InvfxError", "RegionError", "InverseError", "TraceError", "BudgetError", "GradientCheckError"]

@@ -12,6 +12,7 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
@@ -33,9 +34,11 @@ class Plan:
     :func:`invfx.measure` has run on the optimized module, the measured peak and time beside the estimates."""
 
     def __init__(self, rows: list[dict], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
-                 budget=None, forward_flops: float = 0.0, calibration: dict | None = None):
+                 budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
+                 constants: dict | None = None):
         self.rows = rows
         self.opaque = opaque
+        self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
         self.budget = budget
         self.estimated_peak = (chain.peak + outside_bytes) if chain is not None else None
         self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
@@ -44,6 +47,7 @@ class Plan:
         self.exact = getattr(chain, "exact", True)
         self.measurements: list = []
         self.calibration = calibration  # the example step measured when planning under a budget
+        self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
 
     def record_measurement(self, measurement) -> None:
         """Called by :func:`invfx.measure` on the optimized module: the report shows the latest one."""
@@ -51,10 +55,12 @@ class Plan:
 
     def to_dict(self) -> dict:
         measured = self.measurements[-1].to_dict() if self.measurements else None
-        return {"segments": [dict(r) for r in self.rows], "opaque": dict(self.opaque), "budget": self.budget,
+        return {"segments": [dict(r) for r in self.rows], "opaque": dict(self.opaque),
+                "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
                 "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
-                "measured": measured, "calibration": self.calibration}
+                "measured": measured, "calibration": self.calibration,
+                "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
 
     def __str__(self) -> str:
         headers = ["segment", "nodes", "mode", "kept", "recompute", "risk", "why"]
@@ -85,6 +91,8 @@ class Plan:
             text += (f"\nchecked on the example: measured peak {_size(c['peak_bytes'])} vs plain "
                      f"{_size(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
                      f"{_size(c['target_bytes'])})")
+        if self.gradient_check is not None:
+            text += f"\n{self.gradient_check}"
         if self.measurements:
             m = self.measurements[-1]
             line = f"\nmeasured: peak {_size(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
@@ -94,6 +102,10 @@ class Plan:
             text += line
         for name, reason in self.opaque.items():
             text += f"\nnot traced (kept as one opaque module): {name}: {reason}"
+        if self.constants:
+            given = ", ".join(f"{k}={v!r}" for k, v in self.constants.items())
+            text += (f"\ntraced with {given} (the defaults; example_inputs did not give them): calls must leave "
+                     "them so; pass them in example_inputs to trace them as inputs")
         return text
 
     __repr__ = __str__
@@ -178,7 +190,7 @@ def _check_not_sharded(model: nn.Module) -> None:
 
 
 def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Sequence[str] = MODES,
-             leaf_modules: Sequence[type | nn.Module] = ()) -> OptimizedModule:
+             leaf_modules: Sequence[type | nn.Module] = (), check_gradients: bool = True) -> OptimizedModule:
     """Rewrite ``model`` (unchanged itself) into a GraphModule sharing its parameters and buffers, in which each
     segment of the graph is kept (plain autograd), checkpointed (recomputed in backward) or invertible (its
     inputs freed in forward, rebuilt from its outputs in backward), as the plan chooses.
@@ -187,16 +199,24 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     the plain activation memory, an int a number of bytes (at the example inputs' size); the plan is the least
     extra compute within it, and :class:`invfx.BudgetError` says the least achievable when nothing fits. Costs
     are measured on ``example_inputs`` (see ``invfx.passes.cost``); ``print(opt.plan)`` shows them.
+
+    ``check_gradients``: before returning, compare one training step of the optimized module with plain
+    autograd's on the example inputs (a float64 copy where it fits; see ``invfx.check``) and raise
+    :class:`invfx.GradientCheckError`, naming the region, if any gradient differs. False skips it (it costs a
+    deep copy of the model and two training steps).
     """
     if not isinstance(model, nn.Module):
         raise InvfxError(f"invfx.optimize: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, OptimizedModule):
+        raise InvfxError("invfx.optimize: the model is already optimized (an OptimizedModule); optimize the "
+                         "original model again instead (it shares its parameters with this one)")
     inputs = _check_inputs(example_inputs)
     _check_modes(modes)
     _check_leaf_modules(leaf_modules)
     _check_budget(memory_budget)
     _check_not_sharded(model)
 
-    traced, opaque = trace(model, leaf_modules)
+    traced, opaque, constants = trace(model, leaf_modules, num_inputs=len(inputs))
     annotate(traced, inputs)
     split_through_cat(traced)
     segments = find_segments(traced, modes)
@@ -246,10 +266,19 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     chains = merge_chains(optimized)
     if chains:
         bind_attributes(optimized)
-    rows = _rows(names, segments, measured, chosen, blocked, refused, regions, chains)
+    unfused = {name: region.unfused_because for name, region in optimized.named_children()
+               if getattr(region, "unfused_because", None) and getattr(region, "mode", None) == "invertible"}
+    rows = _rows(names, segments, measured, chosen, blocked, refused, regions, chains, unfused)
     optimized.plan = Plan(rows, opaque, chain=chain, outside_bytes=measured.outside_bytes, budget=memory_budget,
-                          forward_flops=sum(c.flops for c in measured.costs), calibration=calibration)
+                          forward_flops=sum(c.flops for c in measured.costs), calibration=calibration,
+                          constants=constants)
     optimized.train(model.training)
+    if check_gradients:
+        regions_run = {}
+        for row in rows:
+            if row["mode"] != "keep" and row["region"]:
+                regions_run.setdefault(row["region"], []).append(row["name"])
+        optimized.plan.gradient_check = check_step(model, optimized, inputs, regions_run)
     return optimized
 
 
@@ -366,7 +395,7 @@ def _chain_budget(budget, measured) -> int | None:
     return budget - measured.outside_bytes
 
 
-def _rows(names, segments, measured, chosen, blocked, refused, regions, chains) -> list[dict]:
+def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, unfused) -> list[dict]:
     """A plan row per segment, in graph order, saying what it keeps, what it costs, why, and which region
     runs it (``region``: its own, or the chain it is a link of)."""
     costs = {c.name: c for c in measured.costs}
@@ -389,7 +418,9 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions, chains) 
         runs_in = chains.get(shown, shown) if region is not None and mode != "keep" else None
         rows.append({"name": shown, "region": runs_in, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
                      "recompute_flops": recompute, "risk": risk,
-                     "why": _why(name, segment, cost, mode, blocked, refused),
+                     "why": _why(name, segment, cost, mode, blocked, refused) + (
+                         f"; its backward recomputes the region whole ({unfused[runs_in]})" if runs_in in unfused
+                         else ""),
                      "saved_bytes": cost.saved_bytes if cost else None,
                      "input_bytes": cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
                      "flops": cost.flops if cost else None, "inverse_flops": cost.inverse_flops if cost else None,

@@ -174,7 +174,10 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -
               for a in args]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         Charging(region.forward_body).run(*leaves)
-    units = [set(c.values) for c in region.fused_replay.components]
+    if region.fused_replay is None:  # (unfused: the whole forward body is recomputed with grad at once)
+        units = [set(saved_by)]
+    else:
+        units = [set(c.values) for c in region.fused_replay.components]
     grouped = set().union(*units) if units else set()
     units += [{value} for value in saved_by if value not in grouped]
     largest = 0

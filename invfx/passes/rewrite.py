@@ -9,6 +9,7 @@ forward's dropout masks whatever order it runs them in.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from collections.abc import Sequence
@@ -20,13 +21,14 @@ from torch import nn
 
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, rng_mark, run_region
 from ..runtime.region import Discovery
+from ..errors import RegionError
 from ..registry import Risk
 from .annotate import fetch_attr
 from .fuse import FusedReplay
 from .segments import Segment, module_path
 
 __all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "rewrite_segment", "rewrite_checkpoint",
-           "region_name", "apply_modes", "bind_attributes"]
+           "region_name", "apply_modes", "bind_attributes", "regions_run_plain"]
 
 _RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
                      torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
@@ -41,6 +43,21 @@ _RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", 
 # (:meth:`BodyRegion._rebind`). A region's bodies hold the tensors they read as attributes, and its caches hold
 # its modules' parameters: without the check it computed with the old tensors and gave the new ones no gradient.
 _registrations = [0]
+
+
+_plain_runs = [0]  # > 0 while the analysis runs the model with every region as plain code
+
+
+@contextlib.contextmanager
+def regions_run_plain():
+    """Every region runs its forward as plain code meanwhile (nothing freed, nothing saved for a replay). The
+    analysis ran the model under no_grad for that, but a model may enable grad inside its forward
+    (``with torch.enable_grad():``): a region there freed the inputs the analysis went on to read (a segfault)."""
+    _plain_runs[0] += 1
+    try:
+        yield
+    finally:
+        _plain_runs[0] -= 1
 
 
 def _count_registration(module, name, value) -> None:
@@ -189,6 +206,7 @@ class BodyRegion(nn.Module):
     In training with grad enabled it runs as a region; otherwise (eval, no_grad) its forward is plain code.
     """
 
+    invfx_region = True  # (traced as a leaf: see trace.InvfxTracer)
     _BODIES: tuple[str, ...] = ("forward_body",)
     # A GraphModule pickles as code and is re-traced on load, which loses the nodes' meta (the fused replay's
     # bookkeeping) and would trace into helpers: bodies travel as graphs instead, with the objects they name.
@@ -209,7 +227,7 @@ class BodyRegion(nn.Module):
     def forward(self, *inputs):
         if self.__dict__.get("_epoch") != _registrations[0]:
             self._rebind()
-        if self.mode == "keep" or not (self.training and torch.is_grad_enabled()):
+        if self.mode == "keep" or not (self.training and torch.is_grad_enabled()) or _plain_runs[0]:
             return self.forward_body(*inputs)
         if _hooked(self._modules_used):
             # A forward hook on a module called inside the region sees values computed there: without a graph
@@ -334,8 +352,14 @@ class InvertibleRegion(BodyRegion):
 
     def _derive(self) -> None:
         super()._derive()
-        object.__setattr__(self, "fused_replay", FusedReplay(self.forward_body, self.rebuild_body, self.rebuilt,
-                                                             self.kept))
+        try:
+            replay, why = FusedReplay(self.forward_body, self.rebuild_body, self.rebuilt, self.kept), None
+        except RegionError as error:
+            # (a sub-network's backward would have to run in two parts: rebuild, then recompute the whole
+            # forward instead, which is right for any graph and costs one more evaluation of it)
+            replay, why = None, str(error)
+        object.__setattr__(self, "fused_replay", replay)
+        object.__setattr__(self, "unfused_because", why)
 
     @property
     def rebuild_code(self) -> str:
@@ -356,7 +380,8 @@ class InvertibleRegion(BodyRegion):
         return self._cached_region(
             (INVERTIBLE, self.fused, tuple(free), tuple(self.kept), id(self.fused_replay)),
             lambda: Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
-                           discovery=self.discovery, replay=self.fused_replay if self.fused else None,
+                           discovery=self.discovery,
+                           replay=self.fused_replay if self.fused and self.fused_replay is not None else None,
                            free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,
                            name=self._label))
 

@@ -8,15 +8,28 @@ Only when the root's own forward cannot be traced is it an error.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Iterable
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.autograd import grad_mode
+from torch.fx._symbolic_trace import _assert_is_none
+from torch.fx.node import has_side_effect
 
-from ..errors import TraceError, first_line
+from ..errors import InvfxError, TraceError, first_line
 from ..nn.module import Module as InvertibleModule
+from ..runtime.grad_mode import enter_grad_mode, exit_grad_mode
 
-__all__ = ["trace", "InvfxTracer"]
+__all__ = ["trace", "InvfxTracer", "GRAD_MODE_SWITCHES"]
+
+#: the calls a traced graph switches grad mode with (never inside a region: see segments.py)
+GRAD_MODE_SWITCHES = frozenset({enter_grad_mode, exit_grad_mode, grad_mode._enter_inference_mode,
+                                grad_mode._exit_inference_mode})
+for _switch in GRAD_MODE_SWITCHES:
+    has_side_effect(_switch)  # (no dead-code pass may drop one: its result is read only by its exit)
 
 
 class InvfxTracer(fx.Tracer):
@@ -28,7 +41,9 @@ class InvfxTracer(fx.Tracer):
         self.opaque: dict[str, str] = {}  # qualified name -> why it could not be traced
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        if isinstance(m, InvertibleModule) or id(m) in self.leaf_instances or qualified_name in self.opaque:
+        # (a region of a model optimized before, inside this one, runs as it was planned)
+        if isinstance(m, InvertibleModule) or id(m) in self.leaf_instances or qualified_name in self.opaque or \
+                getattr(type(m), "invfx_region", False):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -55,14 +70,90 @@ class InvfxTracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = ()) -> tuple[fx.GraphModule, dict[str, str]]:
-    """``model`` as a GraphModule sharing its parameters, and the opaque submodules with the reasons."""
+@contextlib.contextmanager
+def _recording_grad_mode(tracer: fx.Tracer):
+    """While tracing, record the grad-mode context managers the model enters and leaves (``torch.no_grad``,
+    ``enable_grad``, ``set_grad_enabled``, ``inference_mode``, as ``with`` or decorator) as graph calls: fx would
+    run them at trace time and record nothing. Each still switches the mode at trace time too; the switches they
+    make through one another (``no_grad`` calls ``set_grad_enabled``) are recorded once."""
+    depth = [0]
+
+    def recording(original, record):
+        def method(self, *args):
+            if depth[0]:
+                return original(self, *args)
+            depth[0] += 1
+            try:
+                result = original(self, *args)
+                record(self, *args)
+            finally:
+                depth[0] -= 1
+            return result
+        return method
+
+    def enter(function, mode_of, name):
+        def record(manager, *args):
+            manager._invfx_switch = tracer.create_proxy("call_function", function, (mode_of(manager, *args),), {},
+                                                        name=name)
+        return record
+
+    def leave(function):
+        def record(manager, *args):
+            switch = getattr(manager, "_invfx_switch", None)
+            if switch is not None:
+                tracer.create_proxy("call_function", function, (switch,), {})
+        return record
+
+    patches = [
+        (grad_mode.no_grad, "__enter__", enter(enter_grad_mode, lambda m: False, "no_grad")),
+        (grad_mode.no_grad, "__exit__", leave(exit_grad_mode)),
+        (grad_mode.enable_grad, "__enter__", enter(enter_grad_mode, lambda m: True, "enable_grad")),
+        (grad_mode.enable_grad, "__exit__", leave(exit_grad_mode)),
+        # set_grad_enabled switches when made (it works as a plain call too); leaving a ``with`` switches back
+        (grad_mode.set_grad_enabled, "__init__", enter(enter_grad_mode, lambda m, mode: mode, "set_grad_enabled")),
+        (grad_mode.set_grad_enabled, "__exit__", leave(exit_grad_mode)),
+        (grad_mode.inference_mode, "__enter__", enter(grad_mode._enter_inference_mode, lambda m: m.mode,
+                                                      "inference_mode")),
+        (grad_mode.inference_mode, "__exit__", leave(grad_mode._exit_inference_mode)),
+    ]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
+    try:
+        for (cls, name, record), (_, _, original) in zip(patches, originals):
+            setattr(cls, name, recording(original, record))
+        yield
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+
+
+def _defaults_not_given(model: nn.Module, num_inputs: int | None) -> dict[str, object]:
+    """The forward's parameters after the ``num_inputs`` given that have defaults: traced as those constants
+    (``forward(x, mask=None)`` with only ``x``: ``x * mask`` would be traced as a product of two inputs and fail
+    on the example). A parameter without a default that is not given is an error naming it."""
+    if num_inputs is None:
+        return {}
+    parameters = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in parameters[num_inputs:] if p.default is p.empty]
+    if missing:
+        raise InvfxError(f"invfx.optimize: {type(model).__name__}.forward needs {', '.join(missing)}, which "
+                         f"example_inputs ({num_inputs} given) does not hold; pass every argument without a default, "
+                         "in order")
+    return {p.name: p.default for p in parameters[num_inputs:]}
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_inputs: int | None = None
+          ) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
+    """``model`` as a GraphModule sharing its parameters, the opaque submodules with the reasons, and the
+    forward's parameters traced as constants (those with defaults after the ``num_inputs`` given)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"invfx.optimize needs an nn.Module, got {type(model).__name__}")
     tracer = InvfxTracer(leaf_modules)
     attributes = set(vars(model))
+    constants = _defaults_not_given(model, num_inputs)
     try:
-        graph = tracer.trace(model)
+        with _recording_grad_mode(tracer):
+            graph = tracer.trace(model, concrete_args=constants or None)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001
         raise TraceError(f"{type(model).__name__} (the root module) cannot be traced by torch.fx: "
@@ -73,5 +164,26 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = ()) -> tu
         for name in set(vars(model)) - attributes:
             if name.startswith("_tensor_constant"):
                 delattr(model, name)
-    return module, dict(tracer.opaque)
+    if constants:
+        _guards_first(module.graph)
+        module.recompile()
+    return module, dict(tracer.opaque), constants
+
+
+def _guards_first(graph: fx.Graph) -> None:
+    """fx checks at each call that a parameter traced as a constant still has that value (``_assert_is_none``,
+    ``torch._assert(mask_1 == 2.0)``), between the placeholders. Every placeholder goes first, then the checks
+    (each marked ``invfx_guard``: no region holds one), then the model's nodes."""
+    nodes = list(graph.nodes)
+    guards = [n for n in nodes if n.op == "call_function" and n.target in (_assert_is_none, torch._assert)]
+    pending = list(guards)
+    while pending:  # (and what computes their conditions: ``mask_1 == 2.0``)
+        node = pending.pop()
+        node.meta["invfx_guard"] = True
+        pending.extend(a for a in node.all_input_nodes if a.op != "placeholder" and "invfx_guard" not in a.meta)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    anchor = next(n for n in nodes if n.op != "placeholder" and "invfx_guard" not in n.meta)
+    for node in placeholders + [n for n in nodes if "invfx_guard" in n.meta]:
+        anchor.prepend(node)
+    graph.lint()
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..runtime import rng_marks
 from ..runtime.region import relative_error, tolerance_for
 from ..runtime.state import RngState
-from .rewrite import InvertibleRegion
+from .rewrite import InvertibleRegion, regions_run_plain
 
 __all__ = ["check_reconstruction"]
 
@@ -53,7 +53,7 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
     rng = torch.get_rng_state()
     refused: dict[str, str] = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), regions_run_plain():
             module(*example_inputs)
             for name, args in seen.items():
                 reason, error = _reconstruction_error(regions[name], args, rng=rng_before[name])
