@@ -5,8 +5,9 @@ but a user's model is not a unit test: before :func:`invfx.optimize` returns, it
 optimized module and one of the model itself on the example inputs, with the same weights and the same random
 numbers, and compares every output, every parameter gradient and the inputs' gradients. Both run on a deep copy
 (the caller's model, its gradients, buffers and RNG are left as they were), in float64 where a copy fits in
-memory, so that a difference is the optimizer's and not rounding. A plan whose gradients differ is refused with
-:class:`GradientCheckError`, naming the region (and so the segments) that makes the difference.
+memory and the model runs in float64, so that a difference is the optimizer's and not rounding. A plan whose
+gradients differ is refused with :class:`GradientCheckError`, naming the region (and so the segments) that makes
+the difference.
 
 Cost: a deep copy of the model and two training steps at the example's size (more only when the check fails);
 ``check_gradients=False`` skips it.
@@ -62,17 +63,16 @@ def check_gradients(model: nn.Module, optimized: nn.Module, inputs: tuple, regio
     compared, None when there is nothing to compare (no floating input or parameter takes a gradient), and raises
     :class:`GradientCheckError` when a difference exceeds :data:`TOLERANCE`."""
     start = time.perf_counter()
-    twin_model, twin = copy.deepcopy((model, optimized))
     dtype = _working_dtype(model, inputs)
-    if dtype is not None:
-        twin_model.to(dtype)  # (twin shares twin_model's parameters and buffers: converted with them)
-        inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
-    twin_model.train()
-    twin.train()
-    params = [p for p in twin_model.parameters() if p.requires_grad]
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
     with torch.random.fork_rng(devices=devices):
-        expected = _step(twin_model, inputs, params)
+        try:
+            twin_model, twin, inputs, params, expected = _twins(model, optimized, inputs, dtype)
+        except Exception:  # noqa: BLE001 - a model written for its own dtype (``h.float()``) fails in float64
+            if dtype is None:
+                raise
+            dtype = None
+            twin_model, twin, inputs, params, expected = _twins(model, optimized, inputs, dtype)
         if expected is None:
             return None
         got = _step(twin, inputs, params)
@@ -87,6 +87,19 @@ def check_gradients(model: nn.Module, optimized: nn.Module, inputs: tuple, regio
                          len(differences))
 
 
+def _twins(model: nn.Module, optimized: nn.Module, inputs: tuple, dtype: torch.dtype | None):
+    """Deep copies of both modules (in ``dtype``, if given), the inputs to give them, the parameters that take a
+    gradient, and the plain copy's step."""
+    twin_model, twin = copy.deepcopy((model, optimized))
+    if dtype is not None:
+        twin_model.to(dtype)  # (twin shares twin_model's parameters and buffers: converted with them)
+        inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    twin_model.train()
+    twin.train()
+    params = [p for p in twin_model.parameters() if p.requires_grad]
+    return twin_model, twin, inputs, params, _step(twin_model, inputs, params)
+
+
 def _dtype_of(model: nn.Module, inputs: tuple) -> torch.dtype:
     for tensor in [*model.parameters(), *(x for x in inputs if isinstance(x, torch.Tensor))]:
         if tensor.is_floating_point():
@@ -96,7 +109,7 @@ def _dtype_of(model: nn.Module, inputs: tuple) -> torch.dtype:
 
 def _working_dtype(model: nn.Module, inputs: tuple) -> torch.dtype | None:
     """float64 when a float64 copy of the model, its gradients and a few times the inputs fit in half the free
-    memory of their device; None (the model's own dtype) otherwise."""
+    memory of their device; None (the model's own dtype) otherwise, or when the model does not run in float64."""
     tensors = [*model.parameters(), *model.buffers(), *(x for x in inputs if isinstance(x, torch.Tensor))]
     floating = [t for t in tensors if t.is_floating_point()]
     if not floating or all(t.dtype == torch.float64 for t in floating):

@@ -376,3 +376,32 @@ def test_the_gradient_check_is_reported_and_leaves_the_model_alone():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+class AutocastInside(nn.Module):
+    """``torch.autocast`` entered inside the forward: fx ran it at trace time and recorded nothing (the optimized
+    module computed in float32 where the model computed in bfloat16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(W, W), nn.Linear(W, 3)
+        self.blocks = nn.ModuleList(Coupling(False) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.blocks[0](h)
+        h = self.blocks[1](h.float())
+        return self.head(h)
+
+
+@pytest.mark.parametrize("modes", MODE_SETS)
+def test_autocast_inside_the_forward(modes):
+    model = AutocastInside()
+    x = torch.randn(4, W)
+    expected = step(copy.deepcopy(model), x)
+    optimized = invfx.optimize(model, x, modes=modes)
+    assert "_enter_autocast" in optimized.code
+    got = step(optimized, x)
+    # (bfloat16 inside: the same ops in the same dtype, an inverse's rounding aside)
+    assert_close(got, expected, rtol=2e-2, atol=1e-2, what=f"autocast {modes}")

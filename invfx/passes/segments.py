@@ -24,9 +24,9 @@ import torch.fx as fx
 from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
-from .trace import GRAD_MODE_SWITCHES
+from .trace import MODE_SWITCHES
 
-__all__ = ["Segment", "find_segments", "invertible_segment", "live_values", "why_not_checkpoint", "switches_grad_mode"]
+__all__ = ["Segment", "find_segments", "invertible_segment", "live_values", "why_not_checkpoint", "switches_mode"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 MAX_NODES = 256  # longest segment tried
@@ -93,18 +93,19 @@ def live_values(nodes: list[fx.Node]) -> list[set[fx.Node]]:
     return live
 
 
-def switches_grad_mode(node: fx.Node) -> bool:
-    """A ``torch.no_grad`` (or enable_grad, set_grad_enabled, inference_mode) entered or left (trace.py). No
-    region holds one: a region runs its nodes in another grad mode than the model's (no grad in a checkpoint's
-    forward, with grad in every replay), and its backward differentiates node by node. Such a node is a segment
-    of its own, run as plain code, and the nodes between two switches run in the mode the model set."""
-    return node.op == "call_function" and node.target in GRAD_MODE_SWITCHES
+def switches_mode(node: fx.Node) -> bool:
+    """A ``torch.no_grad`` (or enable_grad, set_grad_enabled, inference_mode, autocast) entered or left
+    (trace.py). No region holds one: a region runs its nodes in another grad mode than the model's (no grad in a
+    checkpoint's forward, with grad in every replay), and its backward differentiates node by node. Such a node
+    is a segment of its own, run as plain code, and the nodes between two switches run in the mode the model
+    set (a region replays the autocast state it was called in)."""
+    return node.op == "call_function" and node.target in MODE_SWITCHES
 
 
 def stands_alone(node: fx.Node) -> bool:
     """A node that is a segment of its own, run as plain code: a grad-mode switch, or fx's check that a
     parameter traced as a constant kept its value (trace.py)."""
-    return switches_grad_mode(node) or "invfx_guard" in node.meta
+    return switches_mode(node) or "invfx_guard" in node.meta
 
 
 def _has_any_rule(module: fx.GraphModule, node: fx.Node) -> bool:
@@ -339,8 +340,9 @@ def why_not_checkpoint(module: fx.GraphModule, segment: Segment) -> str | None:
     """Why ``segment`` cannot run as a checkpoint region (None if it can): a region keeps its inputs and hands on
     tensors, so nothing may write into them in place, and no tuple may cross its ends."""
     inside = set(segment.nodes)
-    if any(switches_grad_mode(n) for n in segment.nodes):
-        return "it switches grad mode (torch.no_grad, enable_grad, set_grad_enabled or inference_mode)"
+    if any(switches_mode(n) for n in segment.nodes):
+        return "it switches grad mode or autocast (torch.no_grad, enable_grad, set_grad_enabled, inference_mode " \
+               "or autocast)"
     if any("invfx_guard" in n.meta for n in segment.nodes):
         return "it checks an argument traced as a constant"
     if not segment.outputs:

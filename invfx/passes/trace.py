@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.amp.autocast_mode import autocast
 from torch.autograd import grad_mode
 from torch.fx._symbolic_trace import _assert_is_none
 from torch.fx.node import has_side_effect
@@ -23,12 +24,12 @@ from ..errors import InvfxError, TraceError, first_line
 from ..nn.module import Module as InvertibleModule
 from ..runtime.grad_mode import enter_grad_mode, exit_grad_mode
 
-__all__ = ["trace", "InvfxTracer", "GRAD_MODE_SWITCHES"]
+__all__ = ["trace", "InvfxTracer", "MODE_SWITCHES"]
 
-#: the calls a traced graph switches grad mode with (never inside a region: see segments.py)
-GRAD_MODE_SWITCHES = frozenset({enter_grad_mode, exit_grad_mode, grad_mode._enter_inference_mode,
-                                grad_mode._exit_inference_mode})
-for _switch in GRAD_MODE_SWITCHES:
+#: the calls a traced graph switches grad mode or autocast with (never inside a region: see segments.py)
+MODE_SWITCHES = frozenset({enter_grad_mode, exit_grad_mode, grad_mode._enter_inference_mode,
+                           grad_mode._exit_inference_mode, torch.amp._enter_autocast, torch.amp._exit_autocast})
+for _switch in MODE_SWITCHES:
     has_side_effect(_switch)  # (no dead-code pass may drop one: its result is read only by its exit)
 
 
@@ -71,11 +72,12 @@ class InvfxTracer(fx.Tracer):
 
 
 @contextlib.contextmanager
-def _recording_grad_mode(tracer: fx.Tracer):
-    """While tracing, record the grad-mode context managers the model enters and leaves (``torch.no_grad``,
-    ``enable_grad``, ``set_grad_enabled``, ``inference_mode``, as ``with`` or decorator) as graph calls: fx would
-    run them at trace time and record nothing. Each still switches the mode at trace time too; the switches they
-    make through one another (``no_grad`` calls ``set_grad_enabled``) are recorded once."""
+def _recording_mode_switches(tracer: fx.Tracer):
+    """While tracing, record the context managers the model enters and leaves that switch grad mode
+    (``torch.no_grad``, ``enable_grad``, ``set_grad_enabled``, ``inference_mode``, as ``with`` or decorator) or
+    autocast (``torch.autocast``) as graph calls: fx would run them at trace time and record nothing. Each still
+    switches at trace time too; the switches they make through one another (``no_grad`` calls
+    ``set_grad_enabled``) are recorded once."""
     depth = [0]
 
     def recording(original, record):
@@ -93,8 +95,10 @@ def _recording_grad_mode(tracer: fx.Tracer):
 
     def enter(function, mode_of, name):
         def record(manager, *args):
-            manager._invfx_switch = tracer.create_proxy("call_function", function, (mode_of(manager, *args),), {},
-                                                        name=name)
+            # (autocast's arguments: its device, dtype and flags, as torch.amp._enter_autocast takes them)
+            arguments = (mode_of(manager, *args),) if mode_of is not None else \
+                (manager.device, manager.fast_dtype, manager._enabled, manager._cache_enabled)
+            manager._invfx_switch = tracer.create_proxy("call_function", function, arguments, {}, name=name)
         return record
 
     def leave(function):
@@ -115,6 +119,8 @@ def _recording_grad_mode(tracer: fx.Tracer):
         (grad_mode.inference_mode, "__enter__", enter(grad_mode._enter_inference_mode, lambda m: m.mode,
                                                       "inference_mode")),
         (grad_mode.inference_mode, "__exit__", leave(grad_mode._exit_inference_mode)),
+        (autocast, "__enter__", enter(torch.amp._enter_autocast, None, "autocast")),
+        (autocast, "__exit__", leave(torch.amp._exit_autocast)),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
     try:
@@ -152,7 +158,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_i
     attributes = set(vars(model))
     constants = _defaults_not_given(model, num_inputs)
     try:
-        with _recording_grad_mode(tracer):
+        with _recording_mode_switches(tracer):
             graph = tracer.trace(model, concrete_args=constants or None)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001
