@@ -46,6 +46,7 @@ def markdown_tables(text: str) -> list[list[list[str]]]:
     return tables
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_every_report(quick_suite):
     out, run = quick_suite
     assert run.returncode == 0, run.stderr[-3000:]

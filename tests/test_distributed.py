@@ -17,6 +17,8 @@ from invfx.examples import RevNetMLP
 from conftest import assert_close
 from ranks import RanksFailed, run_ranks
 
+pytestmark = pytest.mark.slow  # (processes started and joined: seconds each)
+
 try:
     from torch.distributed.fsdp import fully_shard  # FSDP2 (torch >= 2.6)
 except ImportError:  # pragma: no cover

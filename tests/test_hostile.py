@@ -358,6 +358,7 @@ def views_read_later_case(how: str, modes: tuple):
     against_plain(model, (x,), optimized=optimized)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modes", [ALL, ("invertible",)], ids=["planned", "invertible"])
 def test_a_view_of_a_value_read_after_the_segment_that_could_free_it(modes):
     for how in VIEWS:
@@ -831,6 +832,7 @@ def hostile_chains_case(examples: int):
     check()
 
 
+@pytest.mark.slow
 def test_random_chains_of_hostile_pieces():
     """Couplings mixed with views read at the end, in-place functions, tensor constants, in-place writes into
     a block's output and dropout: plain's gradients in every mode (in a child process: a freed view segfaults)."""

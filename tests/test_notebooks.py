@@ -14,6 +14,7 @@ def test_there_are_three_notebooks():
     assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("INVFX_NOTEBOOK_QUICK", "1")

@@ -750,6 +750,7 @@ def _has_c_compiler() -> bool:
     return any(shutil.which(name) for name in ("cc", "gcc", "clang"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
     not _has_c_compiler(), reason="inductor compiles C++: no C compiler here"))])
 def test_torch_compile_of_an_optimized_module(backend, recwarn):

@@ -119,6 +119,7 @@ def step(model, x, params):
 EXAMPLES = int(os.environ.get("INVFX_PROPERTY_EXAMPLES", "0"))
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES or 25, deadline=None, derandomize=not EXAMPLES, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=6), seed=st.integers(0, 2**16),
