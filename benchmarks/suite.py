@@ -11,7 +11,8 @@ Runs, in one process and in this order (each script's own ``main``, so each can 
   coupling stack;
 * ``resnet_budget.py``: memory budgets on a ResNet: checkpoint_sequential, torch.compile, invfx;
 * ``plan_speed.py --sizes 200``: planning time of 200-segment chains and of a 988-node ResNet graph (the README
-  quotes these in prose; the script's default also plans 1,000-segment chains, which the README does not).
+  quotes these in prose; the script's default also plans 1,000-segment chains, which the README does not);
+* ``check_cost.py``: what optimize's gradient check costs (``check_gradients``).
 
 What each measures and how is in its docstring: peak memory by allocator replay
 (:func:`invfx.memory.cpu_peak_memory`), step times as ratios to plain autograd from interleaved rounds in one
@@ -71,12 +72,14 @@ BENCHMARKS = (
               quick=("--quick", "--budgets", "1.0,0.5")),
     Benchmark("plan_speed", "planning time: 200-segment chains and a 988-node ResNet graph",
               full=("--sizes", "200")),
+    Benchmark("check_cost", "what optimize's gradient check costs"),
 )
 
 #: rough seconds per benchmark on a quiet 2-core CPU, only for the progress line's estimate of what remains
 EXPECTED_SECONDS = {
-    False: {"chain_memory": 90, "depth_sweep": 300, "peers": 170, "resnet_budget": 150, "plan_speed": 40},
-    True: {"chain_memory": 3, "depth_sweep": 8, "peers": 2, "resnet_budget": 6, "plan_speed": 2},
+    False: {"chain_memory": 90, "depth_sweep": 300, "peers": 170, "resnet_budget": 150, "plan_speed": 40,
+            "check_cost": 120},
+    True: {"chain_memory": 3, "depth_sweep": 8, "peers": 2, "resnet_budget": 6, "plan_speed": 2, "check_cost": 3},
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-NAMES = ("chain_memory", "depth_sweep", "peers", "resnet_budget", "plan_speed")
+NAMES = ("chain_memory", "depth_sweep", "peers", "resnet_budget", "plan_speed", "check_cost")
 MODELS = ("coupling stack", "Glow-style flow", "two-stream transformer", "ResNet")
 QUICK_DEPTHS = ("2", "4")
 LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")
