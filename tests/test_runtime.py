@@ -698,3 +698,18 @@ def test_rng_marks_share_a_state_where_nothing_was_drawn():
     drawn.set()
     assert torch.equal(torch.get_rng_state(), drawn.cpu)
     torch.set_rng_state(replayed)
+
+
+def test_graft_refuses_a_second_backward_instead_of_giving_none():
+    """Its sub-network's graph is differentiated once and let go; a second backward (retain_graph=True on the
+    outside) raised AttributeError reading the freed box, and returning None gradients would be wrong."""
+    from invfx.runtime import graft
+
+    weight = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    stand_in = x.detach().requires_grad_()
+    (out,) = graft([torch.tanh(stand_in @ weight)], [stand_in], [x], [weight])
+    out.sum().backward(retain_graph=True)
+    assert torch.allclose(weight.grad, x.detach().T @ (1 - torch.tanh(x.detach() @ weight.detach()) ** 2))
+    with pytest.raises(invfx.RegionError, match="a second time"):
+        out.sum().backward()

@@ -46,11 +46,12 @@ class _Graft(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RegionError("double backward through a fused invfx region is not supported")
         box, ctx.box = ctx.box, None
+        if box is None:  # (its graph was differentiated and let go by a first backward: None would be wrong)
+            raise RegionError("backward through a fused invfx sub-network a second time: its graph was used and "
+                              "freed by the first backward")
         count = len(box.stand_ins)
         needs = ctx.needs_input_grad[1:]
         result = [None] * (count + len(box.params))
-        if box is None:
-            return (None, *result)
         roots = [(o, g) for o, g in zip(box.outputs, grads) if g is not None and o.requires_grad]
         wanted = [i for i, need in enumerate(needs)
                   if need and (i >= count or box.stand_ins[i].requires_grad)]
