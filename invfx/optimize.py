@@ -16,6 +16,7 @@ from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
+from .passes.example import example_run
 from .passes.cost import measure_costs
 from .passes.rewrite import apply_modes, bind_attributes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
@@ -354,21 +355,8 @@ def _measure_step(module: nn.Module, inputs) -> int:
     gradients, buffers (BatchNorm statistics) and the RNG as they were."""
     from .measure import measure  # (measure reports to a module's plan, which lives here)
 
-    params = list(module.parameters())
-    grads = [p.grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        for p in params:
-            p.grad = None
-        return measure(module, *inputs, steps=1).peak_bytes
-    finally:
-        for p, grad in zip(params, grads):
-            p.grad = grad
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
-        torch.set_rng_state(rng)
+    with example_run(module, inputs, keep_grads=True) as copies:
+        return measure(module, *copies, steps=1).peak_bytes
 
 
 def _plan(measured, budget):

@@ -330,7 +330,7 @@ class GlowStack(nn.Module):
 
 def _reversed_forward_order(self, nodes):
     """The fused backward's order before issue 14's fix: each sub-network where its last node stands."""
-    from invfx.passes import fuse
+    from invfx.regions import fused as fuse
 
     units, seen = [], set()
     for node in reversed(nodes[:-1]):
@@ -347,7 +347,7 @@ def _reversed_forward_order(self, nodes):
 def test_the_gradient_check_refuses_a_plan_that_trains_wrong(monkeypatch):
     """With issue 14's bug put back, optimize refuses the plan and names the regions that give the difference,
     even for a float32 model (the check runs on a float64 copy)."""
-    from invfx.passes.fuse import FusedReplay
+    from invfx.regions.fused import FusedReplay
 
     model = GlowStack()
     x = torch.randn(2, 4, 8, 8)

@@ -1,8 +1,8 @@
 """The fx passes of invfx.optimize, each a function over a GraphModule talking through ``node.meta``:
 trace -> annotate -> find_segments (solve) -> rewrite_segment / rewrite_checkpoint -> check_reconstruction ->
 measure_costs, then the planner (``invfx.planner``) picks each region's mode, and merge_chains (``chain``) makes
-each run of consecutive invertible regions one region. The fused replay (``fuse.FusedReplay``) is what a
-rewritten region runs in backward."""
+each run of consecutive invertible regions one region. What the rewritten model trains with (the region modules
+and their fused backward) lives in ``invfx.regions``; nothing here runs in a training step."""
 
 from .annotate import annotate
 from .chain import merge_chains

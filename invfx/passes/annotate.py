@@ -17,7 +17,9 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import InvfxError, first_line
+from ..graphs import fetch_attr, is_tensor_meta, metas_in, tuple_metas
 from ..runtime.storage import storage_key
+from .example import example_run
 
 __all__ = ["annotate", "node_bytes", "producer_of", "is_tensor_meta", "tuple_metas", "numel", "fetch_attr"]
 
@@ -78,19 +80,8 @@ def _where(node: fx.Node, root: nn.Module) -> str:
 
 def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     _check_arity(module, example_inputs)
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        with torch.no_grad():
-            _ExampleRun(module).run(*example_inputs)
-    finally:
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
-        torch.set_rng_state(rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
+    with example_run(module, example_inputs) as inputs, torch.no_grad():
+        _ExampleRun(module).run(*inputs)
     for node in module.graph.nodes:
         node.meta["bytes"] = node_bytes(node)
         node.meta["producer"] = producer_of(module, node)
@@ -108,39 +99,14 @@ def _check_arity(module: fx.GraphModule, example_inputs: Sequence) -> None:
                          f"({', '.join(names)}); example_inputs has {len(example_inputs)}")
 
 
-def is_tensor_meta(meta) -> bool:
-    """A TensorMetadata (itself a NamedTuple: test for it before testing for tuples of them)."""
-    return hasattr(meta, "shape") and hasattr(meta, "dtype")
-
-
-def tuple_metas(node) -> list | None:
-    """The metadata of each item when ``node`` makes a tuple (chunk, split), else None."""
-    meta = node.meta.get("tensor_meta")
-    if meta is None or is_tensor_meta(meta) or not isinstance(meta, (tuple, list)):
-        return None
-    return list(meta)
-
-
-def _metas(meta):
-    if meta is None:
-        return []
-    if is_tensor_meta(meta):
-        return [meta]
-    if isinstance(meta, (tuple, list)):
-        return [m for item in meta for m in _metas(item)]
-    if isinstance(meta, dict):
-        return [m for item in meta.values() for m in _metas(item)]
-    return []
-
-
 def node_bytes(node: fx.Node) -> int:
     """Bytes of the node's tensor outputs (all items of a tuple)."""
-    return sum(math.prod(m.shape) * m.dtype.itemsize for m in _metas(node.meta.get("tensor_meta")))
+    return sum(math.prod(m.shape) * m.dtype.itemsize for m in metas_in(node.meta.get("tensor_meta")))
 
 
 def numel(node: fx.Node) -> int:
     """Elements in the node's tensor outputs (all items of a tuple)."""
-    return sum(math.prod(m.shape) for m in _metas(node.meta.get("tensor_meta")))
+    return sum(math.prod(m.shape) for m in metas_in(node.meta.get("tensor_meta")))
 
 
 def producer_of(module: fx.GraphModule, node: fx.Node):
@@ -149,11 +115,3 @@ def producer_of(module: fx.GraphModule, node: fx.Node):
     if node.op in ("call_function", "call_method"):
         return node.target
     return None
-
-
-def fetch_attr(module, target: str):
-    """The attribute a get_attr or call_module target names (``"blocks.3.weight"``)."""
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -28,9 +28,10 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..planner import SegmentCost
+from ..regions.fused import tensors_in
 from ..runtime.storage import storage_key
 from .annotate import node_bytes, numel
-from .fuse import tensors_in
+from .example import example_run
 from .rewrite import BodyRegion, InvertibleRegion
 
 __all__ = ["RegionCosts", "measure_costs"]
@@ -93,23 +94,16 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
         region.mode = "keep"
         handles.append(region.register_forward_pre_hook(before(name)))
         handles.append(region.register_forward_hook(after(name)))
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    rng = torch.get_rng_state()
-    inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
-              for x in example_inputs]
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(*inputs)
-        fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
+            fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
     finally:
         for handle in handles:
             handle.remove()
         for name, region in regions.items():
             region.mode = modes[name]
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
-        torch.set_rng_state(rng)
         for record in records.values():
             if "counter" in record:  # the forward failed inside a region
                 record.pop("counter").__exit__(None, None, None)

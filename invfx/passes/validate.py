@@ -18,6 +18,7 @@ from torch import nn
 from ..runtime import rng_marks
 from ..runtime.region import relative_error, tolerance_for
 from ..runtime.state import RngState
+from .example import example_run
 from .rewrite import InvertibleRegion, regions_run_plain
 
 __all__ = ["check_reconstruction"]
@@ -49,12 +50,10 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
 
     handles = [region.register_forward_hook(record(name)) for name, region in regions.items()]
     handles += [region.register_forward_pre_hook(capture(name)) for name, region in regions.items()]
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    rng = torch.get_rng_state()
     refused: dict[str, str] = {}
     try:
-        with torch.no_grad(), regions_run_plain():
-            module(*example_inputs)
+        with example_run(module, example_inputs) as inputs, torch.no_grad(), regions_run_plain():
+            module(*inputs)
             for name, args in seen.items():
                 reason, error = _reconstruction_error(regions[name], args, rng=rng_before[name])
                 regions[name].reconstruction_error = error  # (the plan reports it as the numerical risk)
@@ -65,10 +64,6 @@ def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tenso
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
-        torch.set_rng_state(rng)
     return refused
 
 

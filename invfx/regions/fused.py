@@ -19,12 +19,13 @@ import torch
 import torch.fx as fx
 
 from ..errors import RegionError
+from ..graphs import fetch_attr, tuple_metas
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
-from .annotate import fetch_attr, tuple_metas
+from .body import is_rng_mark
 
-__all__ = ["FusedReplay"]
+__all__ = ["FusedReplay", "tensors_in"]
 
 
 def _value(node: fx.Node) -> str | None:
@@ -591,8 +592,6 @@ def _writes_into(body: fx.GraphModule, node) -> bool:
 
 
 def _is_mark(body, node: fx.Node) -> bool:
-    from .rewrite import is_rng_mark  # (rewrite imports this module)
-
     return is_rng_mark(body, node)
 
 

@@ -1,0 +1,39 @@
+"""Small facts about torch.fx graphs that the passes and the regions both read."""
+
+from __future__ import annotations
+
+__all__ = ["fetch_attr", "is_tensor_meta", "tuple_metas", "metas_in"]
+
+
+def fetch_attr(module, target: str):
+    """The attribute a get_attr or call_module target names (``"blocks.3.weight"``)."""
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def is_tensor_meta(meta) -> bool:
+    """A TensorMetadata (itself a NamedTuple: test for it before testing for tuples of them)."""
+    return hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def tuple_metas(node) -> list | None:
+    """The metadata of each item when ``node`` makes a tuple (chunk, split), else None."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None or is_tensor_meta(meta) or not isinstance(meta, (tuple, list)):
+        return None
+    return list(meta)
+
+
+def metas_in(meta) -> list:
+    """Every TensorMetadata in a node's ``tensor_meta`` (nested tuples, lists and dicts included)."""
+    if meta is None:
+        return []
+    if is_tensor_meta(meta):
+        return [meta]
+    if isinstance(meta, (tuple, list)):
+        return [m for item in meta for m in metas_in(item)]
+    if isinstance(meta, dict):
+        return [m for item in meta.values() for m in metas_in(item)]
+    return []

@@ -1,0 +1,87 @@
+"""What a region's bodies hold besides the model's own modules: registry inverses and RNG marks as modules, and
+the graphs in a form that pickles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from ..runtime import rng_mark
+
+__all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects"]
+
+
+class Inverse(nn.Module):
+    """A registry inverse called from a rebuild body. A module, not a function call: fx re-traces a body's
+    code when it is unpickled (torch.load), and would trace into the inverse's Python instead of calling it."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+
+class RngMark(nn.Module):
+    """``rng_mark(name)`` in a body, as a module for the same reason (a call with constant arguments would run
+    during the re-trace instead of being recorded)."""
+
+    def __init__(self, mark: str):
+        super().__init__()
+        self.mark = mark
+
+    def forward(self):
+        rng_mark(self.mark)
+
+    def extra_repr(self) -> str:
+        return repr(self.mark)
+
+
+class ShapeMeta(tuple):
+    """Shape and dtype of a value, standing in for fx's TensorMetadata in pickled bodies."""
+
+    def __new__(cls, shape, dtype):
+        return super().__new__(cls, (tuple(shape), dtype))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    shape = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+
+
+def portable_graph(graph: fx.Graph, keep: Sequence[str]) -> fx.Graph:
+    """A copy of ``graph`` whose nodes keep only the ``keep`` meta, in a form that pickles."""
+    copy = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        env[node] = copy.node_copy(node, lambda n: env[n])
+        env[node].meta = {k: _portable(node.meta[k]) for k in keep if k in node.meta}
+    return copy
+
+
+def named_objects(body: fx.GraphModule) -> dict:
+    """The modules and tensors a body's call_module and get_attr nodes name."""
+    from ..graphs import fetch_attr
+
+    return {n.target: body.get_submodule(n.target) if n.op == "call_module" else fetch_attr(body, n.target)
+            for n in body.graph.nodes if n.op in ("call_module", "get_attr")}
+
+
+def _portable(value):
+    """Node meta that pickles (TensorMetadata carries a memory format, which does not under torch.save)."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return ShapeMeta(value.shape, value.dtype)
+    if isinstance(value, (tuple, list)) and not isinstance(value, ShapeMeta):
+        return type(value)(_portable(v) for v in value) if type(value) in (tuple, list) else value
+    return value
+
+
+def is_rng_mark(body: nn.Module, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(body.get_submodule(node.target), RngMark)

@@ -1,0 +1,79 @@
+"""The regions package (issue 16): what trains lives in ``invfx.regions``, nothing in ``invfx.passes`` runs in a
+training step, modules saved before the move still load, and registration hooks watch only what regions read."""
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+import invfx
+from invfx.examples import Glow, RevNetMLP
+from invfx.regions import modules as region_modules
+
+from conftest import assert_close
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def step(model, x, seed=0):
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        p.grad = None
+    out = model(x)
+    out.pow(2).sum().backward()
+    return out.detach(), [p.grad for p in model.parameters()]
+
+
+def test_a_module_saved_by_invfx_0_1_0_still_loads_and_trains():
+    """tests/data/revnet_optimized_0.1.0.pt was written by torch.save before the regions moved out of
+    invfx.passes (its pickle names invfx.passes.rewrite.InvertibleRegion and friends)."""
+    saved = torch.load(os.path.join(HERE, "data", "revnet_optimized_0.1.0.pt"), weights_only=False)
+    optimized, model, x = saved["optimized"], saved["model"], saved["x"]
+    regions = [m for m in optimized.modules() if isinstance(m, invfx.regions.BodyRegion)]
+    assert {type(r).__name__ for r in regions} == {"CheckpointRegion", "InvertibleRegion"}
+    assert all(type(r).__module__ == "invfx.regions.modules" for r in regions)
+    # the loaded copy has its own parameters: compare it with its own model, which torch.save kept shared
+    assert optimized.blocks is model.blocks
+    got = step(optimized, x)
+    expected = step(model, x)
+    assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_nothing_in_passes_runs_in_a_training_step():
+    torch.manual_seed(0)
+    model = Glow(channels=3, levels=1, depth=3, hidden=8).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    optimized = invfx.optimize(model, x)
+    assert any(r["mode"] == "invertible" for r in optimized.plan.rows)
+    step(optimized, x)  # (first call: caches made)
+    called = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            called.add(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        step(optimized, x)
+    finally:
+        sys.setprofile(None)
+    passes_dir = os.path.dirname(invfx.passes.__file__)
+    regions_dir = os.path.dirname(invfx.regions.__file__)
+    assert not [f for f in called if f.startswith(passes_dir)]
+    assert [f for f in called if f.startswith(regions_dir)]  # (the profile saw the regions run)
+
+
+def test_layers_built_elsewhere_do_not_make_regions_rebind():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=3, width=8, hidden=8).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    optimized = invfx.optimize(model, x)
+    before = region_modules._registrations[0]
+    other = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))  # parameters and buffers registered elsewhere
+    other.register_buffer("extra", torch.zeros(1))
+    assert region_modules._registrations[0] == before
+    model.blocks[1].F[1].weight = nn.Parameter(torch.randn(8, 4, dtype=torch.float64))  # one a region reads
+    assert region_modules._registrations[0] == before + 1
+    expected = step(model, x)
+    assert_close(step(optimized, x), expected, rtol=1e-9, atol=1e-12)
