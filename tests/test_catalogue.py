@@ -14,7 +14,7 @@ import invfx.nn as inn
 from invfx.runtime.storage import is_freed
 from invfx.utils import pack
 
-from conftest import assert_close, grads_of, zero
+from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 TIGHT = {"rtol": 1e-9, "atol": 1e-10}

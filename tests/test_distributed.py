@@ -14,7 +14,7 @@ import torch.distributed as dist
 import invfx
 from invfx.examples import RevNetMLP
 
-from conftest import assert_close
+from helpers import assert_close
 from ranks import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.slow  # (processes started and joined: seconds each)

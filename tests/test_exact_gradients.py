@@ -10,7 +10,7 @@ from torch import nn
 
 import invfx
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)

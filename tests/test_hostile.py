@@ -23,7 +23,7 @@ import invfx
 from invfx.examples import CouplingBlock, Glow, RevNetMLP
 from invfx.runtime.storage import is_freed
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)

@@ -12,7 +12,7 @@ import invfx.nn as inn
 from invfx.runtime.storage import is_freed
 from invfx.utils import requires_grad
 
-from conftest import assert_close, grads_of, zero
+from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 

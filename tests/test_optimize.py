@@ -13,7 +13,7 @@ import invfx
 from invfx.examples import CouplingBlock, Glow, RevNetMLP, ReversibleTransformer
 from invfx.memory import cpu_peak_memory
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 

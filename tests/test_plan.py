@@ -10,7 +10,7 @@ import invfx
 from invfx.examples import ResNet
 from invfx.memory import cpu_peak_memory
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import invfx
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 WIDTH = 8

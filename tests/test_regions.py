@@ -11,7 +11,7 @@ import invfx
 from invfx.examples import Glow, RevNetMLP
 from invfx.regions import modules as region_modules
 
-from conftest import assert_close
+from helpers import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -13,7 +13,7 @@ from invfx.inverses.linear import lu_cache
 from invfx.inverses.shape import TupleItem, assemble_tuple
 from invfx.registry import OpCall, Risk, all_rules, find_rule, numel, rules_for
 
-from conftest import assert_close
+from helpers import assert_close
 
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-3, atol=2e-4)}
 

@@ -12,7 +12,7 @@ import invfx
 from invfx.runtime import Region, ReplayContext, run_region
 from invfx.runtime.storage import is_freed
 
-from conftest import assert_close, grads_of, zero
+from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 

@@ -9,7 +9,7 @@ import invfx
 from invfx.passes import annotate
 from invfx.passes.simplify import split_through_cat
 
-from conftest import assert_close
+from helpers import assert_close
 
 DT = torch.float64
 
