@@ -25,13 +25,10 @@ import torch
 from torch import nn
 
 from .errors import InvfxError
+from .tolerances import TOLERANCES
 
-__all__ = ["GradientCheckError", "GradientCheck", "check_gradients", "TOLERANCE"]
+__all__ = ["GradientCheckError", "GradientCheck", "check_gradients"]
 
-#: the largest relative difference (max |diff| / max |plain|, per tensor) a check accepts, by the dtype it runs in:
-#: float64 leaves only rounding through inverses; in the model's own dtype a rebuilt input may flip a ReLU mask,
-#: so only a gross difference (a lost or doubled gradient) is caught there.
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-2, torch.bfloat16: 0.25, torch.float16: 0.25}
 
 
 class GradientCheckError(InvfxError):
@@ -61,7 +58,7 @@ def check_gradients(model: nn.Module, optimized: nn.Module, inputs: tuple, regio
     """Compare one training step of ``optimized`` with one of ``model`` on ``inputs`` (see the module's
     docstring). ``regions``: the region names to blame, each with the segments it runs. Returns what was
     compared, None when there is nothing to compare (no floating input or parameter takes a gradient), and raises
-    :class:`GradientCheckError` when a difference exceeds :data:`TOLERANCE`."""
+    :class:`GradientCheckError` when a difference exceeds :data:`invfx.tolerances.TOLERANCES` (``gradients``)."""
     start = time.perf_counter()
     dtype = _working_dtype(model, inputs)
     devices = sorted({x.device.index or 0 for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda})
@@ -78,7 +75,8 @@ def check_gradients(model: nn.Module, optimized: nn.Module, inputs: tuple, regio
         got = _step(twin, inputs, params)
         names = [n for n, p in twin_model.named_parameters() if p.requires_grad]
         differences = _differences(got, expected, names)
-        tolerance = TOLERANCE.get(dtype or _dtype_of(model, inputs), 5e-2)
+        found = TOLERANCES.get(dtype or _dtype_of(model, inputs))
+        tolerance = found.gradients if found is not None else TOLERANCES[torch.float32].gradients
         worst, where = _worst(differences)
         if not worst <= tolerance:  # (NaN too)
             raise GradientCheckError(_blame(twin, twin_model, inputs, params, names, regions, tolerance, worst,

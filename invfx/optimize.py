@@ -14,6 +14,7 @@ from torch import nn
 
 from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
+from .units import format_bytes, format_flops
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
 from .passes.example import example_run
@@ -65,7 +66,7 @@ class Plan:
 
     def __str__(self) -> str:
         headers = ["segment", "nodes", "mode", "kept", "recompute", "risk", "why"]
-        table = [[r["name"], r["nodes"], r["mode"], _size(r["kept_bytes"]), _flops(r["recompute_flops"]),
+        table = [[r["name"], r["nodes"], r["mode"], format_bytes(r["kept_bytes"]), format_flops(r["recompute_flops"]),
                   r["risk"] or "", r["why"]] for r in self.rows]
         text = tabulate(table, headers, tablefmt="github")
         counts = {m: sum(r["mode"] == m for r in self.rows) for m in MODES}
@@ -82,23 +83,23 @@ class Plan:
         if self.estimated_peak is not None:
             ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
             extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0
-            text += (f"\nestimated peak {_size(self.estimated_peak)} vs plain {_size(self.plain_peak)} "
-                     f"({ratio:.2f}x) at the example's size; extra compute {_flops(self.extra_flops)} FLOPs "
+            text += (f"\nestimated peak {format_bytes(self.estimated_peak)} vs plain {format_bytes(self.plain_peak)} "
+                     f"({ratio:.2f}x) at the example's size; extra compute {format_flops(self.extra_flops)} FLOPs "
                      f"({extra:.0%} of a forward)")
             if not self.exact:
                 text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
         if self.calibration:
             c = self.calibration
-            text += (f"\nchecked on the example: measured peak {_size(c['peak_bytes'])} vs plain "
-                     f"{_size(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
-                     f"{_size(c['target_bytes'])})")
+            text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "
+                     f"{format_bytes(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
+                     f"{format_bytes(c['target_bytes'])})")
         if self.gradient_check is not None:
             text += f"\n{self.gradient_check}"
         if self.measurements:
             m = self.measurements[-1]
-            line = f"\nmeasured: peak {_size(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
+            line = f"\nmeasured: peak {format_bytes(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
             if getattr(m, "baseline", None) is not None:
-                line += (f"; plain {_size(m.baseline.peak_bytes)}, {m.baseline.step_seconds * 1e3:.1f} ms "
+                line += (f"; plain {format_bytes(m.baseline.peak_bytes)}, {m.baseline.step_seconds * 1e3:.1f} ms "
                          f"(peak {m.peak_ratio:.2f}x, time {m.time_ratio:.2f}x)")
             text += line
         for name, reason in self.opaque.items():
@@ -113,23 +114,7 @@ class Plan:
 
 
 def _budget(budget) -> str:
-    return f"{budget:g} of plain" if isinstance(budget, float) else _size(budget)
-
-
-def _flops(n: float) -> str:
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(n) < 1000 or unit == "T":
-            return f"{n:.0f}" if unit == "" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    return f"{budget:g} of plain" if isinstance(budget, float) else format_bytes(budget)
 
 
 class OptimizedModule(fx.GraphModule):
@@ -292,7 +277,7 @@ def _plain_within(model, inputs, budget, blocked: dict) -> None:
         return None
     reasons = "; ".join(f"{name}: {why}" for name, why in blocked.items()) or "the model has no segment"
     raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: no segment of the model "
-                      f"can be checkpointed or inverted ({reasons}); plain training measures {_size(plain)}")
+                      f"can be checkpointed or inverted ({reasons}); plain training measures {format_bytes(plain)}")
 
 
 def _check_budget(budget) -> None:
@@ -346,8 +331,8 @@ def _plan_within(optimized, model, inputs, measured, budget, regions):
 
 
 def _measured_miss(budget, peak: int, plain: int, what: str) -> BudgetError:
-    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: {what} {_size(peak)} "
-                       f"({peak} B, {peak / plain:.3f} of plain {_size(plain)}), though the cost model estimated less")
+    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: {what} {format_bytes(peak)} "
+                       f"({peak} B, {peak / plain:.3f} of plain {format_bytes(plain)}), though the cost model estimated less")
 
 
 def _measure_step(module: nn.Module, inputs) -> int:
@@ -369,8 +354,8 @@ def _plan(measured, budget):
         least = plan_chain(measured.costs, None).peak + measured.outside_bytes
         plain = plain_peak(measured.costs) + measured.outside_bytes
         raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable "
-                          f"peak is estimated at {_size(least)} ({least} B, {least / plain:.3f} of plain "
-                          f"{_size(plain)}) at the example's size") from None
+                          f"peak is estimated at {format_bytes(least)} ({least} B, {least / plain:.3f} of plain "
+                          f"{format_bytes(plain)}) at the example's size") from None
 
 
 def _chain_budget(budget, measured) -> int | None:
@@ -434,19 +419,19 @@ def _why(name, segment, cost, mode, blocked, refused) -> str:
         return inverse_note
     allowed = cost.modes
     if mode == "invertible":
-        extra = (f"; checkpoint would keep {_size(cost.input_bytes)} for +{_flops(cost.flops)}"
+        extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
                  if "checkpoint" in allowed else "")
-        return f"keeps nothing, {inverse_note} (+{_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
+        return f"keeps nothing, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
     if mode == "checkpoint":
         if "invertible" in allowed:
-            return (f"within the budget for +{_flops(cost.flops)} FLOPs; invertible would keep nothing for "
-                    f"+{_flops(cost.flops + cost.inverse_flops)}")
-        return f"keeps its input only, recomputed for +{_flops(cost.flops)} FLOPs ({inverse_note})"
+            return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
+                    f"+{format_flops(cost.flops + cost.inverse_flops)}")
+        return f"keeps its input only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
     if allowed == frozenset({"keep"}):
         return f"no other mode allowed ({inverse_note})"
     if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:
         return f"saves no more than a checkpoint would keep ({inverse_note})"
-    return f"the budget allows it; recomputing would cost +{_flops(cost.flops)} FLOPs ({inverse_note})"
+    return f"the budget allows it; recomputing would cost +{format_flops(cost.flops)} FLOPs ({inverse_note})"
 
 
 def _share_everything(optimized: nn.Module, model: nn.Module) -> None:

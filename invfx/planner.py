@@ -96,6 +96,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 
 from .errors import BudgetError
+from .units import format_bytes
 
 __all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
            "exhaustive"]
@@ -302,13 +303,10 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int]]
     return table
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2 ** 20:.2f} MiB ({nbytes} B)"
-
-
 def _budget_error(budget: int, least: int) -> BudgetError:
-    return BudgetError(f"memory budget {_mib(budget)} cannot be met: the least achievable peak is {_mib(least)}, "
-                       f"with checkpoint/invertible everywhere each segment allows them")
+    return BudgetError(f"memory budget {format_bytes(budget, exact=True)} cannot be met: the least achievable "
+                       f"peak is {format_bytes(least, exact=True)}, with checkpoint/invertible everywhere each "
+                       "segment allows them")
 
 
 def _check_budget(budget) -> int | None:

@@ -3,7 +3,7 @@
 The optimized module runs once on the example inputs (regions as plain code; the model's buffers and the RNG
 are left as they were). Each invertible region then runs its forward and its rebuild on the inputs it saw,
 with the same dropout masks, and the rebuilt inputs are compared with the real ones. A region whose error
-exceeds the runtime's tolerance for the dtype (``invfx.runtime.region.reconstruction_tolerance``), or is not
+exceeds the runtime's tolerance for the dtype (``invfx.tolerances``), or is not
 finite (tanh saturated to 1, exp overflowed), runs as plain code instead: its plan row says so and why. This
 is where exploding activations fall back, before any input is freed on their account.
 """
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..runtime import rng_marks
-from ..runtime.region import relative_error, tolerance_for
+from ..runtime.region import relative_error
+from ..tolerances import TOLERANCES, tolerance_for
 from ..runtime.state import RngState
 from .example import example_run
 from .rewrite import InvertibleRegion, regions_run_plain
@@ -90,13 +91,6 @@ def _compounded(regions: dict[str, InvertibleRegion], seen: dict[str, tuple], ou
     return refusals
 
 
-#: How far a rebuilt input may be from the real one, along a chain, for the plan to invert it: stricter than
-#: the backward's check (which catches wrong inverses), because an error in a rebuilt input goes on into the
-#: gradients (a leaky ReLU's slope chosen by a sign, an error amplified by the layers before it).
-chain_tolerance: dict[torch.dtype, float] = {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16: 2e-2,
-                                             torch.float16: 2e-3}
-
-
 def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | None = None,
                           rebuilt_of: dict | None = None, rng: RngState | None = None
                           ) -> tuple[str | None, float | None]:
@@ -123,7 +117,7 @@ def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | 
             continue
         tolerance = tolerance_for(real.dtype)
         if tolerance is not None and rebuilt_of is not None:
-            tolerance = min(tolerance, chain_tolerance.get(real.dtype, tolerance))
+            tolerance = min(tolerance, TOLERANCES[real.dtype].chain if real.dtype in TOLERANCES else tolerance)
         if tolerance is None or real.numel() == 0:
             continue
         error = relative_error(value, real)

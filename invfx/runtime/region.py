@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from ..errors import InverseError, RegionError
+from ..tolerances import tolerance_for
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
@@ -72,15 +73,6 @@ DIRECT_BYTES = 0
 CHECKPOINT = "checkpoint"
 INVERTIBLE = "invertible"
 
-#: Largest relative error (max |f(rebuilt inputs) - kept outputs| / max |kept outputs|) an invertible region's
-#: backward accepts, per dtype; a dtype set to None is not checked. Round trips of well-conditioned inverses stay
-#: orders of magnitude below these; a wrong inverse gives errors of order one.
-reconstruction_tolerance: dict[torch.dtype, float | None] = {
-    torch.float64: 1e-7,
-    torch.float32: 1e-3,
-    torch.bfloat16: 1e-1,
-    torch.float16: 5e-2,
-}
 
 
 class Discovery:
@@ -103,15 +95,6 @@ class Discovery:
     def __getstate__(self):  # autograd nodes do not pickle; a copy rediscovers
         return {"candidates": self.candidates, "key": None, "requires_grad": [], "params": [],
                 "accumulators": []}
-
-
-def tolerance_for(dtype: torch.dtype, computed_in: Sequence[torch.dtype] = ()) -> float | None:
-    """The reconstruction tolerance for values stored in ``dtype`` and computed in ``computed_in`` (autocast's
-    lower precisions); None: not checked."""
-    tolerance = reconstruction_tolerance.get(dtype)
-    if tolerance is None:
-        return None
-    return max([tolerance] + [reconstruction_tolerance.get(d) or 0.0 for d in computed_in])
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
