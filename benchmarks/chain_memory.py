@@ -51,8 +51,8 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import write_report, apply_profile, depths, even, positive
 import invfx.nn as inn
+from invfx.argtypes import apply_profile, depths, even, positive, write_report
 from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory, mib
 from invfx.timing import interleaved_medians

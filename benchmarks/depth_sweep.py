@@ -73,6 +73,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peers import (
+    _quiet_import,
+    check_gradients,
+    make_stack,
+    memcnn_stack,
+    revlib_stack,
+    steady_peak_of_step,
+    step,
+    version,
+    zero_grads,
+)
 from tabulate import tabulate
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -82,8 +93,6 @@ from invfx.argtypes import apply_profile, depths, positive, write_report
 from invfx.examples import Glow, ResNet, ReversibleTransformer
 from invfx.memory import mib
 from invfx.timing import interleaved_medians
-from peers import (_quiet_import, check_gradients, make_stack, memcnn_stack, revlib_stack,
-                   steady_peak_of_step, step, version, zero_grads)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")

@@ -53,6 +53,7 @@ import argparse
 import datetime
 import importlib.metadata
 import platform
+import statistics
 import sys
 import time
 import traceback
@@ -66,10 +67,8 @@ from tabulate import tabulate
 from torch import nn
 
 import invfx
-from invfx.argtypes import write_report, apply_profile, depths, even, positive
+from invfx.argtypes import apply_profile, depths, even, positive, write_report
 from invfx.memory import cpu_peak_memory, cpu_steady_peak_memory, mib
-import statistics
-
 from invfx.timing import interleaved_times
 
 RTOL, ATOL = 1e-4, 1e-5

@@ -37,7 +37,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from invfx.argtypes import write_report
-from invfx.planner import SegmentCost, plan_chain, plain_peak
+from invfx.planner import SegmentCost, plain_peak, plan_chain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

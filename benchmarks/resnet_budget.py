@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint_sequential
 
 import invfx
-from invfx.argtypes import write_report, apply_profile, positive
+from invfx.argtypes import apply_profile, positive, write_report
 from invfx.examples import ResNet
 from invfx.memory import cpu_peak_memory, mib
 

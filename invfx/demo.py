@@ -168,6 +168,7 @@ def _optimize_demo(depth: int, width: int, hidden: int, batch: int, seed: int, f
     """The same sizes as a plainly written model (``examples.RevNetMLP``, no invfx in it): ``invfx.optimize``
     finds the couplings; print its plan and its measured peak and time against plain."""
     import invfx
+
     from .examples import RevNetMLP
 
     torch.manual_seed(seed)

@@ -14,16 +14,16 @@ from torch import nn
 
 from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
-from .units import format_bytes, format_flops
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
-from .passes.example import example_run
 from .passes.cost import measure_costs
+from .passes.example import example_run
 from .passes.rewrite import apply_modes, bind_attributes, region_name, rewrite_checkpoint
 from .passes.segments import why_not_checkpoint
 from .passes.simplify import split_through_cat
 from .passes.validate import check_reconstruction
 from .planner import plain_peak, plan_chain
+from .units import format_bytes, format_flops
 
 __all__ = ["optimize", "OptimizedModule", "Plan"]
 
@@ -332,7 +332,8 @@ def _plan_within(optimized, model, inputs, measured, budget, regions):
 
 def _measured_miss(budget, peak: int, plain: int, what: str) -> BudgetError:
     return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: {what} {format_bytes(peak)} "
-                       f"({peak} B, {peak / plain:.3f} of plain {format_bytes(plain)}), though the cost model estimated less")
+                       f"({peak} B, {peak / plain:.3f} of plain {format_bytes(plain)}), though the cost model "
+                       "estimated less")
 
 
 def _measure_step(module: nn.Module, inputs) -> int:

@@ -94,7 +94,7 @@ def test_depth_sweep_table_rows_and_columns(quick_suite):
     assert compact[0] == ["model", "depth", "plain peak (MiB)", "plain step (ms)", *LIBRARIES[1:]]
     assert [row[:2] for row in compact[1:]] == [[m, d] for m in MODELS for d in QUICK_DEPTHS]
     cells = {(row[0], row[1]): dict(zip(compact[0], row)) for row in compact[1:]}
-    for (model, depth), row in cells.items():
+    for (model, _depth), row in cells.items():
         assert float(row["plain peak (MiB)"]) > 0
         assert re.fullmatch(r"[0-9.]+, [0-9.]+x", row["checkpoint"]), row
         if model in ("Glow-style flow", "ResNet"):
@@ -149,6 +149,7 @@ def test_missing_peers_are_skipped_with_a_note(benchmarks_path, one_thread, monk
 
 def test_checkpoint_blocks_shares_parameters_and_leaves_the_model_alone(benchmarks_path):
     from depth_sweep import Checkpointed, checkpoint_blocks
+
     from invfx.examples import Glow
 
     model = Glow(channels=3, levels=2, depth=2, hidden=4)
@@ -161,7 +162,8 @@ def test_checkpoint_blocks_shares_parameters_and_leaves_the_model_alone(benchmar
 
 
 def test_transformer_peers_compute_the_plain_model(benchmarks_path):
-    from depth_sweep import TwoStreamPeer, AttentionHalf, MLPHalf
+    from depth_sweep import AttentionHalf, MLPHalf, TwoStreamPeer
+
     from invfx.examples import ReversibleTransformer
 
     class Plain(nn.Module):  # the peers' body without a peer: F, G applied as revlib and memcnn apply them

@@ -7,14 +7,13 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close, grads_of, zero
 from torch import nn
 
 import invfx
 import invfx.nn as inn
 from invfx.runtime.storage import is_freed
 from invfx.utils import pack
-
-from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 TIGHT = {"rtol": 1e-9, "atol": 1e-10}

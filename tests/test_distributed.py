@@ -10,12 +10,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_close
+from ranks import RanksFailed, run_ranks
 
 import invfx
 from invfx.examples import RevNetMLP
-
-from helpers import assert_close
-from ranks import RanksFailed, run_ranks
 
 pytestmark = pytest.mark.slow  # (processes started and joined: seconds each)
 

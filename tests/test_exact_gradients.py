@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 import invfx
-
-from helpers import assert_close
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)

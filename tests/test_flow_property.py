@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -213,7 +212,8 @@ def sometimes(one_in: int):
 
 
 # couplings (where sub-networks are recomputed) twice as often as the maps around them
-specs = st.builds(Spec, kind=st.sampled_from(KINDS + tuple(k for k in KINDS if k == "glow" or "affine" in k)), split=st.sampled_from(["chunk", "split", "slice"]),
+specs = st.builds(Spec, kind=st.sampled_from(KINDS + tuple(k for k in KINDS if k == "glow" or "affine" in k)),
+                  split=st.sampled_from(["chunk", "split", "slice"]),
                   j_first=st.booleans(), logdet=st.one_of(st.booleans(), st.just(True)), aux=sometimes(4),
                   skip=sometimes(5), dropout=sometimes(4), act=st.sampled_from(["tanh", "gelu", "leaky"]),
                   no_grad=st.sampled_from(["none"] * 4 + ["inside", "after"]))
@@ -284,8 +284,8 @@ EXAMPLES = int(os.environ.get("INVFX_FLOW_EXAMPLES", "0"))
 @pytest.mark.slow
 @settings(max_examples=EXAMPLES or 50, deadline=None, derandomize=not EXAMPLES, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(blocks=st.lists(specs, min_size=1, max_size=5), image=st.booleans(), logdet_out=sometimes(4).map(lambda n: not n),
-       zero_tensor=st.booleans(), seed=st.integers(0, 2**16))
+@given(blocks=st.lists(specs, min_size=1, max_size=5), image=st.booleans(),
+       logdet_out=sometimes(4).map(lambda n: not n), zero_tensor=st.booleans(), seed=st.integers(0, 2**16))
 def test_random_flows_give_plain_gradients(blocks, image, logdet_out, zero_tensor, seed):
     problems = check_flow(blocks, image, logdet_out, zero_tensor, seed)
     assert not problems, f"{blocks} image={image}:\n" + "\n".join(problems[:12])

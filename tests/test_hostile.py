@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -22,8 +23,6 @@ from torch import nn
 import invfx
 from invfx.examples import CouplingBlock, Glow, RevNetMLP
 from invfx.runtime.storage import is_freed
-
-from helpers import assert_close
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)

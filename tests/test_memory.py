@@ -1,6 +1,7 @@
 """Measured (allocator replay) memory of hand-written invertible chains: flat in depth."""
 
 import torch
+
 import invfx.nn as inn
 from invfx.demo import AdditiveCoupling
 from invfx.memory import cpu_peak_memory

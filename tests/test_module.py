@@ -5,14 +5,13 @@ import io
 
 import pytest
 import torch
+from helpers import assert_close, grads_of, zero
 from torch import nn
 
 import invfx
 import invfx.nn as inn
 from invfx.runtime.storage import is_freed
 from invfx.utils import requires_grad
-
-from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 

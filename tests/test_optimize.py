@@ -2,18 +2,16 @@
 memory flat in depth, and clear errors for what it cannot do."""
 
 import copy
-
 import operator
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import invfx
-from invfx.examples import CouplingBlock, Glow, RevNetMLP, ReversibleTransformer
+from invfx.examples import CouplingBlock, Glow, ReversibleTransformer, RevNetMLP
 from invfx.memory import cpu_peak_memory
-
-from helpers import assert_close
 
 DT = torch.float64
 
@@ -782,7 +780,8 @@ def test_rebuilt_inputs_are_written_into_their_own_storage(monkeypatch):
 
     written = []
     into = add_solve_input.into
-    monkeypatch.setattr(add_solve_input, "into", lambda buffer, *a, **k: written.append(buffer) or into(buffer, *a, **k))
+    monkeypatch.setattr(add_solve_input, "into",
+                        lambda buffer, *a, **k: written.append(buffer) or into(buffer, *a, **k))
     torch.manual_seed(0)
     model = RevNetMLP(depth=4, width=8, hidden=8).to(DT)
     x = torch.randn(4, 8, dtype=DT)

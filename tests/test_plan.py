@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 import invfx
 from invfx.examples import ResNet
 from invfx.memory import cpu_peak_memory
-
-from helpers import assert_close
 
 DT = torch.float64
 

@@ -6,11 +6,12 @@ import re
 from fractions import Fraction
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from invfx.errors import BudgetError
+from invfx.planner import MODES, SegmentCost, chain_extra_flops, chain_peak, exhaustive, plain_peak, plan_chain
 from invfx.units import format_bytes
-from invfx.planner import (MODES, SegmentCost, chain_extra_flops, chain_peak, exhaustive, plain_peak, plan_chain)
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None)
 MAX_PLANS = 729  # the most plans a random chain may have (3**6), so exhaustive search stays fast

@@ -7,13 +7,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import invfx
-
-from helpers import assert_close
 
 DT = torch.float64
 WIDTH = 8

@@ -5,13 +5,12 @@ import os
 import sys
 
 import torch
+from helpers import assert_close
 from torch import nn
 
 import invfx
 from invfx.examples import Glow, RevNetMLP
 from invfx.regions import modules as region_modules
-
-from helpers import assert_close
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -6,14 +6,13 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 import invfx
 from invfx.inverses.linear import lu_cache
 from invfx.inverses.shape import TupleItem, assemble_tuple
 from invfx.registry import OpCall, Risk, all_rules, find_rule, numel, rules_for
-
-from helpers import assert_close
 
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-3, atol=2e-4)}
 

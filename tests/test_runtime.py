@@ -6,13 +6,12 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, grads_of, zero
 from torch import nn
 
 import invfx
 from invfx.runtime import Region, ReplayContext, run_region
 from invfx.runtime.storage import is_freed
-
-from helpers import assert_close, grads_of, zero
 
 DT = torch.float64
 

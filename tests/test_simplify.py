@@ -3,13 +3,12 @@
 import pytest
 import torch
 import torch.fx as fx
+from helpers import assert_close
 from torch import nn
 
 import invfx
 from invfx.passes import annotate
 from invfx.passes.simplify import split_through_cat
-
-from helpers import assert_close
 
 DT = torch.float64
 

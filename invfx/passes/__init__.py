@@ -6,12 +6,12 @@ and their fused backward) lives in ``invfx.regions``; nothing here runs in a tra
 
 from .annotate import annotate
 from .chain import merge_chains
+from .cost import measure_costs
 from .rewrite import BodyRegion, CheckpointRegion, InvertibleRegion, rewrite_checkpoint, rewrite_segment
 from .segments import Segment, find_segments
 from .solve import Rebuild, Step, solve
 from .trace import trace
 from .validate import check_reconstruction
-from .cost import measure_costs
 
 __all__ = ["trace", "annotate", "find_segments", "Segment", "solve", "Rebuild", "Step", "rewrite_segment",
            "rewrite_checkpoint", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "check_reconstruction",

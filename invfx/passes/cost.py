@@ -19,8 +19,8 @@ comes back as ``outside_bytes``. The run leaves the model as it was: buffers and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch

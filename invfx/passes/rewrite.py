@@ -17,11 +17,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..graphs import fetch_attr
-from ..registry import Risk
+
 # The region modules live in invfx.regions; they stay importable from here, where modules saved with torch.save
 # before they moved (invfx 0.1.0) name them.
 from ..regions.body import Inverse, RngMark, ShapeMeta, is_rng_mark
 from ..regions.modules import BodyRegion, CheckpointRegion, InvertibleRegion, regions_run_plain, watch_registrations
+from ..registry import Risk
 from .segments import Segment, module_path
 
 __all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "Inverse", "RngMark", "ShapeMeta",

@@ -13,10 +13,9 @@ exact zeros, which an inverse rebuilds only up to rounding), or a tuple.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-
-import operator
 
 import torch
 import torch.fx as fx
@@ -391,9 +390,9 @@ def _find_from(module, compute, live, p, cache):
         if any(tuple_metas(o) is not None for o in outputs):
             continue  # a tuple crossing the cut (chunk's result): regions hand on tensors, not tuples
         inside = set(nodes)
-        if any(_written(module, v, lambda user: user not in inside) for v in list(outputs) + kept):
+        if any(_written(module, v, lambda user, inside=inside: user not in inside) for v in list(outputs) + kept):
             continue  # the region saves it for backward: an in-place op after it would invalidate that
-        if any(_written(module, v, lambda user: user in inside) for v in inputs):
+        if any(_written(module, v, lambda user, inside=inside: user in inside) for v in inputs):
             continue  # the region would write into its own input (a region must not mutate its inputs)
         freeable = [d for d in dying if _why_not_freeable(module, d) is None and
                     not _aliased_after(module, d, live[q])]

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..runtime import rng_marks
 from ..runtime.region import relative_error
-from ..tolerances import TOLERANCES, tolerance_for
 from ..runtime.state import RngState
+from ..tolerances import TOLERANCES, tolerance_for
 from .example import example_run
 from .rewrite import InvertibleRegion, regions_run_plain
 
