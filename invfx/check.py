@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import InvfxError
+from .modes import Mode
 from .tolerances import TOLERANCES
 
 __all__ = ["GradientCheckError", "GradientCheck", "check_gradients"]
@@ -200,7 +201,7 @@ def _blame(twin, twin_model, inputs, params, names, regions, tolerance, worst, w
     try:
         for name in regions:
             for other in regions:
-                twin.get_submodule(other).mode = modes[other] if other == name else "keep"
+                twin.get_submodule(other).mode = modes[other] if other == name else Mode.KEEP
             got = _step(twin, inputs, params)
             if got is None or not _worst(_differences(got, expected, names))[0] <= tolerance:
                 culprits.append(name)

@@ -14,6 +14,7 @@ from torch import nn
 
 from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
+from .modes import Mode
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
 from .passes.cost import measure_costs
@@ -27,7 +28,7 @@ from .units import format_bytes, format_flops
 
 __all__ = ["optimize", "OptimizedModule", "Plan"]
 
-MODES = ("keep", "checkpoint", "invertible")
+MODES = tuple(Mode)  # ("keep", "checkpoint", "invertible")
 
 
 class Plan:
@@ -209,7 +210,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     taken: set[str] = set()
     names, blocked = [], {}
     for i, segment in enumerate(segments):
-        if segment.mode == "invertible":
+        if segment.mode == Mode.INVERTIBLE:
             names.append(region_name(traced, segment.nodes, i, taken))
             continue
         reason = why_not_checkpoint(traced, segment)
@@ -221,7 +222,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     # Last segment first: a rewrite replaces a segment's outputs in the graph, and only later segments read
     # them; earlier segments, still to be rewritten, keep referring to nodes that are still there.
     for name, segment in reversed(list(zip(names, segments))):
-        if segment.mode == "invertible":
+        if segment.mode == Mode.INVERTIBLE:
             rewrite_segment(traced, segment, name)
         elif name not in blocked:
             rewrite_checkpoint(traced, segment, name)
@@ -236,9 +237,9 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     for name, segment in by_name.items():
         if name in blocked:
             continue
-        possible = {"keep", "checkpoint"} | ({"invertible"} if segment.mode == "invertible" and name not in refused
-                                             else set())
-        allowed[name] = frozenset(possible & set(modes)) or frozenset({"keep"})
+        invertible = segment.mode == Mode.INVERTIBLE and name not in refused
+        possible = {Mode.KEEP, Mode.CHECKPOINT} | ({Mode.INVERTIBLE} if invertible else set())
+        allowed[name] = frozenset(possible & set(modes)) or frozenset({Mode.KEEP})
     measured = measure_costs(optimized, inputs, allowed,
                              {n: s.rebuild.inverse_flops for n, s in by_name.items() if s.rebuild is not None},
                              {n: bool(s.freeable) for n, s in by_name.items()})
@@ -253,7 +254,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     if chains:
         bind_attributes(optimized)
     unfused = {name: region.unfused_because for name, region in optimized.named_children()
-               if getattr(region, "unfused_because", None) and getattr(region, "mode", None) == "invertible"}
+               if getattr(region, "unfused_because", None) and getattr(region, "mode", None) == Mode.INVERTIBLE}
     rows = _rows(names, segments, measured, chosen, blocked, refused, regions, chains, unfused)
     optimized.plan = Plan(rows, opaque, chain=chain, outside_bytes=measured.outside_bytes, budget=memory_budget,
                           forward_flops=sum(c.flops for c in measured.costs), calibration=calibration,
@@ -262,7 +263,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     if check_gradients:
         regions_run = {}
         for row in rows:
-            if row["mode"] != "keep" and row["region"]:
+            if row["mode"] != Mode.KEEP and row["region"]:
                 regions_run.setdefault(row["region"], []).append(row["name"])
         optimized.plan.gradient_check = check_step(model, optimized, inputs, regions_run)
     return optimized
@@ -376,7 +377,7 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, 
     rows = []
     for name, segment in zip(names, segments):
         cost = costs.get(name)
-        mode = chosen.get(name, "keep")
+        mode = Mode(chosen.get(name, Mode.KEEP))
         region = regions.get(name)
         error = getattr(region, "reconstruction_error", None)
         risk = None
@@ -384,12 +385,12 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, 
             risk = str(segment.rebuild.risk) + (f", err {error:.1g}" if error is not None else "")
         kept, recompute = 0, 0.0
         if cost is not None:
-            kept = {"keep": cost.saved_bytes + cost.input_bytes * cost.saves_input, "checkpoint": cost.input_bytes,
-                    "invertible": 0}[mode]
-            recompute = {"keep": 0.0, "checkpoint": cost.flops,
-                         "invertible": cost.flops + (cost.inverse_flops or 0.0)}[mode]
-        shown = region.region_name if region is not None and mode != "keep" else f"({name.split('_', 1)[-1]})"
-        runs_in = chains.get(shown, shown) if region is not None and mode != "keep" else None
+            kept = {Mode.KEEP: cost.saved_bytes + cost.input_bytes * cost.saves_input,
+                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: 0}[mode]
+            recompute = {Mode.KEEP: 0.0, Mode.CHECKPOINT: cost.flops,
+                         Mode.INVERTIBLE: cost.flops + (cost.inverse_flops or 0.0)}[mode]
+        shown = region.region_name if region is not None and mode != Mode.KEEP else f"({name.split('_', 1)[-1]})"
+        runs_in = chains.get(shown, shown) if region is not None and mode != Mode.KEEP else None
         rows.append({"name": shown, "region": runs_in, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
                      "recompute_flops": recompute, "risk": risk,
                      "why": _why(name, segment, cost, mode, blocked, refused) + (
@@ -398,17 +399,17 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, 
                      "saved_bytes": cost.saved_bytes if cost else None,
                      "input_bytes": cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
                      "flops": cost.flops if cost else None, "inverse_flops": cost.inverse_flops if cost else None,
-                     "freed_bytes": sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == "invertible"
+                     "freed_bytes": sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE
                      else 0,
                      "reconstruction_error": error, "inputs": [n.name for n in segment.inputs],
-                     "freed": [n.name for n in segment.freeable] if mode == "invertible" else []})
+                     "freed": [n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else []})
     return rows
 
 
 def _why(name, segment, cost, mode, blocked, refused) -> str:
     if name in blocked:
         return f"plain code: {blocked[name]}"
-    invertible = segment.mode == "invertible"
+    invertible = segment.mode == Mode.INVERTIBLE
     if name in refused:
         inverse_note = f"not invertible here: {refused[name]}"
     elif invertible:
@@ -419,16 +420,16 @@ def _why(name, segment, cost, mode, blocked, refused) -> str:
     if cost is None:
         return inverse_note
     allowed = cost.modes
-    if mode == "invertible":
+    if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
-                 if "checkpoint" in allowed else "")
+                 if Mode.CHECKPOINT in allowed else "")
         return f"keeps nothing, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
-    if mode == "checkpoint":
-        if "invertible" in allowed:
+    if mode == Mode.CHECKPOINT:
+        if Mode.INVERTIBLE in allowed:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
                     f"+{format_flops(cost.flops + cost.inverse_flops)}")
         return f"keeps its input only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
-    if allowed == frozenset({"keep"}):
+    if allowed == frozenset({Mode.KEEP}):
         return f"no other mode allowed ({inverse_note})"
     if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:
         return f"saves no more than a checkpoint would keep ({inverse_note})"

@@ -155,3 +155,19 @@ def _values(kind, payload) -> set:
     if kind in ("rebuild", "verify", "getitem"):
         return {payload.value}
     return set()  # drop, restore
+
+
+def test_modes_are_an_enum_that_reads_as_the_words_users_pass():
+    import json
+
+    from invfx.modes import Mode
+
+    assert Mode.KEEP == "keep" and f"{Mode.INVERTIBLE}" == "invertible" and str(Mode.CHECKPOINT) == "checkpoint"
+    torch.manual_seed(0)
+    model = Coupling().double()
+    x = torch.randn(3, 2 * W, dtype=torch.float64)
+    optimized = invfx.optimize(model, x, modes=("keep", "invertible"))
+    modes = {row["mode"] for row in optimized.plan.rows}
+    assert modes <= set(Mode) and Mode.INVERTIBLE in modes
+    assert json.loads(json.dumps(optimized.plan.to_dict(), default=str))["segments"][0]["mode"] in {"keep", "invertible"}
+    assert "| invertible |" in str(optimized.plan).replace("  ", " ").replace("  ", " ")

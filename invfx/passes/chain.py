@@ -15,6 +15,7 @@ import operator
 
 import torch.fx as fx
 
+from ..modes import Mode
 from .rewrite import InvertibleRegion, inline_region, rewrite_segment, unique_name
 from .segments import COMPUTE, MAX_NODES, invertible_segment
 
@@ -68,7 +69,7 @@ def _chunks(root: fx.GraphModule, names: list[str]) -> list[list[str]]:
 def _chainable(root: fx.GraphModule, call: fx.Node) -> bool:
     region = root.get_submodule(call.target)
     # (a region keeping an input reads a value that lives on after it: it is not a link of a chain)
-    return isinstance(region, InvertibleRegion) and region.mode == "invertible" and region.fused and not region.kept
+    return isinstance(region, InvertibleRegion) and region.mode == Mode.INVERTIBLE and region.fused and not region.kept
 
 
 def _follows(before: fx.Node, after: fx.Node) -> bool:

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..modes import Mode
 from ..planner import SegmentCost
 from ..regions.fused import tensors_in
 from ..runtime.storage import storage_key
@@ -91,7 +92,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
     modes = {name: region.mode for name, region in regions.items()}
     handles = []
     for name, region in regions.items():
-        region.mode = "keep"
+        region.mode = Mode.KEEP
         handles.append(region.register_forward_pre_hook(before(name)))
         handles.append(region.register_forward_hook(after(name)))
     try:

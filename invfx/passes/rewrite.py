@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..graphs import fetch_attr
+from ..modes import Mode
 
 # The region modules live in invfx.regions; they stay importable from here, where modules saved with torch.save
 # before they moved (invfx 0.1.0) name them.
@@ -295,7 +296,7 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
     return region
 
 
-_MODE_PREFIX = {"invertible": "inv_", "checkpoint": "ckpt_"}
+_MODE_PREFIX = {Mode.INVERTIBLE: "inv_", Mode.CHECKPOINT: "ckpt_"}
 
 
 def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
@@ -306,7 +307,7 @@ def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
     calls = {n.target: n for n in root.graph.nodes if n.op == "call_module" and n.target in modes}
     for name, mode in modes.items():
         region = root.get_submodule(name)
-        if mode == "keep":
+        if mode == Mode.KEEP:
             inline_region(root, calls[name], region)
             delattr(root, name)
             taken.discard(name)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..modes import Mode
 from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
@@ -65,7 +66,7 @@ class Segment:
     nodes: list[fx.Node]
     inputs: list[fx.Node]  # values from before the segment that it reads
     outputs: list[fx.Node]  # values it makes that are read after it
-    mode: str = "keep"  # "keep" (plain autograd) or "invertible"
+    mode: Mode = Mode.KEEP  # KEEP (plain autograd) or INVERTIBLE
     rebuild: Rebuild | None = None
     kept: list[fx.Node] = field(default_factory=list)  # inputs still live after it (not rebuilt)
     freeable: list[fx.Node] = field(default_factory=list)  # rebuilt inputs it may free
@@ -228,10 +229,10 @@ def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.No
     return any(node is not value and node in live_after for node in _aliases(value, hands_on))
 
 
-def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[Segment]:
+def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE)) -> list[Segment]:
     """The chain of segments covering every compute node, invertible where the solver succeeds."""
     compute, live = _boundaries(module)  # live[i]: the values live at the boundary before compute[i]
-    invertible_allowed = "invertible" in modes
+    invertible_allowed = Mode.INVERTIBLE in modes
 
     segments: list[Segment] = []
     plain: list[fx.Node] = []
@@ -241,7 +242,7 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
             start = end - len(plain)
             cuts = _plain_cuts(compute, live, start, end)
             for a, b in zip([start] + cuts, cuts + [end]):
-                segments.append(_make(module, compute[a:b], live, compute, a, b, "keep"))
+                segments.append(_make(module, compute[a:b], live, compute, a, b, Mode.KEEP))
             plain.clear()
 
     cache = CallCache(module)
@@ -249,7 +250,7 @@ def find_segments(module: fx.GraphModule, modes=("keep", "invertible")) -> list[
     while p < len(compute):
         if stands_alone(compute[p]):
             flush_plain(p)
-            segments.append(_make(module, compute[p:p + 1], live, compute, p, p + 1, "keep"))
+            segments.append(_make(module, compute[p:p + 1], live, compute, p, p + 1, Mode.KEEP))
             p += 1
             continue
         found = _find_from(module, compute, live, p, cache) if invertible_allowed else None
@@ -453,7 +454,7 @@ def _inside(node: fx.Node, nodes: list[fx.Node]) -> bool:
 def _invertible(nodes, inputs, outputs, kept, freeable, rebuild) -> Segment:
     why = "rebuilt from its outputs by " + ", ".join(
         sorted({s.rule.name for s in rebuild.steps if s.rule is not None}) or ["recomputation"])
-    return Segment(list(nodes), inputs, outputs, "invertible", rebuild, kept, freeable, why)
+    return Segment(list(nodes), inputs, outputs, Mode.INVERTIBLE, rebuild, kept, freeable, why)
 
 
 def _make(module, nodes, live, compute, start, end, mode) -> Segment:

@@ -19,6 +19,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..errors import RegionError
 from ..graphs import fetch_attr
+from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
 from .body import is_rng_mark, named_objects, portable_graph
@@ -98,12 +99,12 @@ class BodyRegion(nn.Module):
         self.region_name = name
         self.source = source
         self.num_inputs = num_inputs
-        self.mode = "checkpoint"  # or "keep": plain code (the plan's choice)
+        self.mode = Mode.CHECKPOINT  # or Mode.KEEP: plain code (the plan's choice)
 
     def forward(self, *inputs):
         if self.__dict__.get("_epoch") != _registrations[0]:
             self._rebind()
-        if self.mode == "keep" or not (self.training and torch.is_grad_enabled()) or _plain_runs[0]:
+        if self.mode == Mode.KEEP or not (self.training and torch.is_grad_enabled()) or _plain_runs[0]:
             return self.forward_body(*inputs)
         if _hooked(self._modules_used):
             # A forward hook on a module called inside the region sees values computed there: without a graph
@@ -217,16 +218,16 @@ class InvertibleRegion(BodyRegion):
         self.kept = tuple(kept)
         self.free = tuple(free)
         self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
-        self.mode = "invertible"  # or "checkpoint", or "keep" (plain code): the plan's choice
+        self.mode = Mode.INVERTIBLE  # or CHECKPOINT, or KEEP (plain code): the plan's choice
         self._derive()
 
     @property
     def invertible(self) -> bool:
-        return self.mode == "invertible"
+        return self.mode == Mode.INVERTIBLE
 
     @invertible.setter
     def invertible(self, value: bool) -> None:
-        self.mode = "invertible" if value else "keep"
+        self.mode = Mode.INVERTIBLE if value else Mode.KEEP
 
     def _derive(self) -> None:
         super()._derive()
@@ -244,13 +245,13 @@ class InvertibleRegion(BodyRegion):
         return self.rebuild_body.code
 
     def extra_repr(self) -> str:
-        if self.mode != "invertible":
+        if self.mode != Mode.INVERTIBLE:
             return super().extra_repr()
         return (f"{self.source or self.region_name}: {self.num_inputs} inputs, rebuilds {list(self.rebuilt)}, "
                 f"keeps {list(self.kept)}, frees {list(self.free)}")
 
     def _region(self) -> Region:
-        if self.mode != "invertible":
+        if self.mode != Mode.INVERTIBLE:
             return super()._region()
         # A forward hook that saw a value this region frees (on the module that made it, read it, or a view of it)
         # may have kept it: the user would read freed memory (a segfault). Then this call frees nothing.
