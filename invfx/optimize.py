@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
-from tabulate import tabulate
 from torch import nn
 
 from .check import check_gradients as check_step
@@ -24,98 +23,13 @@ from .passes.segments import why_not_checkpoint
 from .passes.simplify import split_through_cat
 from .passes.validate import check_reconstruction
 from .planner import plain_peak, plan_chain
+from .report import Plan, PlanRow, _budget
 from .units import format_bytes, format_flops
 
-__all__ = ["optimize", "OptimizedModule", "Plan"]
+__all__ = ["optimize", "OptimizedModule", "Plan", "PlanRow"]  # (Plan lives in report.py; pickles name it here)
 
-MODES = tuple(Mode)  # ("keep", "checkpoint", "invertible")
-
-
-class Plan:
-    """The memory plan: a row per segment (name, nodes, mode, kept bytes, recompute cost, numerical risk, why),
-    the totals (estimated peak against plain, extra compute), what could not be traced, and, once
-    :func:`invfx.measure` has run on the optimized module, the measured peak and time beside the estimates."""
-
-    def __init__(self, rows: list[dict], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
-                 budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
-                 constants: dict | None = None):
-        self.rows = rows
-        self.opaque = opaque
-        self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
-        self.budget = budget
-        self.estimated_peak = (chain.peak + outside_bytes) if chain is not None else None
-        self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
-        self.extra_flops = chain.extra_flops if chain is not None else 0.0
-        self.forward_flops = forward_flops
-        self.exact = getattr(chain, "exact", True)
-        self.measurements: list = []
-        self.calibration = calibration  # the example step measured when planning under a budget
-        self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
-
-    def record_measurement(self, measurement) -> None:
-        """Called by :func:`invfx.measure` on the optimized module: the report shows the latest one."""
-        self.measurements.append(measurement)
-
-    def to_dict(self) -> dict:
-        measured = self.measurements[-1].to_dict() if self.measurements else None
-        return {"segments": [dict(r) for r in self.rows], "opaque": dict(self.opaque),
-                "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
-                "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
-                "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
-                "measured": measured, "calibration": self.calibration,
-                "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
-
-    def __str__(self) -> str:
-        headers = ["segment", "nodes", "mode", "kept", "recompute", "risk", "why"]
-        table = [[r["name"], r["nodes"], r["mode"], format_bytes(r["kept_bytes"]), format_flops(r["recompute_flops"]),
-                  r["risk"] or "", r["why"]] for r in self.rows]
-        text = tabulate(table, headers, tablefmt="github")
-        counts = {m: sum(r["mode"] == m for r in self.rows) for m in MODES}
-        text += "\n\n" + ", ".join(f"{counts[m]} {m}" for m in MODES) + f" of {len(self.rows)} segments"
-        if self.budget is not None:
-            text += f" (memory budget {_budget(self.budget)})"
-        links: dict[str, list[str]] = {}
-        for r in self.rows:
-            if r.get("region") and r["region"] != r["name"]:
-                links.setdefault(r["region"], []).append(r["name"])
-        for chain, names in links.items():
-            text += (f"\n{chain}: {names[0]} to {names[-1]} run as one region ({len(names)} segments; only its "
-                     "last outputs are kept)")
-        if self.estimated_peak is not None:
-            ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
-            extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0
-            text += (f"\nestimated peak {format_bytes(self.estimated_peak)} vs plain {format_bytes(self.plain_peak)} "
-                     f"({ratio:.2f}x) at the example's size; extra compute {format_flops(self.extra_flops)} FLOPs "
-                     f"({extra:.0%} of a forward)")
-            if not self.exact:
-                text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
-        if self.calibration:
-            c = self.calibration
-            text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "
-                     f"{format_bytes(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
-                     f"{format_bytes(c['target_bytes'])})")
-        if self.gradient_check is not None:
-            text += f"\n{self.gradient_check}"
-        if self.measurements:
-            m = self.measurements[-1]
-            line = f"\nmeasured: peak {format_bytes(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
-            if getattr(m, "baseline", None) is not None:
-                line += (f"; plain {format_bytes(m.baseline.peak_bytes)}, {m.baseline.step_seconds * 1e3:.1f} ms "
-                         f"(peak {m.peak_ratio:.2f}x, time {m.time_ratio:.2f}x)")
-            text += line
-        for name, reason in self.opaque.items():
-            text += f"\nnot traced (kept as one opaque module): {name}: {reason}"
-        if self.constants:
-            given = ", ".join(f"{k}={v!r}" for k, v in self.constants.items())
-            text += (f"\ntraced with {given} (the defaults; example_inputs did not give them): calls must leave "
-                     "them so; pass them in example_inputs to trace them as inputs")
-        return text
-
-    __repr__ = __str__
-
-
-def _budget(budget) -> str:
-    return f"{budget:g} of plain" if isinstance(budget, float) else format_bytes(budget)
+MODES = tuple(Mode)
+_MODE_NAMES = tuple(m.value for m in Mode)
 
 
 class OptimizedModule(fx.GraphModule):
@@ -147,10 +61,10 @@ def _check_inputs(example_inputs) -> tuple:
 
 def _check_modes(modes) -> None:
     if isinstance(modes, str) or not isinstance(modes, (tuple, list, set, frozenset)):
-        raise InvfxError(f"invfx.optimize: modes must be a tuple of mode names from {MODES}, got {modes!r}")
+        raise InvfxError(f"invfx.optimize: modes must be a tuple of mode names from {_MODE_NAMES}, got {modes!r}")
     unknown = set(modes) - set(MODES)
     if unknown or not modes:
-        raise InvfxError(f"invfx.optimize: unknown modes {sorted(map(str, unknown))}; choose from {MODES}")
+        raise InvfxError(f"invfx.optimize: unknown modes {sorted(map(str, unknown))}; choose from {_MODE_NAMES}")
 
 
 def _check_leaf_modules(leaf_modules) -> None:
@@ -370,7 +284,7 @@ def _chain_budget(budget, measured) -> int | None:
     return budget - measured.outside_bytes
 
 
-def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, unfused) -> list[dict]:
+def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, unfused) -> list[PlanRow]:
     """A plan row per segment, in graph order, saying what it keeps, what it costs, why, and which region
     runs it (``region``: its own, or the chain it is a link of)."""
     costs = {c.name: c for c in measured.costs}
@@ -391,18 +305,17 @@ def _rows(names, segments, measured, chosen, blocked, refused, regions, chains, 
                          Mode.INVERTIBLE: cost.flops + (cost.inverse_flops or 0.0)}[mode]
         shown = region.region_name if region is not None and mode != Mode.KEEP else f"({name.split('_', 1)[-1]})"
         runs_in = chains.get(shown, shown) if region is not None and mode != Mode.KEEP else None
-        rows.append({"name": shown, "region": runs_in, "nodes": len(segment.nodes), "mode": mode, "kept_bytes": kept,
-                     "recompute_flops": recompute, "risk": risk,
-                     "why": _why(name, segment, cost, mode, blocked, refused) + (
-                         f"; its backward recomputes the region whole ({unfused[runs_in]})" if runs_in in unfused
-                         else ""),
-                     "saved_bytes": cost.saved_bytes if cost else None,
-                     "input_bytes": cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
-                     "flops": cost.flops if cost else None, "inverse_flops": cost.inverse_flops if cost else None,
-                     "freed_bytes": sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE
-                     else 0,
-                     "reconstruction_error": error, "inputs": [n.name for n in segment.inputs],
-                     "freed": [n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else []})
+        rows.append(PlanRow(
+            name=shown, region=runs_in, nodes=len(segment.nodes), mode=mode, kept_bytes=kept,
+            recompute_flops=recompute, risk=risk,
+            why=_why(name, segment, cost, mode, blocked, refused) + (
+                f"; its backward recomputes the region whole ({unfused[runs_in]})" if runs_in in unfused else ""),
+            saved_bytes=cost.saved_bytes if cost else None,
+            input_bytes=cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
+            flops=cost.flops if cost else None, inverse_flops=cost.inverse_flops if cost else None,
+            freed_bytes=sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE else 0,
+            reconstruction_error=error, inputs=[n.name for n in segment.inputs],
+            freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else []))
     return rows
 
 

@@ -32,6 +32,7 @@ def test_a_module_saved_by_invfx_0_1_0_still_loads_and_trains():
     regions = [m for m in optimized.modules() if isinstance(m, invfx.regions.BodyRegion)]
     assert {type(r).__name__ for r in regions} == {"CheckpointRegion", "InvertibleRegion"}
     assert all(type(r).__module__ == "invfx.regions.modules" for r in regions)
+    assert "inv_blocks_1_to_2" in str(optimized.plan) and optimized.plan.to_dict()["segments"]  # (rows: dicts)
     # the loaded copy has its own parameters: compare it with its own model, which torch.save kept shared
     assert optimized.blocks is model.blocks
     got = step(optimized, x)

@@ -1,0 +1,141 @@
+"""The memory plan ``invfx.optimize`` returns as ``opt.plan``: a typed row per segment and the report
+(``print(opt.plan)``, ``opt.plan.to_dict()``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from .modes import Mode
+from .units import format_bytes, format_flops
+
+__all__ = ["Plan", "PlanRow"]
+
+
+@dataclass
+class PlanRow:
+    """One segment of the plan. Reads as a mapping too (``row["mode"]``), as rows did when they were dicts."""
+
+    name: str  # the region running it (``inv_blocks_3``), or ``(module)`` for a segment kept as plain code
+    region: str | None  # the region that runs it: its own, or the chain it is a link of; None when kept
+    nodes: int  # graph nodes in the segment
+    mode: Mode
+    kept_bytes: int  # what it keeps for backward in its mode
+    recompute_flops: float  # what its backward recomputes
+    risk: str | None  # the inverse's numerical risk and the reconstruction error measured on the example
+    why: str  # why this mode (and what the others would cost)
+    saved_bytes: int | None = None  # what plain autograd saves inside it
+    input_bytes: int = 0
+    flops: float | None = None  # its forward
+    inverse_flops: float | None = None
+    freed_bytes: int = 0  # inputs it frees (invertible)
+    reconstruction_error: float | None = None
+    inputs: list[str] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
+    def keys(self):
+        return self.__dataclass_fields__.keys()
+
+    def to_dict(self) -> dict:
+        row = dataclasses.asdict(self)
+        row["mode"] = str(self.mode)
+        return row
+
+
+class Plan:
+    """The memory plan: a row per segment (name, nodes, mode, kept bytes, recompute cost, numerical risk, why),
+    the totals (estimated peak against plain, extra compute), what could not be traced, and, once
+    :func:`invfx.measure` has run on the optimized module, the measured peak and time beside the estimates."""
+
+    def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
+                 budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
+                 constants: dict | None = None):
+        self.rows = rows
+        self.opaque = opaque
+        self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
+        self.budget = budget
+        self.estimated_peak = (chain.peak + outside_bytes) if chain is not None else None
+        self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
+        self.extra_flops = chain.extra_flops if chain is not None else 0.0
+        self.forward_flops = forward_flops
+        self.exact = getattr(chain, "exact", True)
+        self.measurements: list = []
+        self.calibration = calibration  # the example step measured when planning under a budget
+        self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
+
+    def record_measurement(self, measurement) -> None:
+        """Called by :func:`invfx.measure` on the optimized module: the report shows the latest one."""
+        self.measurements.append(measurement)
+
+    def to_dict(self) -> dict:
+        measured = self.measurements[-1].to_dict() if self.measurements else None
+        # (rows of a plan pickled by 0.1.0 are dicts)
+        segments = [r.to_dict() if isinstance(r, PlanRow) else dict(r) for r in self.rows]
+        return {"segments": segments, "opaque": dict(self.opaque),
+                "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
+                "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
+                "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
+                "measured": measured, "calibration": self.calibration,
+                "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
+
+    def __str__(self) -> str:
+        headers = ["segment", "nodes", "mode", "kept", "recompute", "risk", "why"]
+        table = [[r["name"], r["nodes"], r["mode"], format_bytes(r["kept_bytes"]), format_flops(r["recompute_flops"]),
+                  r["risk"] or "", r["why"]] for r in self.rows]
+        text = tabulate(table, headers, tablefmt="github")
+        counts = {m: sum(r["mode"] == m for r in self.rows) for m in Mode}
+        text += "\n\n" + ", ".join(f"{counts[m]} {m}" for m in Mode) + f" of {len(self.rows)} segments"
+        if self.budget is not None:
+            text += f" (memory budget {_budget(self.budget)})"
+        links: dict[str, list[str]] = {}
+        for r in self.rows:
+            if r.get("region") and r["region"] != r["name"]:
+                links.setdefault(r["region"], []).append(r["name"])
+        for chain, names in links.items():
+            text += (f"\n{chain}: {names[0]} to {names[-1]} run as one region ({len(names)} segments; only its "
+                     "last outputs are kept)")
+        if self.estimated_peak is not None:
+            ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
+            extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0
+            text += (f"\nestimated peak {format_bytes(self.estimated_peak)} vs plain {format_bytes(self.plain_peak)} "
+                     f"({ratio:.2f}x) at the example's size; extra compute {format_flops(self.extra_flops)} FLOPs "
+                     f"({extra:.0%} of a forward)")
+            if not self.exact:
+                text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
+        if self.calibration:
+            c = self.calibration
+            text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "
+                     f"{format_bytes(c['plain_bytes'])} ({c['peak_bytes'] / c['plain_bytes']:.2f}x; budget "
+                     f"{format_bytes(c['target_bytes'])})")
+        if self.gradient_check is not None:
+            text += f"\n{self.gradient_check}"
+        if self.measurements:
+            m = self.measurements[-1]
+            line = f"\nmeasured: peak {format_bytes(m.peak_bytes)}, step {m.step_seconds * 1e3:.1f} ms"
+            if getattr(m, "baseline", None) is not None:
+                line += (f"; plain {format_bytes(m.baseline.peak_bytes)}, {m.baseline.step_seconds * 1e3:.1f} ms "
+                         f"(peak {m.peak_ratio:.2f}x, time {m.time_ratio:.2f}x)")
+            text += line
+        for name, reason in self.opaque.items():
+            text += f"\nnot traced (kept as one opaque module): {name}: {reason}"
+        if self.constants:
+            given = ", ".join(f"{k}={v!r}" for k, v in self.constants.items())
+            text += (f"\ntraced with {given} (the defaults; example_inputs did not give them): calls must leave "
+                     "them so; pass them in example_inputs to trace them as inputs")
+        return text
+
+    __repr__ = __str__
+
+
+def _budget(budget) -> str:
+    return f"{budget:g} of plain" if isinstance(budget, float) else format_bytes(budget)
