@@ -14,6 +14,7 @@ from torch import nn
 from .check import check_gradients as check_step
 from .errors import BudgetError, InvfxError
 from .modes import Mode
+from .options import OptimizeOptions
 from .passes import annotate, find_segments, rewrite_segment, trace
 from .passes.chain import merge_chains
 from .passes.cost import measure_costs
@@ -91,7 +92,8 @@ def _check_not_sharded(model: nn.Module) -> None:
 
 
 def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Sequence[str] = MODES,
-             leaf_modules: Sequence[type | nn.Module] = (), check_gradients: bool = True) -> OptimizedModule:
+             leaf_modules: Sequence[type | nn.Module] = (), check_gradients: bool = True,
+             options: OptimizeOptions | None = None) -> OptimizedModule:
     """Rewrite ``model`` (unchanged itself) into a GraphModule sharing its parameters and buffers, in which each
     segment of the graph is kept (plain autograd), checkpointed (recomputed in backward) or invertible (its
     inputs freed in forward, rebuilt from its outputs in backward), as the plan chooses.
@@ -105,6 +107,9 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     autograd's on the example inputs (a float64 copy where it fits; see ``invfx.check``) and raise
     :class:`invfx.GradientCheckError`, naming the region, if any gradient differs. False skips it (it costs a
     deep copy of the model and two training steps).
+
+    ``options``: how far the searches go (:class:`invfx.OptimizeOptions`: the longest segment, failed solves
+    per start, calibration rounds, whether invertible regions are merged into chains).
     """
     if not isinstance(model, nn.Module):
         raise InvfxError(f"invfx.optimize: model must be an nn.Module, got {type(model).__name__}")
@@ -116,11 +121,15 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     _check_leaf_modules(leaf_modules)
     _check_budget(memory_budget)
     _check_not_sharded(model)
+    if options is None:
+        options = OptimizeOptions()
+    elif not isinstance(options, OptimizeOptions):
+        raise InvfxError(f"invfx.optimize: options must be an invfx.OptimizeOptions, got {type(options).__name__}")
 
     traced, opaque, constants = trace(model, leaf_modules, num_inputs=len(inputs))
     annotate(traced, inputs)
     split_through_cat(traced)
-    segments = find_segments(traced, modes)
+    segments = find_segments(traced, modes, options.max_segment_nodes, options.max_solve_attempts)
     taken: set[str] = set()
     names, blocked = [], {}
     for i, segment in enumerate(segments):
@@ -159,12 +168,13 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
                              {n: bool(s.freeable) for n, s in by_name.items()})
     regions = {c.name: optimized.get_submodule(c.name) for c in measured.costs}
     if measured.costs:
-        chain, calibration = _plan_within(optimized, model, inputs, measured, memory_budget, regions)
+        chain, calibration = _plan_within(optimized, model, inputs, measured, memory_budget, regions,
+                                          options.calibration_rounds)
         chosen = dict(zip((c.name for c in measured.costs), chain.modes))
     else:  # no segment may run as a region (e.g. each writes into its input in place): plain code, said why
         chain, calibration, chosen = None, _plain_within(model, inputs, memory_budget, blocked), {}
     apply_modes(optimized, chosen)
-    chains = merge_chains(optimized)
+    chains = merge_chains(optimized, options.max_segment_nodes) if options.chains else {}
     if chains:
         bind_attributes(optimized)
     unfused = {name: region.unfused_because for name, region in optimized.named_children()
@@ -208,11 +218,7 @@ def _check_budget(budget) -> None:
         raise InvfxError(f"invfx.optimize: memory_budget in bytes must be positive, got {budget!r}")
 
 
-#: replans after measuring, when the measured peak misses the budget that the estimate met
-CALIBRATION_ROUNDS = 6
-
-
-def _plan_within(optimized, model, inputs, measured, budget, regions):
+def _plan_within(optimized, model, inputs, measured, budget, regions, rounds: int):
     """Plan, and with a budget, check the plan by measuring one training step on the example inputs: where
     the measured peak exceeds the budget (the cost model is an estimate), plan again with the chain's budget
     lowered by the excess. Returns the plan and what was measured (None without a budget)."""
@@ -223,7 +229,7 @@ def _plan_within(optimized, model, inputs, measured, budget, regions):
     target = budget * plain if isinstance(budget, float) else budget
     chain_budget = _chain_budget(budget, measured)
     least = None
-    for round_ in range(CALIBRATION_ROUNDS + 1):
+    for round_ in range(rounds + 1):
         for cost, mode in zip(measured.costs, chain.modes):
             regions[cost.name].mode = mode
         peak = _measure_step(optimized, inputs)
@@ -232,8 +238,8 @@ def _plan_within(optimized, model, inputs, measured, budget, regions):
         if chain.modes == getattr(least, "modes", None):
             raise _measured_miss(budget, peak, plain, "the least achievable peak, measured on the example "
                                                       "inputs (the plan of least memory), is")
-        if round_ == CALIBRATION_ROUNDS:
-            raise _measured_miss(budget, peak, plain, f"the last of {CALIBRATION_ROUNDS + 1} plans tried "
+        if round_ == rounds:
+            raise _measured_miss(budget, peak, plain, f"the last of {rounds + 1} plans tried "
                                                       "measures on the example inputs")
         chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
         try:

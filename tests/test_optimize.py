@@ -78,12 +78,7 @@ def test_consecutive_blocks_run_as_one_region_with_printable_forward_and_rebuild
     assert "inv_blocks_1_to_2: inv_blocks_1 to inv_blocks_2 run as one region" in text
 
 
-def _no_chains(monkeypatch):
-    optimize_module = __import__("sys").modules["invfx.optimize"]
-    monkeypatch.setattr(optimize_module, "merge_chains", lambda root: {})
-
-
-def test_a_chain_needs_no_more_memory_than_a_region_per_block(monkeypatch):
+def test_a_chain_needs_no_more_memory_than_a_region_per_block():
     """A chain of blocks holds one sub-network at a time in backward, like a region per block: the boundaries
     between blocks are values inside it, dropped as they are used up, and its output's gradient is let go of
     once used (measured: 156,808 bytes, the same as with a region per block)."""
@@ -92,8 +87,7 @@ def test_a_chain_needs_no_more_memory_than_a_region_per_block(monkeypatch):
     x = torch.randn(64, 64)
     chained = invfx.optimize(model, x)
     assert any(r["region"] != r["name"] for r in chained.plan.rows if r["mode"] == "invertible")
-    _no_chains(monkeypatch)
-    apart = invfx.optimize(model, x)
+    apart = invfx.optimize(model, x, options=invfx.OptimizeOptions(chains=False))
     assert all(r["region"] == r["name"] for r in apart.plan.rows if r["mode"] == "invertible")
     assert peak(chained, x) <= peak(apart, x), (peak(chained, x), peak(apart, x))
     compare(model.to(DT), x.to(DT), invfx.optimize(model, x.to(DT)))
@@ -121,14 +115,12 @@ def test_a_chain_that_does_not_solve_as_one_keeps_a_region_per_block(monkeypatch
     assert all(hasattr(optimized, r["name"]) for r in rows) and "run as one region" not in str(optimized.plan)
 
 
-def test_long_runs_are_cut_into_chains_of_at_most_max_nodes(monkeypatch):
-    import invfx.passes.chain as chain
-
-    monkeypatch.setattr(chain, "MAX_NODES", 30)  # (two blocks of 12 or 13 nodes a chain)
+def test_long_runs_are_cut_into_chains_of_at_most_max_nodes():
     torch.manual_seed(0)
     model = RevNetMLP(depth=7, width=8, hidden=8).to(DT)
     x = torch.randn(4, 8, dtype=DT)
-    optimized = compare(model, x)
+    # (two blocks of 12 or 13 nodes a chain)
+    optimized = compare(model, x, invfx.optimize(model, x, options=invfx.OptimizeOptions(max_segment_nodes=30)))
     regions = [r["region"] for r in optimized.plan.rows if r["mode"] == "invertible"]
     assert len(regions) == 6 and len(set(regions)) == 3, regions
     assert all(sum(n.op in ("call_module", "call_function", "call_method")

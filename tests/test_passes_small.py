@@ -169,5 +169,19 @@ def test_modes_are_an_enum_that_reads_as_the_words_users_pass():
     optimized = invfx.optimize(model, x, modes=("keep", "invertible"))
     modes = {row["mode"] for row in optimized.plan.rows}
     assert modes <= set(Mode) and Mode.INVERTIBLE in modes
-    assert json.loads(json.dumps(optimized.plan.to_dict(), default=str))["segments"][0]["mode"] in {"keep", "invertible"}
+    dumped = json.loads(json.dumps(optimized.plan.to_dict(), default=str))
+    assert dumped["segments"][0]["mode"] in {"keep", "invertible"}
     assert "| invertible |" in str(optimized.plan).replace("  ", " ").replace("  ", " ")
+
+
+def test_options_are_checked_and_reach_the_passes():
+    with pytest.raises(invfx.InvfxError, match="max_segment_nodes must be a positive whole number"):
+        invfx.OptimizeOptions(max_segment_nodes=0)
+    with pytest.raises(invfx.InvfxError, match="options must be an invfx.OptimizeOptions"):
+        invfx.optimize(Coupling(), torch.randn(3, 2 * W), options={"chains": False})
+    torch.manual_seed(0)
+    model = Coupling().double()
+    x = torch.randn(3, 2 * W, dtype=torch.float64)
+    # a segment of at most 3 nodes cannot hold the coupling: nothing is invertible
+    tight = invfx.optimize(model, x, options=invfx.OptimizeOptions(max_segment_nodes=3))
+    assert all(r["mode"] != "invertible" or r["nodes"] <= 3 for r in tight.plan.rows)

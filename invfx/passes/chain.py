@@ -22,12 +22,12 @@ from .segments import COMPUTE, MAX_NODES, invertible_segment
 __all__ = ["merge_chains"]
 
 
-def merge_chains(root: fx.GraphModule) -> dict[str, str]:
+def merge_chains(root: fx.GraphModule, max_nodes: int = MAX_NODES) -> dict[str, str]:
     """Merge each run of consecutive invertible regions of ``root`` into one region; returns, for each region
     merged, the name of the chain that runs it now."""
     merged: dict[str, str] = {}
     taken = {name for name, _ in root.named_children()}
-    for run in _runs(root):
+    for run in _runs(root, max_nodes):
         chain = _merge(root, run, taken)
         if chain is not None:
             merged.update({name: chain for name in run})
@@ -37,7 +37,7 @@ def merge_chains(root: fx.GraphModule) -> dict[str, str]:
     return merged
 
 
-def _runs(root: fx.GraphModule) -> list[list[str]]:
+def _runs(root: fx.GraphModule, max_nodes: int) -> list[list[str]]:
     """The names of the regions in each run of two or more that can form a chain, in graph order."""
     calls = [n for n in root.graph.nodes if n.op == "call_module" and _chainable(root, n)]
     runs, current = [], []
@@ -50,15 +50,16 @@ def _runs(root: fx.GraphModule) -> list[list[str]]:
         current = [call]
     if len(current) > 1:
         runs.append(current)
-    return [chunk for run in runs for chunk in _chunks(root, [call.target for call in run]) if len(chunk) > 1]
+    return [chunk for run in runs for chunk in _chunks(root, [call.target for call in run], max_nodes)
+            if len(chunk) > 1]
 
 
-def _chunks(root: fx.GraphModule, names: list[str]) -> list[list[str]]:
-    """A run cut into chains of at most MAX_NODES nodes, the longest segment the solver is asked for."""
+def _chunks(root: fx.GraphModule, names: list[str], max_nodes: int) -> list[list[str]]:
+    """A run cut into chains of at most ``max_nodes`` nodes, the longest segment the solver is asked for."""
     chunks, size = [[]], 0
     for name in names:
         nodes = sum(n.op in COMPUTE for n in root.get_submodule(name).forward_body.graph.nodes)
-        if chunks[-1] and size + nodes > MAX_NODES:
+        if chunks[-1] and size + nodes > max_nodes:
             chunks.append([])
             size = 0
         chunks[-1].append(name)

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..modes import Mode
+from ..options import OptimizeOptions
 from ..registry import rules_for
 from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
@@ -29,8 +30,8 @@ from .trace import MODE_SWITCHES
 __all__ = ["Segment", "find_segments", "invertible_segment", "live_values", "why_not_checkpoint", "switches_mode"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
-MAX_NODES = 256  # longest segment tried
-MAX_ATTEMPTS = 24  # failed solves from one start before giving up on it
+MAX_NODES = OptimizeOptions.max_segment_nodes  # longest segment tried (the default; optimize passes its own)
+MAX_ATTEMPTS = OptimizeOptions.max_solve_attempts  # failed solves from one start before giving up on it
 
 # ops whose output may alias their input's storage (the runtime refuses to free views anyway)
 _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "chunk", "split",
@@ -229,7 +230,8 @@ def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.No
     return any(node is not value and node in live_after for node in _aliases(value, hands_on))
 
 
-def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE)) -> list[Segment]:
+def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), max_nodes: int = MAX_NODES,
+                  max_attempts: int = MAX_ATTEMPTS) -> list[Segment]:
     """The chain of segments covering every compute node, invertible where the solver succeeds."""
     compute, live = _boundaries(module)  # live[i]: the values live at the boundary before compute[i]
     invertible_allowed = Mode.INVERTIBLE in modes
@@ -253,7 +255,7 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE)) ->
             segments.append(_make(module, compute[p:p + 1], live, compute, p, p + 1, Mode.KEEP))
             p += 1
             continue
-        found = _find_from(module, compute, live, p, cache) if invertible_allowed else None
+        found = _find_from(module, compute, live, p, cache, max_nodes, max_attempts) if invertible_allowed else None
         if found is None:
             plain.append(compute[p])
             p += 1
@@ -368,7 +370,7 @@ def _ordered(values: set[fx.Node]) -> list[fx.Node]:
         hasattr(next(iter(values)), "_sort_key") else sorted(values, key=lambda n: n.name)
 
 
-def _find_from(module, compute, live, p, cache):
+def _find_from(module, compute, live, p, cache, max_nodes: int = MAX_NODES, max_attempts: int = MAX_ATTEMPTS):
     """The first segment starting at ``p`` that is invertible, frees an input, keeps none and hands the next
     segment outputs it can free (not views); failing that, the first invertible one that frees something."""
     fallback = None
@@ -377,7 +379,7 @@ def _find_from(module, compute, live, p, cache):
     if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem":
         return None  # never start inside a tuple
     scope = _scope(compute, p)
-    for q in range(p + 1, min(len(compute), p + MAX_NODES) + 1):
+    for q in range(p + 1, min(len(compute), p + max_nodes) + 1):
         if stands_alone(compute[q - 1]):
             break
         nodes = compute[p:q]
@@ -410,7 +412,7 @@ def _find_from(module, compute, live, p, cache):
         rebuild = solve(module, nodes, dying, list(outputs) + kept, cache)
         attempts += 1
         if isinstance(rebuild, str):
-            if attempts >= MAX_ATTEMPTS:
+            if attempts >= max_attempts:
                 break
             continue
         segment = _invertible(nodes, inputs, outputs, kept, freeable, rebuild)

@@ -1,0 +1,27 @@
+"""The knobs of ``invfx.optimize`` that are not the plan's inputs: how far its searches go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["OptimizeOptions"]
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """``invfx.optimize(model, x, options=OptimizeOptions(...))``; the defaults suit models of a few thousand
+    nodes on a CPU."""
+
+    max_segment_nodes: int = 256  # the longest segment the solver is asked for (and the longest chain)
+    max_solve_attempts: int = 24  # failed solves from one start before the segment finder gives up on it
+    calibration_rounds: int = 6  # replans after measuring, where a budgeted plan's measured peak misses
+    chains: bool = True  # merge runs of invertible regions into one region each
+
+    def __post_init__(self):
+        for name in ("max_segment_nodes", "max_solve_attempts", "calibration_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "calibration_rounds"
+                                                                                 else 1):
+                from .errors import InvfxError
+
+                raise InvfxError(f"invfx.OptimizeOptions: {name} must be a positive whole number, got {value!r}")
