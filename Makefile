@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench clean
+.PHONY: test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff over everything; mypy --strict over what is typed so far (the planner, the runtime and their helpers)
+TYPED := invfx/planner.py invfx/tolerances.py invfx/units.py invfx/runtime/
+lint: $(STAMP)
+	$(BIN)/ruff check invfx tests benchmarks
+	$(BIN)/mypy $(TYPED)
 
 # the suite without the tests marked slow (a quicker loop while working; CI runs them all)
 test-fast: $(STAMP)

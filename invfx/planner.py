@@ -92,8 +92,10 @@ import bisect
 import itertools
 import math
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import cast
 
 from .errors import BudgetError
 from .units import format_bytes
@@ -118,6 +120,11 @@ _relative_peak = itemgetter(0)  # of a frontier point
 #: Largest chain :func:`exhaustive` accepts (3**14 plans is already millions).
 EXHAUSTIVE_LIMIT = 14
 
+# A state of the dynamic programme, (kept_before, mode rank); a frontier point, (R, compute, order, next mode,
+# index of the point it extends), the last two None at the last segment (see _frontier_pass).
+_State = tuple[bool, int]
+_Point = tuple[int, int, int, int | None, int | None]
+
 
 @dataclass(frozen=True)
 class SegmentCost:
@@ -139,7 +146,7 @@ class SegmentCost:
     # a time); None: saved_bytes, as a checkpoint's recomputation
     invertible_bytes: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
                            "forward_transient_bytes"):
             value = getattr(self, field_name)
@@ -198,7 +205,7 @@ class ChainPlan:
     exact: bool = True
 
 
-def _check_chain(costs) -> tuple[SegmentCost, ...]:
+def _check_chain(costs: Iterable[SegmentCost]) -> tuple[SegmentCost, ...]:
     costs = tuple(costs)
     if not costs:
         raise ValueError("a chain needs at least one segment")
@@ -221,7 +228,7 @@ def _kept(before: SegmentCost, mode_before: str, after: SegmentCost, mode_after:
     return needed and not freed
 
 
-def chain_peak(costs, modes) -> int:
+def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
     """Peak bytes of running ``costs`` in ``modes``: the definition of the memory model (module docstring).
 
     It does not check that a mode is allowed for its segment (:func:`plain_peak` uses keep everywhere)."""
@@ -256,14 +263,14 @@ def chain_peak(costs, modes) -> int:
     return max(terms)
 
 
-def chain_extra_flops(costs, modes) -> float:
+def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str]) -> float:
     """Extra compute of running ``costs`` in ``modes``: ``flops`` per checkpointed segment, ``flops +
     inverse_flops`` per invertible one. The sum is correctly rounded (math.fsum), so it is independent of order."""
     costs = _check_chain(costs)
     modes = tuple(modes)
     if len(modes) != len(costs):
         raise ValueError(f"{len(modes)} modes for {len(costs)} segments")
-    parts = []
+    parts: list[float] = []
     for cost, mode in zip(costs, modes):
         if mode == CHECKPOINT:
             parts.append(cost.flops)
@@ -276,13 +283,13 @@ def chain_extra_flops(costs, modes) -> float:
     return math.fsum(parts)
 
 
-def plain_peak(costs) -> int:
+def plain_peak(costs: Iterable[SegmentCost]) -> int:
     """Peak bytes with every segment in keep mode (whether or not keep is allowed for it)."""
     costs = _check_chain(costs)
     return chain_peak(costs, (KEEP,) * len(costs))
 
 
-def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int]]:
+def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int | None]]:
     """Extra compute of each segment in each mode as exact integers, on one common scale.
 
     Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
@@ -309,7 +316,7 @@ def _budget_error(budget: int, least: int) -> BudgetError:
                        "segment allows them")
 
 
-def _check_budget(budget) -> int | None:
+def _check_budget(budget: int | None) -> int | None:
     if budget is None:
         return None
     try:
@@ -328,18 +335,19 @@ class _Chain:
     boundary entering it was kept, and its mode.
     """
 
-    def __init__(self, costs: tuple[SegmentCost, ...]):
+    def __init__(self, costs: tuple[SegmentCost, ...]) -> None:
         self.costs = costs
         self.n = n = len(costs)
         self.input_bytes = costs[0].input_bytes  # B_0, always held
-        self.allowed = []
+        self.allowed: list[tuple[int, ...]] = []
         for cost in costs:
             allowed = tuple(_RANK[mode] for mode in cost.allowed_modes)
             if not allowed:
                 raise ValueError(f"segment {cost.name!r} allows no mode: modes={sorted(cost.modes)}, "
                                  f"inverse_flops={cost.inverse_flops}")
             self.allowed.append(allowed)
-        self.compute = _exact_compute(costs)
+        # (None only for invertible without an inverse, a mode `allowed` leaves out, so never read)
+        self.compute = cast("list[tuple[int, int, int]]", _exact_compute(costs))
         # b_{i-1} as counted on top of A_i: 0 for the first segment, whose input B_0 is already inside A_i.
         self.before = [0] + [cost.output_bytes for cost in costs[:-1]]
         self.after = [cost.output_bytes for cost in costs]
@@ -374,15 +382,16 @@ class _Chain:
         return max(forward, backward)
 
 
-def _least_suffix_peaks(chain: _Chain) -> list[dict]:
+def _least_suffix_peaks(chain: _Chain) -> list[dict[_State, int]]:
     """``least[s][state]``: the least ``R_s`` (peak relative to ``A_s``) of any suffix from ``state`` on.
 
     A min-max recurrence from the back, exact because ``R_s`` grows with ``R_{s+1}``. The least peak of the
     chain is ``B_0 + min(least[0].values())``."""
     n = chain.n
-    least = [None] * n
+    least = cast("list[dict[_State, int]]", [None] * n)  # (every entry is set below)
     least[n - 1] = {state: chain.local(n - 1, *state, None) for state in chain.states[n - 1]}
     for s in range(n - 2, -1, -1):
+        here: dict[_State, int]
         following, here = least[s + 1], {}
         for kb, m in chain.states[s]:
             growth = chain.growth(s, kb, m)
@@ -395,7 +404,7 @@ def _least_suffix_peaks(chain: _Chain) -> list[dict]:
 def _multipliers(chain: _Chain) -> list[float]:
     """Prices of memory in compute (compute per byte) for the Lagrangian bounds: 0, and a geometric grid over
     what freeing a segment's memory by recomputing or inverting it costs."""
-    ratios = []
+    ratios: list[float] = []
     for s, cost in enumerate(chain.costs):
         for m in chain.allowed[s]:
             if m != _K and chain.compute[s][m] > 0:
@@ -423,11 +432,13 @@ class _PrefixBounds:
     is exact; ``most`` and ``hulls`` are relaxations (transitions are checked with the least prefix), which is
     all a bound needs."""
 
-    def __init__(self, chain: _Chain, budget: int, suffix_peaks: list[dict], prices: list[float]):
+    def __init__(self, chain: _Chain, budget: int, suffix_peaks: list[dict[_State, int]], prices: list[float]) -> None:
         n = chain.n
+        least: list[dict[_State, int]]
+        most: list[dict[_State, int]]
         self.least = least = [dict() for _ in range(n)]
         self.most = most = [dict() for _ in range(n)]
-        lines = [dict() for _ in range(n)]
+        lines: list[dict[_State, list[float]]] = [dict() for _ in range(n)]
         start = chain.input_bytes
         for state in chain.states[0]:
             if start + suffix_peaks[0][state] <= budget:
@@ -469,11 +480,11 @@ def _upper_envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list
     breaks)``: line ``k`` is the maximum for ``breaks[k] <= x <= breaks[k - 1]`` (``breaks[-1]`` is -inf).
 
     Each line alone is a lower bound, so float rounding here can only weaken the pruning, never make it wrong."""
-    best = {}
+    best: dict[float, float] = {}
     for lam, phi in lines:
         if lam not in best or phi > best[lam]:
             best[lam] = phi
-    hull = []
+    hull: list[tuple[float, float]] = []
     for lam, phi in sorted(best.items()):
         while len(hull) >= 2:
             (lam1, phi1), (lam2, phi2) = hull[-2], hull[-1]
@@ -490,7 +501,7 @@ def _upper_envelope(lines: list[tuple[float, float]]) -> tuple[list[float], list
 
 
 def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier_limit: int,
-                   upper: int | None) -> tuple[tuple | None, bool]:
+                   upper: int | None) -> tuple[tuple[tuple[int, int, int], tuple[int, ...]] | None, bool]:
     """Backward pass: the plan of least (compute, peak, mode order) with peak <= budget, as ``((compute, peak,
     order), ranks)``, or None if every plan was pruned; and whether no frontier was thinned.
 
@@ -501,15 +512,15 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
     on, its peak relative to A_s, its exact extra compute, and the rank of its modes in lexicographic order
     among all points at s (within a state, the rank of the point it extends orders them)."""
     n = chain.n
-    frontiers = [None] * n
+    frontiers = cast("list[dict[_State, tuple[list[_Point], list[int]]]]", [None] * n)  # (every entry is set below)
     exact = True
     # The bounds are floats: the compute they add to (exact integers) may round, by far less than this.
     slack = None if upper is None else 1e-9 * abs(upper) + 1.0
 
-    def ranked(candidates: dict) -> dict:
+    def ranked(candidates: dict[_State, list[_Point]]) -> dict[_State, tuple[list[_Point], list[int]]]:
         # The order of a point at s is that of its modes (m_s, m_{s+1}, ...): its state's mode, then the order of
         # the point it extends. Dense ranks keep the numbers small.
-        by_mode = {}
+        by_mode: dict[int, set[int]] = {}
         for (_, m), points in candidates.items():
             by_mode.setdefault(m, set()).update(point[2] for point in points)
         rank_of, offset = {}, 0
@@ -519,7 +530,7 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
         return {state: (points, [rank_of[state[1]][point[2]] for point in points])
                 for state, points in candidates.items()}
 
-    def pruned(s: int, state, staircase: list) -> list:
+    def pruned(s: int, state: _State, staircase: list[_Point]) -> list[_Point]:
         nonlocal exact
         # A suffix that fits after every prefix that reaches this state (R <= budget - most) needs nothing
         # from the prefix, so only the least-compute such suffixes matter: any other costs strictly more.
@@ -541,8 +552,8 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
             while room < breaks[line]:
                 line += 1
             totals.append(point[1] + phis[line] - lams[line] * room)
-        if upper is not None:
-            kept = [index for index, total in enumerate(totals) if total <= upper + slack]
+        if upper is not None:  # (then slack is not None either)
+            kept = [index for index, total in enumerate(totals) if total <= upper + slack]  # type: ignore[operator]
             if len(kept) < len(staircase):
                 staircase, totals = [staircase[i] for i in kept], [totals[i] for i in kept]
         if len(staircase) > frontier_limit:
@@ -568,7 +579,7 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
             room = budget - held  # the most R_s a suffix may have here
             growth = chain.growth(s, kb, m)
             compute = chain.compute[s][m]
-            pool = []
+            pool: list[_Point] = []
             for m2 in chain.allowed[s + 1]:
                 points, orders = following.get((chain.kept[s][m][m2], m2), (None, None))
                 if not points:
@@ -581,18 +592,20 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
                 # (least compute) can be on the staircase.
                 fitting = bisect.bisect_right(points, room - growth, key=_relative_peak)
                 start = max(0, bisect.bisect_right(points, local - growth, 0, fitting, key=_relative_peak) - 1)
+                # (orders is None only where points is)
                 pool += [(local if local > relative else relative, compute + point[1], order, m2, index)
                          for index, point, order in zip(range(start, fitting), points[start:fitting],
-                                                        orders[start:fitting])
+                                                        orders[start:fitting])  # type: ignore[index]
                          for relative in (growth + point[0],)]
             if not pool:
                 continue
             pool.sort()
-            staircase = []
+            staircase: list[_Point] = []
             best_compute, best_order = None, None
             for point in pool:  # keep the points no other beats in both R and (compute, order)
-                if best_compute is None or point[1] < best_compute or (point[1] == best_compute
-                                                                        and point[2] < best_order):
+                # (best_order is set together with best_compute)
+                if best_compute is None or point[1] < best_compute or \
+                        (point[1] == best_compute and point[2] < best_order):  # type: ignore[operator]
                     staircase.append(point)
                     best_compute, best_order = point[1], point[2]
             staircase = pruned(s, (kb, m), staircase)
@@ -607,18 +620,19 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
             key = (c, chain.input_bytes + r, order)
             if best_key is None or key < best_key:
                 best_state, best_index, best_key = state, index, key
-    if best_state is None:
+    if best_state is None or best_index is None or best_key is None:  # (all three are set together)
         return None, exact
     ranks = [best_state[1]]
     state, index = best_state, best_index
     for s in range(n - 1):
-        _, _, _, m2, index = frontiers[s][state][0][index]
+        # (only the last segment's points have None for the next mode and the point they extend)
+        _, _, _, m2, index = cast("tuple[int, int, int, int, int]", frontiers[s][state][0][index])
         ranks.append(m2)
         state = (chain.kept[s][state[1]][m2], m2)
     return (best_key, tuple(ranks)), exact
 
 
-def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict],
+def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict[_State, int]],
                    frontier_limit: int) -> tuple[tuple[int, ...], bool]:
     """Modes of least (compute, peak, mode order) among plans of peak <= budget (one must exist), and whether
     the answer is exact.
@@ -638,10 +652,11 @@ def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict],
             best = (found[0][0], found[0][1], found[1])
         if best is None:
             raise AssertionError("no plan within a budget the least peak fits; the planner has a bug")
-    return best[2], False
+    return best[2], False  # type: ignore[index]  # (limits is never empty, and a pass that leaves best None raises)
 
 
-def plan_chain(costs, budget: int | None = None, *, frontier_limit: int = FRONTIER_LIMIT) -> ChainPlan:
+def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
+               frontier_limit: int = FRONTIER_LIMIT) -> ChainPlan:
     """The modes of a chain of segments: of least peak (``budget=None``), or of least extra compute with a peak
     of at most ``budget`` bytes. Ties and the model: see the module docstring.
 
@@ -669,7 +684,7 @@ def plan_chain(costs, budget: int | None = None, *, frontier_limit: int = FRONTI
     return ChainPlan(modes, peak, chain_extra_flops(costs, modes), plain_peak(costs), exact)
 
 
-def exhaustive(costs, budget: int | None = None) -> ChainPlan:
+def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> ChainPlan:
     """The same answer as :func:`plan_chain`, by trying every plan with :func:`chain_peak`. For tests; at most
     ``EXHAUSTIVE_LIMIT`` segments."""
     costs = _check_chain(costs)
@@ -692,6 +707,6 @@ def exhaustive(costs, budget: int | None = None) -> ChainPlan:
         if best_key is None or key < best_key:
             best_key, best_modes = key, modes
     if best_modes is None:
-        raise _budget_error(budget, least)
+        raise _budget_error(budget, least)  # type: ignore[arg-type]  # (with no budget some plan is best)
     return ChainPlan(best_modes, chain_peak(costs, best_modes), chain_extra_flops(costs, best_modes),
                      plain_peak(costs), True)

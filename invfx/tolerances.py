@@ -13,6 +13,7 @@ stands for, by what compares them. Set a dtype's ``reconstruction`` to None to s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ def reconstruction_tolerance(dtype: torch.dtype) -> float | None:
     return found.reconstruction if found is not None else None
 
 
-def tolerance_for(dtype: torch.dtype, computed_in=()) -> float | None:
+def tolerance_for(dtype: torch.dtype, computed_in: Iterable[torch.dtype] = ()) -> float | None:
     """The reconstruction tolerance for values stored in ``dtype`` and computed in ``computed_in`` (autocast's
     lower precisions); None: not checked."""
     tolerance = reconstruction_tolerance(dtype)

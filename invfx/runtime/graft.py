@@ -10,6 +10,7 @@ real tensors and the parameters' gradients to the parameters. Each sub-network t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 
@@ -30,19 +31,20 @@ class _Box:
 
     __slots__ = ("outputs", "stand_ins", "params")
 
-    def __init__(self, outputs, stand_ins, params):
+    def __init__(self, outputs: list[torch.Tensor], stand_ins: list[torch.Tensor],
+                 params: list[torch.Tensor]) -> None:
         self.outputs, self.stand_ins, self.params = outputs, stand_ins, params
 
 
 class _Graft(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, box, *attach_and_params):
+    def forward(ctx: Any, box: _Box, *attach_and_params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.box = box
         ctx.set_materialize_grads(False)
         return tuple(o.detach() for o in box.outputs)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise RegionError("double backward through a fused invfx region is not supported")
         box, ctx.box = ctx.box, None
@@ -51,7 +53,7 @@ class _Graft(torch.autograd.Function):
                               "freed by the first backward")
         count = len(box.stand_ins)
         needs = ctx.needs_input_grad[1:]
-        result = [None] * (count + len(box.params))
+        result: list[torch.Tensor | None] = [None] * (count + len(box.params))
         roots = [(o, g) for o, g in zip(box.outputs, grads) if g is not None and o.requires_grad]
         wanted = [i for i, need in enumerate(needs)
                   if need and (i >= count or box.stand_ins[i].requires_grad)]
@@ -73,4 +75,5 @@ def graft(outputs: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor], at
     """
     if len(stand_ins) != len(attach):
         raise RegionError(f"graft: {len(stand_ins)} stand-ins for {len(attach)} tensors")
-    return _Graft.apply(_Box(list(outputs), list(stand_ins), list(params)), *attach, *params)
+    box = _Box(list(outputs), list(stand_ins), list(params))
+    return cast("tuple[torch.Tensor, ...]", _Graft.apply(box, *attach, *params))  # type: ignore[no-untyped-call]

@@ -45,9 +45,9 @@ import contextlib
 import contextvars
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NoReturn, cast
 
 import torch
 
@@ -83,16 +83,16 @@ class Discovery:
 
     def __init__(self, candidates: Sequence[torch.Tensor]):
         self.candidates = list(candidates)
-        self.key = None
+        self.key: tuple[tuple[bool, ...], tuple[bool, ...], bool] | None = None
         self.requires_grad: list[bool] = []
         self.params: list[torch.Tensor] = []
-        self.accumulators: list = []
+        self.accumulators: list[torch.autograd.graph.Node] = []
 
-    def key_for(self, inputs: Sequence[torch.Tensor]) -> tuple:
+    def key_for(self, inputs: Sequence[torch.Tensor]) -> tuple[tuple[bool, ...], tuple[bool, ...], bool]:
         return (tuple(t.requires_grad for t in inputs), tuple(p.requires_grad for p in self.candidates),
                 torch.is_autocast_enabled("cpu"))
 
-    def __getstate__(self):  # autograd nodes do not pickle; a copy rediscovers
+    def __getstate__(self) -> dict[str, Any]:  # autograd nodes do not pickle; a copy rediscovers
         return {"candidates": self.candidates, "key": None, "requires_grad": [], "params": [],
                 "accumulators": []}
 
@@ -103,7 +103,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
         # the inf-norm is one pass with no temporary (abs().max() is two passes and a temporary)
         scale = torch.linalg.vector_norm(expected, float("inf")).float().clamp_min(torch.finfo(torch.float32).tiny)
         difference = torch.sub(got.detach().to(expected.dtype), expected)
-        return (torch.linalg.vector_norm(difference, float("inf")).float() / scale).item()
+        return float((torch.linalg.vector_norm(difference, float("inf")).float() / scale).item())
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Region:
 
     function: Callable[..., Any]
     mode: str = CHECKPOINT
-    inverse: Callable[[tuple, frozenset], Sequence[Any]] | None = None
+    inverse: Callable[[tuple[Any, ...], frozenset[int]], Sequence[Any]] | None = None
     replay: Callable[["ReplayContext"], Any] | None = None
     free: frozenset[int] = frozenset()
     keep: frozenset[int] = frozenset()
@@ -133,7 +133,7 @@ class Region:
     preserve_rng_state: bool = True
     name: str = "region"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in (CHECKPOINT, INVERTIBLE):
             raise RegionError(f"{self.name}: unknown mode {self.mode!r}")
         if self.mode == INVERTIBLE and self.inverse is None and self.rebuild is None:
@@ -145,15 +145,19 @@ class Region:
             raise RegionError(f"{self.name}: arguments {sorted(self.free & self.keep)} are both freed and kept")
 
 
-def checkpoint(function, *args, buffers=(), preserve_rng_state=True, name=None):
+def checkpoint(function: Callable[..., Any], *args: Any, buffers: Iterable[torch.Tensor | torch.nn.Module] = (),
+               preserve_rng_state: bool = True, name: str | None = None) -> Any:
     """Run ``function(*args)`` keeping only its inputs; recompute it in backward."""
     region = Region(function, CHECKPOINT, buffers=tuple(buffers), preserve_rng_state=preserve_rng_state,
                     name=name or _name_of(function))
     return run_region(region, args)
 
 
-def invertible_checkpoint(function, inverse, *args, free=(), replay=None, buffers=(), preserve_rng_state=True,
-                          name=None):
+def invertible_checkpoint(function: Callable[..., Any], inverse: Callable[..., Any], *args: Any,
+                          free: Iterable[int] | Literal[True] = (),
+                          replay: Callable[[ReplayContext], Any] | None = None,
+                          buffers: Iterable[torch.Tensor | torch.nn.Module] = (), preserve_rng_state: bool = True,
+                          name: str | None = None) -> Any:
     """Run ``function(*args)`` keeping only its outputs; rebuild the inputs with ``inverse`` in backward.
 
     ``inverse(*outputs)`` (or ``inverse(*outputs, saved=...)`` if it takes ``saved``) returns the arguments.
@@ -194,7 +198,7 @@ def rng_mark(name: str) -> None:
 
 
 @contextlib.contextmanager
-def rng_marks(phase: str, rng: RngState | None):
+def rng_marks(phase: str, rng: RngState | None) -> Iterator[None]:
     """Within the block, :func:`rng_mark` records into ``rng`` (phase "record") or replays from it
     ("replay"). Regions do this themselves; :meth:`invfx.nn.Module.check_inverse` uses it too."""
     token = _RNG_MARKS.set((phase, rng) if rng is not None else None)
@@ -204,11 +208,11 @@ def rng_marks(phase: str, rng: RngState | None):
         _RNG_MARKS.reset(token)
 
 
-def _name_of(function) -> str:
+def _name_of(function: Callable[..., Any]) -> str:
     return getattr(function, "__qualname__", None) or type(function).__name__
 
 
-def _adapt_inverse(inverse):
+def _adapt_inverse(inverse: Callable[..., Any] | None) -> Callable[[tuple[Any, ...], frozenset[int]], Any] | None:
     if inverse is None:
         return None
     try:
@@ -224,7 +228,7 @@ def _adapt_inverse(inverse):
 # Forward
 
 
-def run_region(region: Region, args: Sequence[Any]):
+def run_region(region: Region, args: Sequence[Any]) -> Any:
     """Run ``region`` on ``args``; with grad disabled this is exactly ``region.function(*args)``."""
     if not torch.is_grad_enabled():
         return region.function(*args)
@@ -265,7 +269,9 @@ def run_region(region: Region, args: Sequence[Any]):
     structure = _Structure.of(result)
     outputs = structure.tensors(result)
     if known:
-        requires_grad, params, accumulators = discovery.requires_grad, discovery.params, discovery.accumulators
+        # (known: discovery is not None)
+        requires_grad, params, accumulators = \
+            discovery.requires_grad, discovery.params, discovery.accumulators  # type: ignore[union-attr]
         if len(requires_grad) != len(outputs):
             raise RegionError(f"{region.name}: the function returned {len(outputs)} tensors, earlier "
                               f"{len(requires_grad)}; a region with a discovery cache must not change its graph")
@@ -282,7 +288,8 @@ def run_region(region: Region, args: Sequence[Any]):
                        autocast, buffer_state.mutated())
     call.accumulators = accumulators
     del result
-    returned = RegionFunction.apply(call, *inputs, *params)
+    returned = cast("tuple[torch.Tensor, ...]",
+                    RegionFunction.apply(call, *inputs, *params))  # type: ignore[no-untyped-call]
     node = next((t.grad_fn for t in returned if t.grad_fn is not None), None)
     if node is not None:
         node.register_prehook(call.take_output_grads)
@@ -295,11 +302,11 @@ def _leaf_like(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _dry_mode(name: str):
-    def pack(_):
+def _dry_mode(name: str) -> Iterator[None]:
+    def pack(_: torch.Tensor) -> None:
         return None
 
-    def unpack(_):
+    def unpack(_: None) -> NoReturn:
         raise RegionError(f"{name}: the function computes gradients inside its forward, which a region cannot "
                           "run without keeping its activations")
 
@@ -309,17 +316,20 @@ def _dry_mode(name: str):
 
 def _next_sequence_nr() -> int:
     """Sequence number the next autograd node of this thread will get."""
-    get = getattr(torch._C._autograd, "_get_sequence_nr", None)
+    get: Callable[[], int] | None = getattr(torch._C._autograd, "_get_sequence_nr", None)
     if get is not None:
         return get()
     probe = torch.zeros((), requires_grad=True) * 1
-    return probe.grad_fn._sequence_nr() + 1
+    return probe.grad_fn._sequence_nr() + 1  # type: ignore[union-attr]  # (it requires grad: it has a grad_fn)
 
 
-_ACCUMULATE_GRAD = type(torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])
+# (Any: torch's stubs do not describe AccumulateGrad nodes, nor their .variable)
+_ACCUMULATE_GRAD: type[Any] = type(
+    torch.zeros((), requires_grad=True).expand(1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
 
 
-def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> tuple[list[torch.Tensor], list]:
+def _graph_leaves(outputs: Sequence[torch.Tensor], own_leaves: Sequence[torch.Tensor], first_node: int,
+                  name: str) -> tuple[list[torch.Tensor], list[torch.autograd.graph.Node]]:
     """Tensors requiring grad that the function read without getting them as arguments (its parameters).
 
     Walks the dry run's graph from the outputs. A node older than the dry run belongs to the caller's graph: the
@@ -327,7 +337,7 @@ def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> tuple[list
     """
     own = {id(leaf) for leaf in own_leaves}
     found: dict[int, torch.Tensor] = {}
-    accumulators: dict[int, object] = {}
+    accumulators: dict[int, torch.autograd.graph.Node] = {}
     seen: set[int] = set()
     stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
     while stack:
@@ -349,7 +359,7 @@ def _graph_leaves(outputs, own_leaves, first_node: int, name: str) -> tuple[list
     return list(found.values()), [accumulators[k] for k in found]
 
 
-def _holds_tensor(value) -> bool:
+def _holds_tensor(value: object) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     if isinstance(value, (tuple, list)):
@@ -364,11 +374,11 @@ class _Structure:
 
     __slots__ = ("kind", "slots", "length")
 
-    def __init__(self, kind, slots, length):
+    def __init__(self, kind: str | type[tuple[Any, ...] | list[Any]], slots: list[int], length: int) -> None:
         self.kind, self.slots, self.length = kind, slots, length
 
     @classmethod
-    def of(cls, result):
+    def of(cls, result: object) -> _Structure:
         if isinstance(result, torch.Tensor):
             return cls("tensor", [0], 1)
         if isinstance(result, (tuple, list)):
@@ -381,19 +391,19 @@ class _Structure:
             return cls(type(result), slots, len(result))
         raise RegionError(f"a region must return a tensor or a tuple/list, not {type(result).__name__}")
 
-    def tensors(self, result) -> list[torch.Tensor]:
+    def tensors(self, result: Any) -> list[torch.Tensor]:
         return [result] if self.kind == "tensor" else [result[i] for i in self.slots]
 
-    def items(self, result) -> tuple:
+    def items(self, result: Any) -> tuple[Any, ...]:
         return (result,) if self.kind == "tensor" else tuple(result)
 
-    def rebuild(self, result, tensors):
+    def rebuild(self, result: Any, tensors: Sequence[torch.Tensor | None]) -> Any:
         if self.kind == "tensor":
             return tensors[0]
         items = list(result)
         for slot, tensor in zip(self.slots, tensors):
             items[slot] = tensor
-        return self.kind(items)
+        return self.kind(items)  # type: ignore[operator]  # (a tuple or list type: not "tensor")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,8 +414,12 @@ class _RegionCall:
     """The state of one forward of a region, held by the autograd node until backward (never a tensor with
     history, so no reference cycle through the graph)."""
 
-    def __init__(self, region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
-                 autocast, mutated_buffers):
+    accumulators: list[torch.autograd.graph.Node]  # the parameters' AccumulateGrad nodes, set by run_region
+
+    def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
+                 params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
+                 requires_grad: list[bool], rng: RngState | None, autocast: AutocastState,
+                 mutated_buffers: list[torch.Tensor]) -> None:
         self.region = region
         self.name = region.name
         self.positions = positions
@@ -425,11 +439,12 @@ class _RegionCall:
         self.mutated_buffers = mutated_buffers
         self.freed: dict[int, tuple[torch.Tensor, int]] = {}  # slot -> (alias sharing the storage, nbytes)
         self.not_freed: dict[int, str] = {}  # position -> why the runtime refused to free it
-        self.weak_inputs: dict[int, tuple[weakref.ref, int]] = {}  # slot -> (weakref, version)
+        self.weak_inputs: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}  # slot -> (weakref, version)
         self.kept_positions = sorted(p for p in region.keep if p in self.position_slot)
         self.param_keys = {storage_key(p) for p in params}
         self.buffer_keys = {storage_key(b) for b in mutated_buffers}
-        self.pending = None  # the gradients of the outputs, between the node's pre-hook and its backward
+        # the gradients of the outputs, between the node's pre-hook and its backward
+        self.pending: tuple[torch.Tensor | None, ...] | None = None
 
     # -- forward, inside RegionFunction.forward --------------------------------------------------------------
 
@@ -442,7 +457,7 @@ class _RegionCall:
                 self.not_freed[p] = "not a tensor argument"
         kept_keys = {storage_key(o) for o in self.outputs} | self.param_keys | self.buffer_keys
         kept_keys |= {storage_key(inputs[k]) for k in range(len(inputs)) if k not in wanted}
-        freed_keys: dict[tuple, int] = {}
+        freed_keys: dict[tuple[torch.device, int], int] = {}
         for slot in sorted(wanted):
             tensor = inputs[slot]
             key = storage_key(tensor)
@@ -463,7 +478,7 @@ class _RegionCall:
 
     # -- backward ----------------------------------------------------------------------------------------------
 
-    def take_output_grads(self, grad_outputs):
+    def take_output_grads(self, grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[None, ...]:
         """The node's pre-hook: takes the gradients of the outputs out of the engine's hands.
 
         The engine holds the gradients it passes to a node until the node returns; a region's backward lasts
@@ -474,7 +489,8 @@ class _RegionCall:
         self.pending = grad_outputs
         return (None,) * len(grad_outputs)
 
-    def backward(self, saved: tuple[torch.Tensor, ...], grad_outputs):
+    def backward(self, saved: tuple[torch.Tensor, ...],
+                 grad_outputs: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
         region = self.region
         replay = region.replay or (_replay_checkpoint if region.mode == CHECKPOINT else _replay_inverse)
         context = ReplayContext(self, saved)
@@ -494,7 +510,7 @@ class _RegionCall:
         self.freed.clear()
         return grads
 
-    def _direct_params(self, params) -> set[int]:
+    def _direct_params(self, params: Sequence[torch.Tensor]) -> set[int]:
         """Parameters whose gradient a replay may add into ``.grad`` itself, as soon as it has it.
 
         Only in a ``backward()`` that will accumulate into them anyway (the engine will run their AccumulateGrad
@@ -505,7 +521,7 @@ class _RegionCall:
         parameter's gradient on as usual). Holding every gradient of a region to its end would cost its
         parameters' size (8 MiB for a width-1024 coupling; in a chain, every block's).
         """
-        direct = set()
+        direct: set[int] = set()
         will_execute, plain = torch._C._will_engine_execute_node, (torch.Tensor, torch.nn.Parameter)
         for param, node in zip(params, getattr(self, "accumulators", ())):
             if type(param) not in plain or not param.requires_grad or param._backward_hooks or param.is_sparse:
@@ -522,16 +538,17 @@ class _RegionCall:
                 return set()
         return direct
 
-    def _provided_gradients(self, context, result):
+    def _provided_gradients(self, context: ReplayContext, result: Any) -> tuple[torch.Tensor | None, ...]:
         """The replay computed the gradients itself (a staged replay): check and hand them on."""
-        inputs, params = context.gradients
+        inputs, params = context.gradients  # type: ignore[misc]  # (_gradients calls it only when set)
         if result is not None and context.output_tensors is not None:
             recomputed = self.structure.tensors(result)
             self._check_reconstruction(recomputed, context.output_tensors)
         input_grads = [inputs.get(p) if meta[3] else None for p, meta in zip(self.positions, self.input_meta)]
         return tuple(input_grads) + tuple(params.get(id(p)) for p in context.params)
 
-    def _check_reconstruction(self, recomputed, saved, first_index: int = 0, what: str | None = None) -> None:
+    def _check_reconstruction(self, recomputed: Sequence[torch.Tensor | None], saved: Sequence[torch.Tensor],
+                              first_index: int = 0, what: str | None = None) -> None:
         """The recomputation from rebuilt inputs must give back the outputs the forward kept.
 
         It costs a comparison (the two sides exist anyway) and turns a wrong inverse, an inverse blown up by
@@ -554,10 +571,11 @@ class _RegionCall:
                     "numerically, or the function is not deterministic (randomness with seed=False). The "
                     "gradients would be wrong: use checkpoint mode for this region")
 
-    def _gradients(self, context, result):
+    def _gradients(self, context: ReplayContext, result: Any) -> tuple[torch.Tensor | None, ...]:
         if context.gradients is not None:
             return self._provided_gradients(context, result)
-        grad_outputs = context.grad_outputs
+        # (set by backward; a replay drops it only once it has set the gradients itself)
+        grad_outputs: tuple[torch.Tensor | None, ...] = context.grad_outputs  # type: ignore[assignment]
         try:
             recomputed = self.structure.tensors(result)
         except (IndexError, TypeError, RegionError):
@@ -587,7 +605,8 @@ class _RegionCall:
         return tuple(input_grads) + tuple(found_params)
 
 
-def _outputs_for_return(outputs, inputs):
+def _outputs_for_return(outputs: Sequence[torch.Tensor],
+                        inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int | None]]:
     """Detached outputs to hand back from the autograd function, and for each the input slot it aliases.
 
     An output sharing storage with an input (an identity stream, a reshape) is returned as a *view* of that
@@ -595,7 +614,8 @@ def _outputs_for_return(outputs, inputs):
     bytes under its owner. An output sharing storage with an earlier output is copied (rare; freeing one must
     not free the other).
     """
-    slot_by_key = {}
+    slot: int | None
+    slot_by_key: dict[tuple[torch.device, int], int] = {}
     for slot, tensor in enumerate(inputs):
         if tensor.numel():
             slot_by_key.setdefault(storage_key(tensor), slot)
@@ -617,7 +637,7 @@ class RegionFunction(torch.autograd.Function):
     """The autograd node of a region. Its inputs: the region's tensor arguments, then the parameters found."""
 
     @staticmethod
-    def forward(ctx, call: _RegionCall, *tensors):
+    def forward(ctx: Any, call: _RegionCall, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.call = call
         ctx.set_materialize_grads(False)
         inputs = tensors[:len(call.positions)]
@@ -636,12 +656,12 @@ class RegionFunction(torch.autograd.Function):
             if call.release_inputs(inputs):
                 # held by the node only (no cycle), so it fires as soon as the graph is dropped
                 ctx.guard = _RestoreOnDrop(call, [t.detach() for t in (*outputs, *kept, *params)])
-        call.outputs = None  # the saved tensors hold them from here
+        call.outputs = None  # type: ignore[assignment]  # the saved tensors hold them from here
         return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, *grad_outputs):
-        call = ctx.call
+    def backward(ctx: Any, *grad_outputs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        call: _RegionCall = ctx.call
         if torch.is_grad_enabled():
             raise RegionError(f"{call.name}: double backward (create_graph=True) through an invfx region is not "
                               "supported; run this part plainly (checkpoint=False) to differentiate twice")
@@ -696,16 +716,19 @@ class ReplayContext:
 
     def __init__(self, call: _RegionCall, saved: tuple[torch.Tensor, ...]):
         self._call = call
-        self.grad_outputs = None  # the gradients of the outputs, in backward
+        self.grad_outputs: tuple[torch.Tensor | None, ...] | None = None  # the gradients of the outputs, in backward
         self.direct_params: set[int] = set()  # parameters whose gradients may go into .grad directly
         # A replay may compute the gradients itself and set (input grads by position, parameter grads by id);
         # it then returns the recomputed outputs (None where it recomputed none) for the reconstruction check.
-        self.gradients: tuple[dict, dict] | None = None
+        self.gradients: tuple[Mapping[int, torch.Tensor | None], Mapping[int, torch.Tensor | None]] | None = None
         self._leaves: dict[int, Any] = {}
         self._buffers: set[int] = set()  # slots whose storage input_buffer gave back, awaiting their value
         self._checkpointed = call.region.mode == CHECKPOINT
         split = len(saved) - call.num_params
         saved, self.params = saved[:split], saved[split:]
+        self._saved_inputs: tuple[torch.Tensor, ...] | None
+        self.outputs: tuple[Any, ...] | None
+        self.output_tensors: tuple[torch.Tensor, ...] | None
         if self._checkpointed:
             self._saved_inputs = saved
             self.outputs = self.output_tensors = None
@@ -722,7 +745,7 @@ class ReplayContext:
     def _available(self, slot: int) -> torch.Tensor | None:
         call = self._call
         if self._checkpointed:
-            return self._saved_inputs[slot]
+            return self._saved_inputs[slot]  # type: ignore[index]  # (set in checkpoint mode)
         if slot in self._kept:
             return self._kept[slot]
         if slot in call.freed:
@@ -736,7 +759,7 @@ class ReplayContext:
             return None
         return tensor
 
-    def input(self, position: int, value: Any = None):
+    def input(self, position: int, value: Any = None) -> Any:
         if position in self._leaves:
             return self._leaves[position]
         call = self._call
@@ -789,7 +812,8 @@ class ReplayContext:
             self._call._check_reconstruction([recomputed], [self.output_tensors[index]], first_index=index)
 
     def differentiate(self, roots: Sequence[torch.Tensor], root_grads: Sequence[torch.Tensor],
-                      inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+                      inputs: Sequence[torch.Tensor],
+                      params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """``torch.autograd.grad`` of ``roots`` (with ``root_grads``) with respect to ``inputs`` and ``params``:
         (input gradients, parameter gradients).
 
@@ -804,7 +828,7 @@ class ReplayContext:
         # (a hook costs microseconds: small parameters' gradients are held to the end, which costs nothing)
         direct = [p for p in params if id(p) in self.direct_params and p.numel() * p.element_size() >= STREAM_BYTES]
         with hooks_silenced(params):
-            handles = [p.register_hook(_into_grad_hook(p)) for p in direct]
+            handles = [p.register_hook(_into_grad_hook(p)) for p in direct]  # type: ignore[no-untyped-call]
             try:
                 found = torch.autograd.grad(list(roots), inputs + params, list(root_grads), allow_unused=True)
             finally:
@@ -818,16 +842,17 @@ class ReplayContext:
         if self._call.rng is not None:
             self._call.rng.set()
 
-    def call_function(self):
+    def call_function(self) -> Any:
         call = self._call
         args = [self.input(p) for p in range(len(call.template))]
         return call.region.function(*args)
 
-    def inverse(self, saved: frozenset | None = None):
+    def inverse(self, saved: frozenset[int] | None = None) -> Sequence[Any]:
         call = self._call
         saved = self.saved if saved is None else saved
         with torch.no_grad():
-            rebuilt = call.region.inverse(self.outputs, saved)
+            # (a replay calls it only for a region with an inverse, whose outputs are kept: invertible mode)
+            rebuilt = call.region.inverse(self.outputs, saved)  # type: ignore[misc, arg-type]
         if isinstance(rebuilt, torch.Tensor):
             rebuilt = (rebuilt,)
         if len(rebuilt) != len(call.template):
@@ -836,7 +861,7 @@ class ReplayContext:
         return rebuilt
 
 
-def _replay_checkpoint(context: ReplayContext):
+def _replay_checkpoint(context: ReplayContext) -> Any:
     return context.call_function()
 
 
@@ -853,7 +878,7 @@ def _rebuild_inputs(context: ReplayContext) -> None:
             context.input(position, rebuilt[position])
 
 
-def _replay_inverse(context: ReplayContext):
+def _replay_inverse(context: ReplayContext) -> Any:
     _rebuild_inputs(context)
     context.reset_rng()
     return context.call_function()
@@ -863,14 +888,15 @@ class _RestoreOnDrop:
     """Puts freed inputs back if the graph is dropped without a backward (a forward for evaluation, an
     exception between forward and backward): freed memory must never outlive the graph that owns it."""
 
-    def __init__(self, call: _RegionCall, saved: list[torch.Tensor]):
-        self.call = call
-        self.saved = saved  # what the node saved (outputs, kept inputs, parameters), detached
+    def __init__(self, call: _RegionCall, saved: list[torch.Tensor]) -> None:
+        self.call: _RegionCall | None = call
+        # what the node saved (outputs, kept inputs, parameters), detached
+        self.saved: list[torch.Tensor] | None = saved
 
-    def disarm(self):
+    def disarm(self) -> None:
         self.call = self.saved = None
 
-    def __del__(self):
+    def __del__(self) -> None:
         # (getattr: torch.compile's tracing can make the object without running __init__)
         call, saved = getattr(self, "call", None), getattr(self, "saved", None)
         if call is None or saved is None:
@@ -910,7 +936,7 @@ def add_into_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
             torch._foreach_add_(into, added)
 
 
-def _into_grad_hook(param: torch.Tensor):
+def _into_grad_hook(param: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     # What autograd.grad keeps in place of the gradient: a zero expanded to its shape (no memory), made once per
     # shape. The hook runs between two big kernels, where every Python step is slow (its caches are cold): it
     # does the least it can. (The engine runs hooks with grad mode off.)
@@ -930,4 +956,4 @@ def _into_grad_hook(param: torch.Tensor):
     return into_grad
 
 
-_ZEROS: dict[tuple, torch.Tensor] = {}
+_ZEROS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}

@@ -85,7 +85,7 @@ class AutocastState:
 
     __slots__ = ("devices", "cache")
 
-    def __init__(self):
+    def __init__(self) -> None:
         device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         self.devices = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in device_types]
         self.cache = torch.is_autocast_cache_enabled()
@@ -98,7 +98,7 @@ class AutocastState:
         """The dtypes autocast computed in (none when it was off)."""
         return [dtype for _, enabled, dtype in self.devices if enabled]
 
-    def replayed(self) -> contextlib.AbstractContextManager:
+    def replayed(self) -> contextlib.AbstractContextManager[None]:
         """A block run with the forward's autocast state (nothing to do where it is the current one)."""
         if not self.enabled and not any(torch.is_autocast_enabled(d) for d, _, _ in self.devices):
             return contextlib.nullcontext()
@@ -137,7 +137,7 @@ class BufferState:
                 if any(b._version != v for b, v in zip(group, versions)) for b in group]
 
     @staticmethod
-    def preserved(buffers: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+    def preserved(buffers: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
         """A block after which ``buffers`` hold their values from before it."""
         return BufferState._preserved(buffers) if buffers else contextlib.nullcontext()
 
@@ -153,7 +153,7 @@ class BufferState:
                 restore_storage(buffer, buffer.untyped_storage().nbytes(), value)
 
 
-def _buffer_groups(owners) -> Iterator[list[torch.Tensor]]:
+def _buffer_groups(owners: Iterable[torch.Tensor | torch.nn.Module]) -> Iterator[list[torch.Tensor]]:
     seen: set[int] = set()
     for owner in owners:
         if isinstance(owner, torch.nn.Module):

@@ -58,7 +58,7 @@ def free_blocker(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _span_bytes(tensor: torch.Tensor) -> int:
+def _span_bytes(tensor: torch.Tensor) -> int | torch.SymInt:
     """Bytes from the first to one past the last element the tensor can address."""
     if tensor.numel() == 0:
         return 0
