@@ -73,7 +73,7 @@ def fsdp_worker(rank, world, store, x, path):
 
     model = build(False)
     optimized = invfx.optimize(model, x[:2])
-    results["modes"] = sorted({row["mode"] for row in optimized.plan.rows})
+    results["modes"] = sorted({str(row["mode"]) for row in optimized.plan.rows})
     fully_shard(optimized)
     optimized(mine).pow(2).sum().backward()
     results["whole"] = [p.grad.full_tensor() for p in model.parameters()]  # (FSDP averages over processes)
