@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import InvfxError
 from .modes import Mode
+from .regions.fused import tensors_in
 from .tolerances import TOLERANCES
 
 __all__ = ["GradientCheckError", "GradientCheck", "check_gradients"]
@@ -134,7 +135,7 @@ def _step(module: nn.Module, inputs: tuple, params: list[torch.Tensor]):
               for x in inputs]
     torch.manual_seed(0)
     out = module(*leaves)
-    outputs = [o for o in _tensors(out) if o.requires_grad]
+    outputs = [o for o in tensors_in(out) if o.requires_grad]
     if not outputs:
         return None
     weights = torch.Generator().manual_seed(0)
@@ -142,16 +143,6 @@ def _step(module: nn.Module, inputs: tuple, params: list[torch.Tensor]):
     loss.backward()
     return ([o.detach() for o in outputs], [x.grad for x in leaves if isinstance(x, torch.Tensor)],
             [p.grad for p in params])
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 #: a tensor is compared against at least this fraction of the largest tensor of its kind (outputs, gradients):
