@@ -341,7 +341,7 @@ def _reversed_forward_order(self, nodes):
             if id(component) not in seen:
                 seen.add(id(component))
                 units.append(component)
-        elif node.op not in ("placeholder", "get_attr") and not fuse._is_mark(self.forward_body, node):
+        elif node.op not in ("placeholder", "get_attr") and not fuse.is_rng_mark(self.forward_body, node):
             units.append(node)
     return units
 

@@ -243,7 +243,7 @@ class _NodeUnit:
                                     else _Ref(_value(arg)))
         self.call = _target(body, node)
         previous = node.prev
-        self.mark = body.get_submodule(previous.target) if _is_mark(body, previous) else None
+        self.mark = body.get_submodule(previous.target) if is_rng_mark(body, previous) else None
         self.params = replay.params_of(node)
         self.output_index = None
         self.plumbing = _plumbing_kind(node)
@@ -363,7 +363,7 @@ class FusedReplay(_Analysis):
             component = self.component_of.get(_value(node))
             if component is not None:
                 unit_of[node] = component
-            elif node.op not in ("placeholder", "get_attr") and not _is_mark(forward_body, node):
+            elif node.op not in ("placeholder", "get_attr") and not is_rng_mark(forward_body, node):
                 unit_of[node] = node  # (a get_attr's gradient goes straight to its parameter: _send)
         members: dict[int, list[fx.Node]] = {}
         units: dict[int, object] = {}
@@ -589,10 +589,6 @@ def _writes_into(body: fx.GraphModule, node) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "call_module"):
         return False
     return callable(getattr(getattr(body.get_submodule(node.target), "function", None), "into", None))
-
-
-def _is_mark(body, node: fx.Node) -> bool:
-    return is_rng_mark(body, node)
 
 
 class _Sweep:
