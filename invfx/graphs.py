@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["fetch_attr", "is_tensor_meta", "tuple_metas", "metas_in"]
+__all__ = ["fetch_attr", "is_tensor_meta", "tuple_metas", "metas_in", "leaves"]
 
 
 def fetch_attr(module, target: str):
@@ -26,14 +26,18 @@ def tuple_metas(node) -> list | None:
     return list(meta)
 
 
-def metas_in(meta) -> list:
-    """Every TensorMetadata in a node's ``tensor_meta`` (nested tuples, lists and dicts included)."""
-    if meta is None:
-        return []
-    if is_tensor_meta(meta):
-        return [meta]
-    if isinstance(meta, (tuple, list)):
-        return [m for item in meta for m in metas_in(item)]
-    if isinstance(meta, dict):
-        return [m for item in meta.values() for m in metas_in(item)]
+def leaves(value, is_leaf) -> list:
+    """The items of ``value`` for which ``is_leaf`` holds, nested tuples, lists and dicts included, in order (a
+    leaf is tested before its container: TensorMetadata is a NamedTuple)."""
+    if is_leaf(value):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [leaf for item in value for leaf in leaves(item, is_leaf)]
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in leaves(item, is_leaf)]
     return []
+
+
+def metas_in(meta) -> list:
+    """Every TensorMetadata in a node's ``tensor_meta``."""
+    return leaves(meta, is_tensor_meta)

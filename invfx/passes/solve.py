@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..graphs import leaves
 from ..registry import InverseRule, OpCall, Risk, bind_arguments, rules_for
 from .annotate import fetch_attr, is_tensor_meta, producer_of, tuple_metas
 
@@ -86,13 +87,7 @@ def _args_by_name(rule: InverseRule, node: fx.Node):
 
 
 def _nodes_in(value) -> list[fx.Node]:
-    if isinstance(value, fx.Node):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [n for item in value for n in _nodes_in(item)]
-    if isinstance(value, dict):
-        return [n for item in value.values() for n in _nodes_in(item)]
-    return []
+    return leaves(value, lambda item: isinstance(item, fx.Node))
 
 
 def _tuple_length(node: fx.Node) -> int | None:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import RegionError
-from ..graphs import fetch_attr, tuple_metas
+from ..graphs import fetch_attr, leaves, tuple_metas
 from ..runtime import ReplayContext
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
@@ -912,13 +912,7 @@ _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 def tensors_in(value) -> list:
     """The tensors in a value, nested tuples, lists and dicts included, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [v for item in value for v in tensors_in(item)]
-    if isinstance(value, dict):
-        return [v for item in value.values() for v in tensors_in(item)]
-    return []
+    return leaves(value, lambda item: isinstance(item, torch.Tensor))
 
 
 def _detached(value):
