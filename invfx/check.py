@@ -27,6 +27,7 @@ from torch import nn
 from .errors import InvfxError
 from .modes import Mode
 from .regions.fused import tensors_in
+from .runtime.region import relative_error
 from .tolerances import TOLERANCES
 
 __all__ = ["GradientCheckError", "GradientCheck", "check_gradients"]
@@ -168,9 +169,7 @@ def _differences(got, expected, names: list[str]) -> list[tuple[float, str]]:
                                         f"{'none' if b is None else 'one'})"))
             continue
         if b.numel():
-            scale = max(_largest(b), FLOOR * largest[kind])
-            difference = _largest(a.detach().to(b.dtype) - b)
-            found.append((difference / scale if scale > 0 else difference, what))
+            found.append((relative_error(a, b, FLOOR * largest[kind]), what))
     return found
 
 

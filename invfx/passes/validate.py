@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..runtime import rng_marks
+from ..runtime.region import relative_error
 from ..runtime.state import RngState
 from ..tolerances import TOLERANCES, tolerance_for
 from .example import example_run
@@ -124,7 +125,7 @@ def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | 
             tolerance = min(tolerance, TOLERANCES[real.dtype].chain if real.dtype in TOLERANCES else tolerance)
         if tolerance is None or real.numel() == 0:
             continue
-        error = _error(value, real, ROUNDING_ULPS * torch.finfo(real.dtype).eps * magnitude / tolerance)
+        error = relative_error(value, real, ROUNDING_ULPS * torch.finfo(real.dtype).eps * magnitude / tolerance)
         if rebuilt_of is not None:
             rebuilt_of[id(real)] = value
         if not error <= tolerance:  # NaN too
@@ -137,9 +138,3 @@ def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | 
 #: the ulps of the outputs' magnitude a rebuilt input may differ by, however small the input itself
 ROUNDING_ULPS = 64
 
-
-def _error(got: torch.Tensor, expected: torch.Tensor, floor: float) -> float:
-    """max |got - expected| / max(max |expected|, floor) (NaN or inf when either is not finite)."""
-    with torch.no_grad():
-        scale = max(float(torch.linalg.vector_norm(expected, float("inf"))), floor, torch.finfo(torch.float32).tiny)
-        return float(torch.linalg.vector_norm(got.detach().to(expected.dtype) - expected, float("inf"))) / scale

@@ -97,11 +97,13 @@ class Discovery:
                 "accumulators": []}
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |got - expected| / max |expected| (NaN or inf when either is not finite)."""
+def relative_error(got: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """max |got - expected| / max(max |expected|, ``floor``) (NaN or inf when either is not finite). ``floor``: the
+    least scale to measure against (an expected value near zero is compared with what it was computed from)."""
     with torch.no_grad():
         # the inf-norm is one pass with no temporary (abs().max() is two passes and a temporary)
-        scale = torch.linalg.vector_norm(expected, float("inf")).float().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.linalg.vector_norm(expected, float("inf")).float().clamp_min(
+            max(floor, torch.finfo(torch.float32).tiny))
         difference = torch.sub(got.detach().to(expected.dtype), expected)
         return float((torch.linalg.vector_norm(difference, float("inf")).float() / scale).item())
 
