@@ -17,7 +17,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # ruff over everything; mypy --strict over what is typed so far (the planner, the runtime and their helpers)
-TYPED := invfx/planner.py invfx/tolerances.py invfx/units.py invfx/runtime/
+TYPED := invfx/planner.py invfx/tolerances.py invfx/units.py invfx/runtime/ invfx/passes/infra.py invfx/passes/chain.py \
+         invfx/passes/segment_run.py
 lint: $(STAMP)
 	$(BIN)/ruff check invfx tests benchmarks
 	$(BIN)/mypy $(TYPED)

@@ -95,7 +95,7 @@ def real_graph(depth: int) -> list[list]:
     import invfx
     from invfx.examples import ResNet
 
-    module = sys.modules["invfx.optimize"]
+    module = sys.modules["invfx.passes.pipeline"]
     calls: list[tuple[int, float]] = []
     original = module.plan_chain
 

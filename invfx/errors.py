@@ -1,6 +1,6 @@
 """invfx exceptions. Every error names what failed (node, module or function) and why."""
 
-__all__ = ["InvfxError", "TraceError", "BudgetError", "InverseError", "RegionError", "first_line"]
+__all__ = ["InvfxError", "TraceError", "BudgetError", "InverseError", "RegionError", "PassError", "first_line"]
 
 
 def first_line(error: BaseException) -> str:
@@ -27,3 +27,7 @@ class TraceError(InvfxError):
 
 class BudgetError(InvfxError):
     """The requested memory budget cannot be met."""
+
+
+class PassError(InvfxError):
+    """A pass of ``invfx.optimize`` found the compilation not as the pass before it promised (an invfx bug)."""

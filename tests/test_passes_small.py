@@ -8,7 +8,7 @@ from torch import nn
 
 import invfx
 from invfx.passes import annotate, find_segments, solve, trace
-from invfx.passes.rewrite import rewrite_segment
+from invfx.passes.rewrite import build_invertible_region
 
 W = 4
 
@@ -134,7 +134,7 @@ def test_the_fused_schedule_differentiates_each_subnetwork_after_all_its_readers
     x = torch.randn(3, 2 * W, dtype=torch.float64)
     module = traced(model, x)
     segment = next(s for s in find_segments(module, ("keep", "invertible")) if s.mode == "invertible")
-    region = rewrite_segment(module, segment, "inv_block")
+    region = build_invertible_region(module, segment, "inv_block")
     schedule = [(kind, _values(kind, payload)) for kind, payload in region.fused_replay.schedule]
     g_at = next(i for i, (kind, values) in enumerate(schedule) if kind == "component" and "g_0" in values)
     f_at = next(i for i, (kind, values) in enumerate(schedule) if kind == "component" and "f_0" in values)

@@ -1,9 +1,9 @@
-"""Pass 6: the cost model, measured on the example inputs, one :class:`~invfx.planner.SegmentCost` per region.
+"""The cost model, measured on the example inputs, one :class:`~invfx.planner.SegmentCost` per segment.
 
-The optimized module runs one training forward on the example inputs with every region as plain code, under
-``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd saves is charged to the region running at
+The traced model runs one training forward on the example inputs (:class:`SegmentRun`), under
+``torch.autograd.graph.saved_tensors_hooks``: each tensor autograd saves is charged to the segment running at
 the time (by storage, so a tensor saved twice, or saved by two ops, counts once), and a
-``torch.utils.flop_counter.FlopCounterMode`` counts each region's FLOPs. From that:
+``torch.utils.flop_counter.FlopCounterMode`` counts each segment's FLOPs. From that:
 
 * ``saved_bytes``: what keeping the region costs from forward to backward, beyond its inputs and outputs
   (``saves_input`` / ``saves_output`` say whether those are saved too, by a conv reading its input or a relu
@@ -13,14 +13,14 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
 * ``flops``: counted matmul and convolution FLOPs plus one per element an op writes (elementwise work);
 * ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions.
 
-What is saved outside every region (a head reading the last region's output) is the same in every plan: it
+What is saved outside every measured segment (a head reading the last one's output) is the same in every plan: it
 comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,9 @@ from ..regions.fused import tensors_in
 from ..runtime.storage import storage_key
 from .annotate import node_bytes, numel
 from .example import example_run
-from .rewrite import BodyRegion, InvertibleRegion
+from .rewrite import InvertibleRegion
+from .segment_run import SegmentRun
+from .segments import Segment
 
 __all__ = ["RegionCosts", "measure_costs"]
 
@@ -44,21 +46,22 @@ class RegionCosts:
     outside_bytes: int  # saved outside every region: the same whatever the plan
 
 
-def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
-                  allowed: dict[str, frozenset[str]], inverse_flops: dict[str, float | None],
-                  freeable: dict[str, bool]) -> RegionCosts:
-    """Measure every region of ``module`` (each run as plain code) on ``example_inputs``.
+def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
+                  regions: Mapping[str, InvertibleRegion], allowed: Mapping[str, frozenset[Mode]],
+                  inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool]) -> RegionCosts:
+    """Measure each of ``segments`` (by name; the others run too, charged to no segment) of ``module`` (the
+    traced model) on ``example_inputs``.
 
-    ``allowed``, ``inverse_flops`` and ``freeable`` (by region name) are what the graph passes decided: the
-    modes a region may take, the cost of its rebuild (None: not invertible) and whether it may free an input.
+    ``regions`` are the invertible segments' regions (their fused backward's working memory is measured);
+    ``allowed``, ``inverse_flops`` and ``freeable`` (by segment name) are what the graph passes decided: the
+    modes a segment may take, the cost of its rebuild (None: not invertible) and whether it may free an input.
     """
-    regions = {name: m for name, m in module.named_children() if isinstance(m, BodyRegion)}
     order: list[str] = []
     records: dict[str, dict] = {}
     constant = {storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
     current: list[str | None] = [None]
     outside: dict = {}
-    recorded: dict[str, tuple] = {}  # an invertible region's example arguments, to measure its fused backward
+    recorded: dict[str, tuple] = {}  # an invertible segment's example arguments, to measure its fused backward
 
     def pack(tensor: torch.Tensor):
         if tensor.device.type != "meta" and tensor.numel():
@@ -68,56 +71,41 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
                 target[key] = tensor.untyped_storage().nbytes()
         return tensor
 
-    def before(name):
-        def hook(region, args):
-            if isinstance(region, InvertibleRegion):
-                recorded.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-            order.append(name)
-            record = records.setdefault(name, {"saved": {}})
-            record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
-            record["counter"] = FlopCounterMode(display=False)
-            record["counter"].__enter__()
-            current[0] = name
-        return hook
+    def enter(name: str, args: tuple) -> None:
+        if name in regions:
+            recorded.setdefault(name, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        order.append(name)
+        record = records.setdefault(name, {"saved": {}})
+        record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
+        record["counter"] = FlopCounterMode(display=False)
+        record["counter"].__enter__()
+        current[0] = name
 
-    def after(name):
-        def hook(region, args, output):
-            record = records[name]
-            record["counter"].__exit__(None, None, None)
-            record["flops"] = record.pop("counter").get_total_flops()
-            record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(output)}
-            current[0] = None
-        return hook
+    def leave(name: str, outputs: tuple) -> None:
+        record = records[name]
+        record["counter"].__exit__(None, None, None)
+        record["flops"] = record.pop("counter").get_total_flops()
+        record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(outputs)}
+        current[0] = None
 
-    modes = {name: region.mode for name, region in regions.items()}
-    handles = []
-    for name, region in regions.items():
-        region.mode = Mode.KEEP
-        handles.append(region.register_forward_pre_hook(before(name)))
-        handles.append(region.register_forward_hook(after(name)))
     try:
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(*inputs)
+            SegmentRun(module, segments, enter, leave).run(*inputs)
             fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
     finally:
-        for handle in handles:
-            handle.remove()
-        for name, region in regions.items():
-            region.mode = modes[name]
         for record in records.values():
-            if "counter" in record:  # the forward failed inside a region
+            if "counter" in record:  # the forward failed inside a segment
                 record.pop("counter").__exit__(None, None, None)
 
     costs = []
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
-    for name in dict.fromkeys(order):  # a region called twice (shared weights) is charged once
-        record, region = records[name], regions[name]
+    for name in dict.fromkeys(order):
+        record, segment = records[name], segments[name]
         saved = dict(record["saved"])
         saves_input = any(saved.pop(k, None) is not None for k in list(record["inputs"]))
         saves_output = any(saved.pop(k, None) is not None for k in list(record["outputs"]))
-        body = [n for n in region.forward_body.graph.nodes if n.op in ("call_function", "call_method",
-                                                                         "call_module")]
+        body = segment.nodes
         largest = max((node_bytes(n) + sum(node_bytes(a) for a in n.all_input_nodes if a.op != "get_attr")
                        for n in body), default=0)
         costs.append(SegmentCost(
@@ -131,7 +119,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
             saves_input=saves_input,
             saves_output=saves_output,
             flops=float(record["flops"] + sum(numel(n) for n in body)),
-            inverse_flops=inverse_flops.get(name) if isinstance(region, InvertibleRegion) else None,
+            inverse_flops=inverse_flops.get(name) if name in regions else None,
             input_freeable=freeable.get(name, False),
             modes=allowed[name]))
     # The planner's chain has one size per boundary: a region reads what the previous one made (values that

@@ -1,14 +1,17 @@
-"""Pass 4: rewrite each segment to run as a region (``invfx.regions``) into a submodule of the model.
+"""Regions built from segments, and the graph written once with them.
 
-A segment becomes ``inv_<module path>`` (``inv_blocks_3``): its forward is the segment's nodes as a
-GraphModule, its rebuild is generated code that undoes them (registry inverses and recomputed sub-networks),
-both printable (``opt.inv_blocks_3.code``, ``.rebuild_code``). The parent graph calls the region and reads
-its outputs. Random sub-networks are preceded by ``rng_mark`` in both bodies, so the rebuild draws the
-forward's dropout masks whatever order it runs them in.
+A segment becomes a region module (``invfx.regions``) named ``inv_<module path>`` (``inv_blocks_3``): its
+forward is the segment's nodes as a GraphModule, its rebuild is generated code that undoes them (registry
+inverses and recomputed sub-networks), both printable (``opt.inv_blocks_3.code``, ``.rebuild_code``). Building
+one leaves the traced graph as it is, so the analysis measures regions beside the graph it found them in; the
+model's graph is written once, at the end (:func:`write_graph`), calling each region and reading its outputs.
+Random sub-networks are preceded by ``rng_mark`` in both bodies, so the rebuild draws the forward's dropout masks
+whatever order it runs them in.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Sequence
 
@@ -17,18 +20,17 @@ import torch.fx as fx
 from torch import nn
 
 from ..graphs import fetch_attr
-from ..modes import Mode
 
 # The region modules live in invfx.regions; they stay importable from here, where modules saved with torch.save
 # before they moved (invfx 0.1.0) name them.
-from ..regions.body import Inverse, RngMark, ShapeMeta, is_rng_mark
+from ..regions.body import Inverse, RngMark, ShapeMeta
 from ..regions.modules import BodyRegion, CheckpointRegion, InvertibleRegion, regions_run_plain, watch_registrations
 from ..registry import Risk
 from .segments import Segment, module_path
 
 __all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "Inverse", "RngMark", "ShapeMeta",
-           "rewrite_segment", "rewrite_checkpoint", "region_name", "apply_modes", "bind_attributes",
-           "regions_run_plain"]
+           "build_invertible_region", "build_checkpoint_region", "write_graph", "region_name", "unique_name",
+           "bind_attributes", "regions_run_plain"]
 
 _RANDOM_FUNCTIONS = {torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
                      torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
@@ -194,35 +196,20 @@ def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[s
     return forward_graph
 
 
-def _replace_by_call(root: fx.GraphModule, segment: Segment, name: str) -> None:
-    """In the parent graph: call the region ``name``, read its outputs, drop the segment's nodes."""
-    graph = root.graph
-    with graph.inserting_before(segment.nodes[0]):
-        call = graph.call_module(name, tuple(segment.inputs))
-        reads = [graph.call_function(operator.getitem, (call, k)) for k in range(len(segment.outputs))]
-    inside = set(segment.nodes)
-    for output, read in zip(segment.outputs, reads):
-        output.replace_all_uses_with(read, delete_user_cb=lambda user: user not in inside)
-        read.meta.update(output.meta)
-    for node in reversed(segment.nodes):
-        graph.erase_node(node)
-
-
-def rewrite_checkpoint(root: fx.GraphModule, segment: Segment, name: str) -> "CheckpointRegion":
-    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new checkpoint region submodule ``name``."""
+def build_checkpoint_region(root: fx.GraphModule, segment: Segment, name: str) -> CheckpointRegion:
+    """The checkpoint region that runs ``segment`` of ``root`` (whose graph is left as it is)."""
     helpers: dict[str, nn.Module] = {}  # (none: a checkpoint replays the whole RNG state, no marks needed)
     forward_graph = _forward_graph(segment, set(), helpers)
     modules = sorted({n.target for n in segment.nodes if n.op == "call_module"})
     region = CheckpointRegion(
         name, fx.GraphModule(_attributes(root, forward_graph, helpers), forward_graph, f"{name}_forward"),
         len(segment.inputs), [root.get_submodule(m) for m in modules], _source(segment))
-    root.add_module(name, region)
-    _replace_by_call(root, segment, name)
     return region
 
 
-def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> InvertibleRegion:
-    """Replace ``segment``'s nodes in ``root.graph`` by a call to a new region submodule ``name``."""
+def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -> InvertibleRegion:
+    """The invertible region that runs ``segment`` of ``root`` (whose graph is left as it is): its forward body
+    is the segment's nodes, its rebuild body the solver's steps."""
     source = _source(segment)
     inputs, outputs = segment.inputs, segment.outputs
     random_nodes = {n for n in segment.nodes if _is_random(root, n)}
@@ -291,93 +278,35 @@ def rewrite_segment(root: fx.GraphModule, segment: Segment, name: str) -> Invert
         rebuilt, kept, free,
         [root.get_submodule(m) for m in modules], source)
     object.__setattr__(region, "_watched", _watched(root, segment))
-    root.add_module(name, region)
-    _replace_by_call(root, segment, name)
     return region
 
 
-_MODE_PREFIX = {Mode.INVERTIBLE: "inv_", Mode.CHECKPOINT: "ckpt_"}
-
-
-def apply_modes(root: fx.GraphModule, modes: dict[str, str]) -> dict[str, str]:
-    """Give each region its planned mode: a kept region goes back into the parent graph as plain code, the
-    others are renamed after their mode (``ckpt_blocks_3``). Returns the new name of each region."""
-    renamed = {}
-    taken = {name for name, _ in root.named_children()}
-    calls = {n.target: n for n in root.graph.nodes if n.op == "call_module" and n.target in modes}
-    for name, mode in modes.items():
-        region = root.get_submodule(name)
-        if mode == Mode.KEEP:
-            inline_region(root, calls[name], region)
-            delattr(root, name)
-            taken.discard(name)
-            renamed[name] = ""
+def write_graph(graph: fx.Graph, calls: Sequence[tuple[str, Segment]]) -> fx.Graph:
+    """A new graph computing what ``graph`` computes, in which each ``(name, segment)`` of ``calls`` is one call
+    of the submodule ``name`` (its inputs in, its outputs read as ``call[k]``) in place of the segment's nodes.
+    ``graph`` itself is left as it is: the analysis' graph, on which the segments were found."""
+    written = fx.Graph(tracer_cls=graph._tracer_cls)
+    written._codegen = copy.deepcopy(graph._codegen)
+    starts = {segment.nodes[0]: (name, segment) for name, segment in calls}
+    replaced = {node for _, segment in calls for node in segment.nodes}
+    env: dict[fx.Node, fx.Node] = {}
+    for node in graph.nodes:
+        if node in starts:
+            name, segment = starts[node]
+            call = written.call_module(name, tuple(env[n] for n in segment.inputs))
+            for k, output in enumerate(segment.outputs):
+                read = written.call_function(operator.getitem, (call, k))
+                read.meta.update(output.meta)
+                env[output] = read
+        if node in replaced:
             continue
-        region.mode = mode
-        base = _MODE_PREFIX[mode] + name.split("_", 1)[1]
-        new, k = base, 1
-        while new != name and (new in taken or hasattr(root, new)):
-            k += 1
-            new = f"{base}_{k}"
-        if new != name:
-            delattr(root, name)
-            root.add_module(new, region)
-            taken.discard(name)
-            taken.add(new)
-            calls[name].target = new
-            calls[name]._rename(new)  # (the variable in the generated code reads like the module)
-            region.region_name = new
-        renamed[name] = new
-    root.graph.lint()
-    root.recompile()
-    return renamed
-
-
-def inline_region(root: fx.GraphModule, call: fx.Node, region: BodyRegion) -> list[fx.Node]:
-    """Replace the call of ``region`` by the nodes of its forward body; returns them, in order."""
-    graph, body = root.graph, region.forward_body
-    env: dict[fx.Node, object] = {}
-    made: list[fx.Node] = []
-    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
-    for placeholder, arg in zip(placeholders, call.args):
-        env[placeholder] = arg
-    results = None
-    with graph.inserting_before(call):
-        for node in body.graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "output":
-                results = node.args[0]
-                break
-            if is_rng_mark(body, node):
-                continue
-            if node.op == "get_attr":
-                _carry_attr(root, body, node.target)
-                env[node] = graph.get_attr(node.target)
-                made.append(env[node])
-                continue
-            copy = graph.node_copy(node, lambda n: env[n])
-            copy.meta = dict(node.meta)
-            env[node] = copy
-            made.append(copy)
-    values = [env[r] for r in results]
-    for user in list(call.users):
-        # the parent reads the region's outputs as call[k]
-        user.replace_all_uses_with(values[user.args[1]])
-        graph.erase_node(user)
-    graph.erase_node(call)
-    return made
-
-
-def _carry_attr(root: nn.Module, body: fx.GraphModule, target: str) -> None:
-    """A tensor constant fx made for a tensor created in forward (``torch.tensor(2.0)``) is an attribute of the
-    region's body only; code going back into ``root`` needs it there too (before, it raised AttributeError)."""
-    try:
-        fetch_attr(root, target)
-    except AttributeError:
-        owner, _, name = target.rpartition(".")
-        owner_module, value = root.get_submodule(owner) if owner else root, fetch_attr(body, target)
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            owner_module.register_buffer(name, value, persistent=False)  # (as fx keeps it; not in state_dict)
-        else:
-            setattr(owner_module, name, value)
+        if node.op == "output":
+            out = written.output(fx.map_arg(node.args[0], env.__getitem__), type_expr=node.type)
+            out.meta = copy.copy(node.meta)
+            break
+        env[node] = written.node_copy(node, env.__getitem__)
+    for node in reversed(list(written.nodes)):
+        if node.op == "get_attr" and not node.users:  # (read only by nodes a region runs now)
+            written.erase_node(node)
+    written.lint()
+    return written

@@ -1,19 +1,19 @@
-"""Pass 5: measure each region's reconstruction on the example inputs; keep the regions that do not rebuild.
+"""Measure each invertible segment's reconstruction on the example inputs; refuse those that do not rebuild.
 
-The optimized module runs once on the example inputs (regions as plain code; the model's buffers and the RNG
-are left as they were). Each invertible region then runs its forward and its rebuild on the inputs it saw,
-with the same dropout masks, and the rebuilt inputs are compared with the real ones. A region whose error
-exceeds the runtime's tolerance for the dtype (``invfx.tolerances``), or is not
-finite (tanh saturated to 1, exp overflowed), runs as plain code instead: its plan row says so and why. This
-is where exploding activations fall back, before any input is freed on their account.
+The traced model runs once on the example inputs (:class:`SegmentRun`; the model's buffers and the RNG are
+left as they were). Each invertible segment's region (built beside the graph) then runs its forward and its
+rebuild on the inputs the segment saw, with the same dropout masks, and the rebuilt inputs are compared with the
+real ones. A region whose error exceeds the runtime's tolerance for the dtype (``invfx.tolerances``), or is not
+finite (tanh saturated to 1, exp overflowed), may not run invertible: its plan row says so and why. This is
+where exploding activations fall back, before any input is freed on their account.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-from torch import nn
+import torch.fx as fx
 
 from ..runtime import rng_marks
 from ..runtime.region import relative_error
@@ -21,55 +21,48 @@ from ..runtime.state import RngState
 from ..tolerances import TOLERANCES, tolerance_for
 from .example import example_run
 from .rewrite import InvertibleRegion, regions_run_plain
+from .segment_run import SegmentRun
+from .segments import Segment
 
 __all__ = ["check_reconstruction"]
 
 
-def check_reconstruction(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, str]:
-    """Switch the regions of ``module`` that do not rebuild their example inputs to plain code; returns the
-    reason for each region switched, by region name."""
-    regions = {m.region_name: m for m in module.modules() if isinstance(m, InvertibleRegion)}
+def check_reconstruction(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
+                         regions: Mapping[str, InvertibleRegion]) -> tuple[dict[str, str], dict[str, float]]:
+    """Run ``module`` (the traced model) on the example inputs and each segment's region (``regions``, by
+    segment name) on what its segment read there. Returns the reason each refused region does not rebuild, and
+    the largest relative error of each region that does."""
     if not regions:
-        return {}
+        return {}, {}
     seen: dict[str, tuple] = {}
     outputs_of: dict[str, tuple] = {}
-
-    def record(name):
-        def hook(module, args, output):
-            if name not in seen:  # (a hook returning a value would replace the output)
-                seen[name] = args
-                outputs_of[name] = output if isinstance(output, tuple) else (output,)
-        return hook
-
     rng_before: dict[str, RngState] = {}
 
-    def capture(name):
-        def hook(module, args):
-            # the RNG as the region found it: rerun from it, the region draws the module run's dropout masks
-            rng_before.setdefault(name, RngState([a for a in args if isinstance(a, torch.Tensor)]))
-        return hook
+    def enter(name: str, args: tuple) -> None:
+        # the RNG as the segment found it: rerun from it, the region draws the model run's dropout masks
+        rng_before[name] = RngState([a for a in args if isinstance(a, torch.Tensor)])
+        seen[name] = args
 
-    handles = [region.register_forward_hook(record(name)) for name, region in regions.items()]
-    handles += [region.register_forward_pre_hook(capture(name)) for name, region in regions.items()]
+    def leave(name: str, outputs: tuple) -> None:
+        outputs_of[name] = outputs
+
     refused: dict[str, str] = {}
-    try:
-        with example_run(module, example_inputs) as inputs, torch.no_grad(), regions_run_plain():
-            module(*inputs)
-            for name, args in seen.items():
-                reason, error = _reconstruction_error(regions[name], args, rng=rng_before[name])
-                regions[name].reconstruction_error = error  # (the plan reports it as the numerical risk)
-                if reason is not None:
-                    regions[name].invertible = False
-                    refused[name] = reason
-            refused.update(_compounded(regions, seen, outputs_of, refused, rng_before))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return refused
+    errors: dict[str, float] = {}
+    # (regions_run_plain: a region of an optimized module the model holds runs as plain code)
+    with example_run(module, example_inputs) as inputs, torch.no_grad(), regions_run_plain():
+        SegmentRun(module, {name: segments[name] for name in regions}, enter, leave).run(*inputs)
+        for name, args in seen.items():
+            reason, error = _reconstruction_error(regions[name], args, rng=rng_before[name])
+            if error is not None:
+                errors[name] = error  # (the plan reports it as the numerical risk)
+            if reason is not None:
+                refused[name] = reason
+        refused.update(_compounded(regions, seen, outputs_of, refused, errors, rng_before))
+    return refused, errors
 
 
-def _compounded(regions: dict[str, InvertibleRegion], seen: dict[str, tuple], outputs_of: dict[str, tuple],
-                refused: dict[str, str], rng_before: dict[str, RngState]) -> dict[str, str]:
+def _compounded(regions: Mapping[str, InvertibleRegion], seen: dict[str, tuple], outputs_of: dict[str, tuple],
+                refused: dict[str, str], errors: dict[str, float], rng_before: dict[str, RngState]) -> dict[str, str]:
     """In backward a region rebuilds its inputs from outputs that the next region rebuilt, not from the real
     ones: errors compound along a chain (a leaky ReLU's inverse multiplies them by 1/slope at each layer). Replay
     the chain from its end on the example, each region starting from what the next one rebuilt; a region whose
@@ -84,10 +77,9 @@ def _compounded(regions: dict[str, InvertibleRegion], seen: dict[str, tuple], ou
         start = tuple(rebuilt_of.get(id(o), o) if isinstance(o, torch.Tensor) else o for o in outputs_of[name])
         reason, error = _reconstruction_error(region, args, start, rebuilt_of, rng_before[name])
         if reason is not None:
-            region.invertible = False
             refusals[name] = f"{reason}, rebuilt through the invertible regions after it"
             continue
-        region.reconstruction_error = max(error, getattr(region, "reconstruction_error", 0.0) or 0.0)
+        errors[name] = max(error or 0.0, errors.get(name, 0.0))
     return refusals
 
 

@@ -25,7 +25,8 @@ from ..runtime.region import Discovery
 from .body import is_rng_mark, named_objects, portable_graph
 from .fused import FusedReplay
 
-__all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain", "watch_registrations"]
+__all__ = ["OptimizedModule", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain",
+           "watch_registrations"]
 
 
 # A parameter or buffer registered after optimize into a module a region reads (``load_state_dict(...,
@@ -65,6 +66,13 @@ def regions_run_plain():
         yield
     finally:
         _plain_runs[0] -= 1
+
+
+class OptimizedModule(fx.GraphModule):
+    """A GraphModule that shares the original model's parameters and buffers (same ``state_dict`` keys) and
+    runs its segments as invfx regions where the plan says so. ``plan`` (:class:`invfx.Plan`) describes them."""
+
+    plan: object  # (invfx.report.Plan)
 
 
 def _assign_attr(body: nn.Module, target: str, value) -> None:

@@ -1,0 +1,492 @@
+"""The passes of ``invfx.optimize``, in the order :data:`PIPELINE` runs them over a :class:`Compilation`:
+
+Trace -> Annotate -> SimplifyCats -> FindSegments -> BuildRegions -> CheckReconstruction -> MeasureCosts ->
+PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
+
+Up to FindSegments the passes analyse (and simplify) the traced graph; from there on it is left as it is:
+regions are built beside it and measured on it segment by segment, the plan and its chains are decided on the
+segment list, and the module is written from the graph once (again, from the same graph, for each replan of a
+budget's calibration). optimize then runs ``invfx.check`` on the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import BudgetError
+from ..modes import Mode
+from ..planner import ChainPlan, plain_peak, plan_chain
+from ..regions.modules import BodyRegion, OptimizedModule
+from ..report import Plan, PlanRow, _budget
+from ..units import format_bytes, format_flops
+from .annotate import annotate
+from .chain import region_units
+from .cost import RegionCosts, measure_costs
+from .example import example_run
+from .infra import Compilation, CompilationPass, graph_signature
+from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
+from .segments import COMPUTE, find_segments, why_not_checkpoint
+from .simplify import split_through_cat
+from .trace import trace
+from .validate import check_reconstruction
+
+__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "FindSegments", "BuildRegions", "CheckReconstruction",
+           "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule", "Calibrate", "Report"]
+
+
+class Trace(CompilationPass):
+    """The model as a GraphModule (torch.fx, with grad-mode switches recorded as calls; ``trace.py``)."""
+
+    name = "trace"
+
+    def call(self, state: Compilation) -> None:
+        state.traced, state.opaque, state.constants = trace(state.model, state.leaf_modules,
+                                                            num_inputs=len(state.inputs))
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(state.traced is not None, "no traced module")
+
+
+class Annotate(CompilationPass):
+    """Shapes, bytes, storages and producers on ``node.meta``, from one run on the example (``annotate.py``)."""
+
+    name = "annotate"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.traced is not None, "needs the traced module (run 'trace' first)")
+
+    def call(self, state: Compilation) -> None:
+        annotate(state.traced, state.inputs)
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(all("bytes" in n.meta for n in state.traced.graph.nodes), "a node has no 'bytes' fact")
+
+
+class SimplifyCats(CompilationPass):
+    """``cat`` then ``split`` at the same places: the pieces are read directly (``simplify.py``)."""
+
+    name = "simplify_cats"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.traced is not None and state.segments is None,
+                  "simplifies the traced graph before segments are found in it")
+
+    def call(self, state: Compilation) -> None:
+        split_through_cat(state.traced)
+
+
+class FindSegments(CompilationPass):
+    """The graph cut into a chain of segments, invertible where the solver succeeds (``segments.py``), each
+    named after the module it runs in; the segments that may not be a region at all, with the reason."""
+
+    name = "find_segments"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.traced is not None and all("bytes" in n.meta for n in state.traced.graph.nodes),
+                  "needs the annotated traced module (run 'annotate' first)")
+
+    def call(self, state: Compilation) -> None:
+        traced, options = state.traced, state.options
+        segments = find_segments(traced, state.modes, options.max_segment_nodes, options.max_solve_attempts)
+        taken: set[str] = set()
+        names, blocked = [], {}
+        for i, segment in enumerate(segments):
+            if segment.mode == Mode.INVERTIBLE:
+                names.append(region_name(traced, segment.nodes, i, taken))
+                continue
+            reason = why_not_checkpoint(traced, segment)
+            if reason is None:
+                names.append(region_name(traced, segment.nodes, i, taken, prefix="seg_"))
+            else:
+                names.append(f"plain_{i}")
+                blocked[names[-1]] = reason
+        state.segments, state.names, state.blocked = segments, names, blocked
+        state.signature = graph_signature(traced.graph)
+
+    def ensures(self, state: Compilation) -> None:
+        compute = [n for n in state.traced.graph.nodes if n.op in COMPUTE]
+        self.need([n for s in state.segments for n in s.nodes] == compute,
+                  "the segments do not cover every compute node once, in graph order")
+        self.need(len(set(state.names)) == len(state.names) == len(state.segments), "segment names are not unique")
+
+
+class _AfterSegments(CompilationPass):
+    """A pass that reads the segments, and so needs the graph they were found in as it was."""
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.segments is not None, "needs the segments (run 'find_segments' first)")
+        self.need(graph_signature(state.traced.graph) == state.signature,
+                  "the traced graph changed after its segments were found")
+
+
+class BuildRegions(_AfterSegments):
+    """For each invertible segment, its region (forward and rebuild bodies, fused backward), built beside the
+    graph: what the next passes check and measure, and what the module runs if the plan inverts it."""
+
+    name = "build_regions"
+
+    def call(self, state: Compilation) -> None:
+        state.regions = {name: build_invertible_region(state.traced, segment, name)
+                         for name, segment in state.candidates().items() if segment.mode == Mode.INVERTIBLE}
+
+    def ensures(self, state: Compilation) -> None:
+        super().requires(state)  # (building a region leaves the graph as it was)
+
+
+class CheckReconstruction(_AfterSegments):
+    """Each invertible segment's region rebuilds the inputs the segment saw on the example, alone and through
+    the regions after it (``validate.py``); those that do not are refused, with the reason."""
+
+    name = "check_reconstruction"
+
+    def requires(self, state: Compilation) -> None:
+        super().requires(state)
+        self.need(state.regions is not None, "needs the invertible regions (run 'build_regions' first)")
+
+    def call(self, state: Compilation) -> None:
+        state.refused, state.reconstruction_errors = check_reconstruction(
+            state.traced, state.inputs, state.candidates(), state.regions)
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(set(state.refused) <= set(state.regions), "refused a segment that is not invertible")
+
+
+class MeasureCosts(_AfterSegments):
+    """Each segment's memory and compute, measured on the example segment by segment (``cost.py``), with the
+    modes it may take: keep and checkpoint, and invertible where it has a region that rebuilds."""
+
+    name = "measure_costs"
+
+    def requires(self, state: Compilation) -> None:
+        super().requires(state)
+        self.need(state.refused is not None, "needs the reconstruction check (run 'check_reconstruction' first)")
+
+    def call(self, state: Compilation) -> None:
+        candidates = state.candidates()
+        allowed = {}
+        for name in candidates:
+            invertible = name in state.regions and name not in state.refused
+            possible = {Mode.KEEP, Mode.CHECKPOINT} | ({Mode.INVERTIBLE} if invertible else set())
+            allowed[name] = frozenset(possible & set(state.modes)) or frozenset({Mode.KEEP})
+        state.costs = measure_costs(
+            state.traced, state.inputs, candidates, state.regions, allowed,
+            {name: s.rebuild.inverse_flops for name, s in candidates.items() if s.rebuild is not None},
+            {name: bool(s.freeable) for name, s in candidates.items()})
+
+    def ensures(self, state: Compilation) -> None:
+        self.need([c.name for c in state.costs.costs] == list(state.candidates()),
+                  "a segment that may run as a region was not measured (or was measured out of order)")
+
+
+class PlanModes(CompilationPass):
+    """A mode per segment: the least memory, then the least compute; within a budget, the least compute
+    (``invfx.planner``, on the cost model's estimate; Calibrate checks it by measuring)."""
+
+    name = "plan_modes"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.costs is not None, "needs the costs (run 'measure_costs' first)")
+
+    def call(self, state: Compilation) -> None:
+        if not state.costs.costs:  # no segment may run as a region (each writes into its input in place, ...)
+            _plain_within(state)
+            state.chain, state.chosen = None, {}
+            return
+        state.chain = _plan(state.costs, state.budget)
+        state.chosen = _modes_of(state.costs, state.chain)
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(set(state.chosen) <= set(state.candidates()), "gave a mode to a segment that is not a candidate")
+        for cost in state.costs.costs:
+            self.need(state.chosen.get(cost.name, Mode.KEEP) in cost.modes | {Mode.KEEP},
+                      f"gave {cost.name} a mode it does not allow")
+
+
+class GroupRegions(CompilationPass):
+    """The regions the module runs: one per segment not kept, and one chain per run of invertible segments
+    that solves as one (``chain.py``); named after their mode (``ckpt_blocks_3``, ``inv_blocks_1_to_4``)."""
+
+    name = "group_regions"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.chosen is not None, "needs the plan's modes (run 'plan_modes' first)")
+
+    def call(self, state: Compilation) -> None:
+        state.units = region_units(state.traced, state.names, state.segments, state.chosen,
+                                   chains=state.options.chains, max_nodes=state.options.max_segment_nodes,
+                                   solved=state.solved_runs)
+
+    def ensures(self, state: Compilation) -> None:
+        run = [name for unit in state.units for name in unit.parts]
+        planned = [name for name in state.names if state.chosen.get(name, Mode.KEEP) != Mode.KEEP]
+        self.need(run == planned, "the regions do not run exactly the segments the plan does not keep, in order")
+        self.need(len({u.name for u in state.units}) == len(state.units), "two regions have one name")
+
+
+class WriteModule(_AfterSegments):
+    """The optimized module: the traced graph written once with a call of each region in place of the
+    segments it runs (``rewrite.write_graph``), sharing the model's parameters, buffers and submodules."""
+
+    name = "write_module"
+
+    def requires(self, state: Compilation) -> None:
+        super().requires(state)
+        self.need(state.units is not None, "needs the regions (run 'group_regions' first)")
+
+    def call(self, state: Compilation) -> None:
+        traced, regions = state.traced, {}
+        for unit in state.units:
+            region = state.built.get(unit.parts)
+            if region is None:
+                region = state.regions.get(unit.parts[0]) if not unit.is_chain else None
+            if region is None:
+                build = build_invertible_region if unit.mode == Mode.INVERTIBLE else build_checkpoint_region
+                region = build(traced, unit.segment, unit.name)
+            state.built[unit.parts] = region
+            region.region_name, region.mode = unit.name, unit.mode
+            regions[unit.name] = region
+        graph = write_graph(traced.graph, [(unit.name, unit.segment) for unit in state.units])
+        # (the GraphModule takes each submodule a node calls from its root: the regions stand there meanwhile)
+        for name, region in regions.items():
+            traced.add_module(name, region)
+        try:
+            optimized = OptimizedModule(traced, graph, type(state.model).__name__)
+        finally:
+            for name in regions:
+                delattr(traced, name)
+        _share_everything(optimized, state.model)
+        bind_attributes(optimized)
+        optimized.train(state.model.training)
+        state.optimized = optimized
+
+    def ensures(self, state: Compilation) -> None:
+        super().requires(state)  # (the traced graph is left as it was)
+        called = [n.target for n in state.optimized.graph.nodes
+                  if n.op == "call_module" and isinstance(state.optimized.get_submodule(n.target), BodyRegion)]
+        self.need(called == [u.name for u in state.units], "the module does not call each region once, in order")
+
+
+class Calibrate(CompilationPass):
+    """With a budget, the plan is checked by measuring one training step of the module on the example inputs:
+    where the measured peak exceeds the budget (the cost model is an estimate), plan again with the chain's
+    budget lowered by the excess, and write the module again."""
+
+    name = "calibrate"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.optimized is not None, "needs the module (run 'write_module' first)")
+
+    def call(self, state: Compilation) -> None:
+        state.calibration = None
+        if state.budget is None or state.chain is None:
+            return
+        budget, costs, rounds = state.budget, state.costs, state.options.calibration_rounds
+        plain = _measure_step(state.model, state.inputs)
+        target = budget * plain if isinstance(budget, float) else budget
+        chain_budget = _chain_budget(budget, costs)
+        least = None
+        for round_ in range(rounds + 1):
+            peak = _measure_step(state.optimized, state.inputs)
+            if peak <= target:
+                state.calibration = {"plain_bytes": plain, "peak_bytes": peak, "target_bytes": int(target)}
+                return
+            if state.chain.modes == getattr(least, "modes", None):
+                raise _measured_miss(budget, peak, plain, "the least achievable peak, measured on the example "
+                                                          "inputs (the plan of least memory), is")
+            if round_ == rounds:
+                raise _measured_miss(budget, peak, plain, f"the last of {rounds + 1} plans tried "
+                                                          "measures on the example inputs")
+            chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
+            try:
+                chain = plan_chain(costs.costs, chain_budget) if chain_budget >= 0 else None
+            except BudgetError:
+                chain = None
+            if chain is None:  # nothing fits the lowered budget: the plan of least memory is the last to try
+                chain = least = plan_chain(costs.costs, None)
+            state.chain, state.chosen = chain, _modes_of(costs, chain)
+            GroupRegions()(state)
+            WriteModule()(state)
+
+
+class Report(CompilationPass):
+    """The plan (``opt.plan``): a row per segment saying what it keeps, what it costs, why, and which region
+    runs it."""
+
+    name = "report"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.optimized is not None and state.units is not None, "needs the module (run 'write_module')")
+
+    def call(self, state: Compilation) -> None:
+        costs = state.costs
+        state.optimized.plan = Plan(
+            _rows(state), state.opaque, chain=state.chain, outside_bytes=costs.outside_bytes, budget=state.budget,
+            forward_flops=sum(c.flops for c in costs.costs), calibration=state.calibration,
+            constants=state.constants)
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
+
+
+PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, FindSegments, BuildRegions,
+                                               CheckReconstruction, MeasureCosts, PlanModes, GroupRegions,
+                                               WriteModule, Calibrate, Report)
+
+
+# --- planning within a budget -------------------------------------------------------------------------------
+
+def _modes_of(costs: RegionCosts, chain: ChainPlan) -> dict[str, Mode]:
+    return {cost.name: Mode(mode) for cost, mode in zip(costs.costs, chain.modes)}
+
+
+def _plan(costs: RegionCosts, budget) -> ChainPlan:
+    try:
+        chain_budget = _chain_budget(budget, costs)
+        if chain_budget is not None and chain_budget < 0:
+            raise BudgetError("what is kept outside the regions exceeds the budget")
+        return plan_chain(costs.costs, chain_budget)
+    except BudgetError:
+        least = plan_chain(costs.costs, None).peak + costs.outside_bytes
+        plain = plain_peak(costs.costs) + costs.outside_bytes
+        raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable "
+                          f"peak is estimated at {format_bytes(least)} ({least} B, {least / plain:.3f} of plain "
+                          f"{format_bytes(plain)}) at the example's size") from None
+
+
+def _chain_budget(budget, costs: RegionCosts) -> int | None:
+    """The budget in bytes of the chain of regions: what is saved outside them is the same in every plan."""
+    if budget is None:
+        return None
+    if isinstance(budget, float):
+        plain = plain_peak(costs.costs) + costs.outside_bytes
+        return int(budget * plain) - costs.outside_bytes
+    return budget - costs.outside_bytes
+
+
+def _plain_within(state: Compilation) -> None:
+    """With no region to plan, a budget is met only if plain training meets it."""
+    budget = state.budget
+    if budget is None:
+        return
+    plain = _measure_step(state.model, state.inputs)
+    if isinstance(budget, int) and plain <= budget or isinstance(budget, float) and budget >= 1.0:
+        return
+    reasons = "; ".join(f"{name}: {why}" for name, why in state.blocked.items()) or "the model has no segment"
+    raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: no segment of the model "
+                      f"can be checkpointed or inverted ({reasons}); plain training measures {format_bytes(plain)}")
+
+
+def _measured_miss(budget, peak: int, plain: int, what: str) -> BudgetError:
+    return BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: {what} {format_bytes(peak)} "
+                       f"({peak} B, {peak / plain:.3f} of plain {format_bytes(plain)}), though the cost model "
+                       "estimated less")
+
+
+def _measure_step(module: nn.Module, inputs) -> int:
+    """Peak bytes of one training step of ``module`` on ``inputs`` (:func:`invfx.measure`), leaving parameters'
+    gradients, buffers (BatchNorm statistics) and the RNG as they were."""
+    from ..measure import measure  # (invfx.measure reports to an optimized module's plan)
+
+    with example_run(module, inputs, keep_grads=True) as copies:
+        return measure(module, *copies, steps=1).peak_bytes
+
+
+# --- the optimized module -----------------------------------------------------------------------------------
+
+def _share_everything(optimized: fx.GraphModule, model: nn.Module) -> None:
+    """Give the optimized module the model's own children, parameters and buffers, under their names and in
+    their order (then the regions), so that its state_dict is the model's and an optimizer built on
+    model.parameters() trains it."""
+    regions = {n: m for n, m in optimized._modules.items() if n not in model._modules}
+    optimized._modules.clear()
+    optimized._modules.update(model._modules)
+    optimized._modules.update(regions)
+    optimized._parameters.clear()
+    optimized._parameters.update(model._parameters)
+    # fx made tensors created in forward (``torch.tensor(2.0)``) buffers of the traced module: they stay, out of
+    # the state_dict (dropping them broke every model with such a constant: AttributeError on the first call)
+    constants = {name: b for name, b in optimized._buffers.items() if name not in model._buffers}
+    optimized._buffers.clear()
+    optimized._buffers.update(model._buffers)
+    optimized._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
+    for name, value in constants.items():
+        optimized.register_buffer(name, value, persistent=False)
+
+
+# --- the plan's rows ----------------------------------------------------------------------------------------
+
+def _rows(state: Compilation) -> list[PlanRow]:
+    """A plan row per segment, in graph order, saying what it keeps, what it costs, why, and which region
+    runs it (``region``: its own, or the chain it is a link of)."""
+    costs = {c.name: c for c in state.costs.costs}
+    own_name: dict[str, str] = {}  # the name of the region that runs a segment alone, or would (a chain's link)
+    runs_in: dict[str, str] = {}
+    unfused: dict[str, str] = {}
+    for unit in state.units:
+        region = state.built[unit.parts]
+        for part, link in zip(unit.parts, unit.links):
+            runs_in[part], own_name[part] = unit.name, link
+        why = getattr(region, "unfused_because", None)
+        if why and unit.mode == Mode.INVERTIBLE:
+            unfused[unit.name] = why
+    rows = []
+    for name, segment in zip(state.names, state.segments):
+        cost = costs.get(name)
+        mode = Mode(state.chosen.get(name, Mode.KEEP))
+        error = state.reconstruction_errors.get(name)
+        risk = None
+        if segment.rebuild is not None:
+            risk = str(segment.rebuild.risk) + (f", err {error:.1g}" if error is not None else "")
+        kept, recompute = 0, 0.0
+        if cost is not None:
+            kept = {Mode.KEEP: cost.saved_bytes + cost.input_bytes * cost.saves_input,
+                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: 0}[mode]
+            recompute = {Mode.KEEP: 0.0, Mode.CHECKPOINT: cost.flops,
+                         Mode.INVERTIBLE: cost.flops + (cost.inverse_flops or 0.0)}[mode]
+        region = runs_in.get(name)
+        rows.append(PlanRow(
+            name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
+            nodes=len(segment.nodes), mode=mode, kept_bytes=kept, recompute_flops=recompute, risk=risk,
+            why=_why(state, name, cost, mode) + (
+                f"; its backward recomputes the region whole ({unfused[region]})" if region in unfused else ""),
+            saved_bytes=cost.saved_bytes if cost else None,
+            input_bytes=cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
+            flops=cost.flops if cost else None, inverse_flops=cost.inverse_flops if cost else None,
+            freed_bytes=sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE else 0,
+            reconstruction_error=error, inputs=[n.name for n in segment.inputs],
+            freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else []))
+    return rows
+
+
+def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
+    segment = state.segment(name)
+    if name in state.blocked:
+        return f"plain code: {state.blocked[name]}"
+    invertible = segment.mode == Mode.INVERTIBLE
+    if name in state.refused:
+        inverse_note = f"not invertible here: {state.refused[name]}"
+    elif invertible:
+        rules = sorted({s.rule.name for s in segment.rebuild.steps if s.rule is not None}) or ["recomputation"]
+        inverse_note = "rebuilt by " + ", ".join(rules)
+    else:
+        inverse_note = "no inverse found"
+    if cost is None:
+        return inverse_note
+    allowed = cost.modes
+    if mode == Mode.INVERTIBLE:
+        extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
+                 if Mode.CHECKPOINT in allowed else "")
+        return f"keeps nothing, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
+    if mode == Mode.CHECKPOINT:
+        if Mode.INVERTIBLE in allowed:
+            return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
+                    f"+{format_flops(cost.flops + cost.inverse_flops)}")
+        return f"keeps its input only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
+    if allowed == frozenset({Mode.KEEP}):
+        return f"no other mode allowed ({inverse_note})"
+    if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:
+        return f"saves no more than a checkpoint would keep ({inverse_note})"
+    return f"the budget allows it; recomputing would cost +{format_flops(cost.flops)} FLOPs ({inverse_note})"
