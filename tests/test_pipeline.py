@@ -124,3 +124,26 @@ def test_passes_run_alone_on_a_small_graph():
     assert all(not u.is_chain for u in state.units)
     assert isinstance(state.traced, fx.GraphModule)
     assert [u.parts[0] for u in state.units] == [n for n in state.names if state.chosen.get(n, "keep") != "keep"]
+
+
+def test_chains_are_merged_in_the_segment_list():
+    torch.manual_seed(0)
+    model = RevNetMLP(depth=4, width=8, hidden=8).to(DT)
+    state = run_passes(compilation(model, torch.randn(4, 8, dtype=DT)), up_to("group_regions"))
+    chains = [u for u in state.units if u.is_chain]
+    invertible = [n for n in state.names if state.chosen.get(n) == Mode.INVERTIBLE]
+    assert len(chains) == 1 and list(chains[0].parts) == invertible and len(invertible) >= 3
+    assert chains[0].segment.nodes == [n for name in invertible for n in state.segment(name).nodes]
+    assert chains[0].links == tuple(invertible)  # (each link's own region name: inv_blocks_1, ...)
+
+
+def test_steps_that_read_parameters_functionally_are_not_chained():
+    """As measured (chain._may_link): Glow's steps read actnorm's parameters by get_attr, and chaining them
+    measured a higher peak than running them apart."""
+    torch.manual_seed(0)
+    optimized = invfx.optimize(Glow(channels=3, levels=2, depth=2, hidden=8).double(),
+                               torch.randn(2, 3, 16, 16, dtype=DT), check_gradients=False)
+    invertible = [r for r in optimized.plan.rows if r.mode == Mode.INVERTIBLE]
+    # (the last step of the first level and the squeeze after it, next to each other, would chain)
+    assert [r.name for r in invertible][1:3] == ["inv_levels_0_1", "inv_segment_3"]
+    assert len(invertible) == 5 and all(r.region == r.name for r in invertible)
