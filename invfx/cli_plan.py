@@ -69,8 +69,8 @@ def add_parser(commands) -> None:
                       help="memory budget: a fraction of the plain peak (0.5) or bytes (200000000, 200MB)")
     plan.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32",
                       help="dtype of the model and input (default float32)")
-    plan.add_argument("--modes", default="keep,checkpoint,invertible",
-                      help="modes the plan may use, comma-separated (default keep,checkpoint,invertible)")
+    plan.add_argument("--modes", default="keep,checkpoint,invertible,selective",
+                      help="modes the plan may use, comma-separated (default keep,checkpoint,invertible,selective)")
 
 
 def load_factory(target: str):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CouplingBlock", "RevNetMLP", "GlowStep", "Glow", "ReversibleBlock", "ReversibleTransformer", "BasicBlock",
-           "ResNet"]
+           "ResNet", "TransformerBlock", "Transformer"]
 
 
 class CouplingBlock(nn.Module):
@@ -160,3 +160,44 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.stem(x)))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer block: ``x + proj(attention(ln1(x)))``, then ``x + mlp(ln2(x))`` (Linear, GELU,
+    Linear), with dropout on the attention weights' output and on each residual branch. Nothing in it can be
+    inverted (the residual adds read ``x`` again): memory is saved here only by recomputing."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
+        x = x + self.drop(self.proj(attended))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    """``depth`` :class:`TransformerBlock` in the ``nn.Sequential`` ``blocks`` between a linear ``embed`` from
+    ``features`` and a ``head`` (LayerNorm, mean over tokens, linear to ``classes``); input (batch, tokens,
+    features). ``blocks`` is an ``nn.Sequential`` for ``checkpoint_sequential``."""
+
+    def __init__(self, features: int = 16, dim: int = 32, depth: int = 4, heads: int = 4, hidden: int = 64,
+                 classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, hidden, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(dim=1))

@@ -14,6 +14,7 @@ class Mode(str, enum.Enum):
     KEEP = "keep"  # plain autograd: its activations kept for backward
     CHECKPOINT = "checkpoint"  # its inputs kept, its forward recomputed in backward
     INVERTIBLE = "invertible"  # nothing kept: its inputs rebuilt from its outputs in backward
+    SELECTIVE = "selective"  # its inputs and its expensive ops' outputs kept, the rest recomputed in backward
 
     __str__ = str.__str__
     __format__ = str.__format__

@@ -1,14 +1,16 @@
-"""Choose keep / checkpoint / invertible for each segment of a chain, exactly, under a memory model.
+"""Choose keep / checkpoint / invertible / selective for each segment of a chain, exactly, under a memory model.
 
 A chain is a sequence of segments ``s_1 .. s_n``; segment ``i`` reads boundary value ``b_{i-1}`` and produces
-``b_i`` (``b_0`` is the caller's input, ``b_n`` the chain's output). Each segment runs in one of three modes:
+``b_i`` (``b_0`` is the caller's input, ``b_n`` the chain's output). Each segment runs in one of four modes:
 
 * ``"keep"``: plain autograd; the segment's ops keep what they save for backward (``saved_bytes``, and its
   input and/or output when ``saves_input`` / ``saves_output``);
 * ``"checkpoint"``: the forward keeps nothing but the segment's input; backward recomputes the forward from it
   (extra compute: ``flops``);
 * ``"invertible"``: the forward keeps nothing; backward rebuilds the segment's input from its output with the
-  inverse, then recomputes (extra compute: ``flops + inverse_flops``). Only for a segment with an inverse.
+  inverse, then recomputes (extra compute: ``flops + inverse_flops``). Only for a segment with an inverse;
+* ``"selective"``: a checkpoint that also keeps the outputs of its expensive ops (``stash_bytes``), so backward
+  recomputes only the rest (extra compute: ``flops - stash_flops``). Only for a segment with ``stash_bytes``.
 
 :func:`plan_chain` returns the modes of least peak memory (``budget=None``), or of least extra compute whose
 peak fits ``budget`` bytes. The answer is optimal under the model below, which :func:`chain_peak` *defines*;
@@ -18,14 +20,14 @@ The memory model
 ----------------
 Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m_i`` is segment ``i``'s mode.
 
-* ``K_i = saved_bytes_i`` if ``m_i`` is keep, else 0: what the segment holds from forward to backward besides
-  boundary values.
+* ``K_i = saved_bytes_i`` if ``m_i`` is keep, ``stash_bytes_i`` if selective, else 0: what the segment holds
+  from forward to backward besides boundary values.
 * For ``1 <= i <= n-1``, boundary ``b_i`` is kept from forward to backward iff it is *needed* and not *freed*:
 
   - ``self_saves = m_i == keep and saves_output_i``;
   - ``freed = m_{i+1} == invertible and input_freeable_{i+1} and not self_saves`` (the next segment rebuilds
     its input with its inverse, so nothing has to keep it);
-  - ``needed = m_{i+1} == checkpoint or (m_{i+1} == keep and saves_input_{i+1})
+  - ``needed = m_{i+1} in (checkpoint, selective) or (m_{i+1} == keep and saves_input_{i+1})
     or (m_{i+1} == invertible and not input_freeable_{i+1}) or self_saves or m_i == invertible``
     (an invertible segment keeps its own output, which its inverse starts from, unless the next one frees it).
 
@@ -35,8 +37,8 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
 * Peak = the largest of
 
   - the end of forward: ``F = B_0 + B_n + sum_i K_i + sum_{1<=j<=n-1} kept_j``;
-  - segment ``i``'s forward: ``A_i + [i>=2] B_{i-1} + B_i + (saved_bytes_i if m_i == keep else
-    forward_transient_bytes_i)``;
+  - segment ``i``'s forward: ``A_i + [i>=2] B_{i-1} + B_i + (saved_bytes_i if m_i == keep, else
+    forward_transient_bytes_i, plus stash_bytes_i if selective)``;
   - segment ``i``'s backward: ``A_i + [i>=2 and (kept(b_{i-1}) or m_i == invertible)] B_{i-1}
     + [i == n or kept(b_i) or m_{i+1} == invertible] B_i + B_i + W_i`` with ``W_i = saved_bytes_i +
     transient_bytes_i``, or ``invertible_bytes_i + transient_bytes_i`` when invertible and that is given
@@ -44,12 +46,13 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
     output, or rebuilt by the next segment's inverse; then the gradient of ``b_i``, the recomputed or kept
     activations and the backward's working memory). ``b_0`` is inside ``A_i`` and is never counted twice.
 
-Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one.
+Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
+``max(flops_i - stash_flops_i, 0)`` per selective one.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
 peak. Remaining ties go to the plan whose modes, read from the first segment, come first in the order keep <
-checkpoint < invertible (so keep is preferred, then checkpoint). Extra compute is compared exactly (the floats
-are turned into exact integers), so the choice never depends on rounding or on the order of a sum.
+checkpoint < invertible < selective (so keep is preferred, then checkpoint). Extra compute is compared exactly (the
+floats are turned into exact integers), so the choice never depends on rounding or on the order of a sum.
 
 How it is solved
 ----------------
@@ -57,7 +60,7 @@ Peak memory is a maximum, not a sum, so a knapsack over per-segment costs is not
 ``A_i`` plus a part that depends only on segment ``i``, its neighbours' modes and whether ``b_{i-1}`` was kept;
 and ``A_{i+1} = A_i + K_i + kept_{i-1}``. So, read from the back, the peak of a suffix *relative to* ``A_i``
 obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` in a state ``(kept(b_{i-1}), m_i)`` (at most
-six), and the peak of a plan is ``B_0 + R_1``. The terms that depend on the next segment's mode (``kept(b_i)``,
+eight), and the peak of a plan is ``B_0 + R_1``. The terms that depend on the next segment's mode (``kept(b_i)``,
 the backward of ``i``) are evaluated at the transition, when that mode is chosen.
 
 1. The least achievable peak: a min-max dynamic programme over the states, from the back, linear in ``n``.
@@ -103,11 +106,11 @@ from .units import format_bytes
 __all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
            "exhaustive"]
 
-KEEP, CHECKPOINT, INVERTIBLE = "keep", "checkpoint", "invertible"
+KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE = "keep", "checkpoint", "invertible", "selective"
 #: The modes, in the order ties are broken (earlier is preferred).
-MODES = (KEEP, CHECKPOINT, INVERTIBLE)
+MODES = (KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE)
 _RANK = {mode: rank for rank, mode in enumerate(MODES)}
-_K, _C, _I = 0, 1, 2  # the ranks, as the dynamic programme stores modes
+_K, _C, _I, _S = 0, 1, 2, 3  # the ranks, as the dynamic programme stores modes
 
 #: Largest frontier a state keeps in the last pass; above it the plan may not be exact (see the module docstring).
 FRONTIER_LIMIT = 2048
@@ -145,6 +148,10 @@ class SegmentCost:
     # what an invertible backward holds instead of saved_bytes (a fused backward recomputes one sub-network at
     # a time); None: saved_bytes, as a checkpoint's recomputation
     invertible_bytes: int | None = None
+    # selective mode: what it keeps besides its input (the outputs of its expensive ops), and the forward compute
+    # those ops take, which its recomputation skips; None: no selective mode
+    stash_bytes: int | None = None
+    stash_flops: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
@@ -158,12 +165,13 @@ class SegmentCost:
             if value < 0:
                 raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
             object.__setattr__(self, field_name, value)
-        if self.invertible_bytes is not None:
-            value = operator.index(self.invertible_bytes)
-            if value < 0:
-                raise ValueError(f"segment {self.name!r}: invertible_bytes is negative ({value})")
-            object.__setattr__(self, "invertible_bytes", value)
-        for field_name in ("flops", "inverse_flops"):
+        for field_name in ("invertible_bytes", "stash_bytes"):
+            if getattr(self, field_name) is not None:
+                value = operator.index(getattr(self, field_name))
+                if value < 0:
+                    raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
+                object.__setattr__(self, field_name, value)
+        for field_name in ("flops", "inverse_flops", "stash_flops"):
             value = getattr(self, field_name)
             if value is None and field_name == "inverse_flops":
                 continue
@@ -186,7 +194,26 @@ class SegmentCost:
     def allowed_modes(self) -> tuple[str, ...]:
         """The modes this segment may run in, in tie-break order: ``modes``, less invertible without an inverse."""
         return tuple(mode for mode in MODES
-                     if mode in self.modes and (mode != INVERTIBLE or self.inverse_flops is not None))
+                     if mode in self.modes and (mode != INVERTIBLE or self.inverse_flops is not None)
+                     and (mode != SELECTIVE or self.stash_bytes is not None))
+
+    def held_bytes(self, mode: str) -> int:
+        """``K``: what it holds from its forward to its backward in ``mode``, besides boundary values."""
+        if mode == KEEP:
+            return self.saved_bytes
+        if mode == SELECTIVE:
+            return self.stash_bytes or 0
+        return 0
+
+    def recompute_flops(self, mode: str) -> float:
+        """Its extra compute in ``mode``."""
+        if mode == CHECKPOINT:
+            return self.flops
+        if mode == INVERTIBLE:
+            return self.flops + (self.inverse_flops or 0.0)
+        if mode == SELECTIVE:
+            return max(self.flops - self.stash_flops, 0.0)
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -223,7 +250,7 @@ def _kept(before: SegmentCost, mode_before: str, after: SegmentCost, mode_after:
     """Whether the boundary between ``before`` and ``after`` is kept from forward to backward."""
     self_saves = mode_before == KEEP and before.saves_output
     freed = mode_after == INVERTIBLE and after.input_freeable and not self_saves
-    needed = (mode_after == CHECKPOINT or (mode_after == KEEP and after.saves_input)
+    needed = (mode_after in (CHECKPOINT, SELECTIVE) or (mode_after == KEEP and after.saves_input)
               or (mode_after == INVERTIBLE and not after.input_freeable) or self_saves or mode_before == INVERTIBLE)
     return needed and not freed
 
@@ -243,7 +270,7 @@ def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
     sizes = [costs[0].input_bytes] + [cost.output_bytes for cost in costs]  # sizes[j] = B_j
     # kept[j] for boundaries 1..n-1 (kept[0] and kept[n] are unused: b_0 and b_n are always counted).
     kept = [True] + [_kept(costs[j - 1], modes[j - 1], costs[j], modes[j]) for j in range(1, n)] + [True]
-    held = [cost.saved_bytes if mode == KEEP else 0 for cost, mode in zip(costs, modes)]  # K_i, 0-based
+    held = [cost.held_bytes(mode) for cost, mode in zip(costs, modes)]  # K_i, 0-based
 
     terms = [sizes[0] + sizes[n] + sum(held) + sum(sizes[j] for j in range(1, n) if kept[j])]  # F
     earlier = sizes[0]  # A_i = B_0 + sum_{j<i} K_j + sum_{1<=j<=i-2} kept_j, for i = 1
@@ -254,8 +281,7 @@ def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
         if i >= 2:
             earlier += held[i - 2]
         input_alive = sizes[i - 1] if i >= 2 else 0  # b_0 is inside `earlier` already
-        terms.append(earlier + input_alive + sizes[i]
-                     + (cost.saved_bytes if mode == KEEP else cost.forward_transient_bytes))
+        terms.append(earlier + input_alive + sizes[i] + _forward_bytes(cost, mode))
         input_present = i >= 2 and (kept[i - 1] or mode == INVERTIBLE)
         output_present = i == n or kept[i] or modes[i] == INVERTIBLE
         terms.append(earlier + (sizes[i - 1] if input_present else 0) + (sizes[i] if output_present else 0)
@@ -278,9 +304,21 @@ def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str]) -> flo
             if cost.inverse_flops is None:
                 raise ValueError(f"segment {cost.name!r} has no inverse, so it cannot be invertible")
             parts += [cost.flops, cost.inverse_flops]
+        elif mode == SELECTIVE:
+            parts.append(cost.recompute_flops(SELECTIVE))
         elif mode != KEEP:
             raise ValueError(f"unknown mode {mode!r}; the modes are {MODES}")
     return math.fsum(parts)
+
+
+def _forward_bytes(cost: SegmentCost, mode: str) -> int:
+    """What a segment's forward holds besides its input and output: what plain autograd saves (keep), its
+    working memory and what it keeps for its recomputation (selective), or its working memory."""
+    if mode == KEEP:
+        return cost.saved_bytes
+    if mode == SELECTIVE:
+        return cost.forward_transient_bytes + (cost.stash_bytes or 0)
+    return cost.forward_transient_bytes
 
 
 def plain_peak(costs: Iterable[SegmentCost]) -> int:
@@ -289,13 +327,13 @@ def plain_peak(costs: Iterable[SegmentCost]) -> int:
     return chain_peak(costs, (KEEP,) * len(costs))
 
 
-def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int | None]]:
+def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int | None, int]]:
     """Extra compute of each segment in each mode as exact integers, on one common scale.
 
     Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
     comparisons are exact (two plans of equal compute tie, whatever order their floats would be added in)."""
     ratios = [float(value).as_integer_ratio() for cost in costs
-              for value in (cost.flops, cost.inverse_flops or 0.0)]
+              for value in (cost.flops, cost.inverse_flops or 0.0, cost.recompute_flops(SELECTIVE))]
     scale = max(denominator for _, denominator in ratios)
 
     def exact(value: float) -> int:
@@ -306,7 +344,7 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int |
     for cost in costs:
         forward = exact(cost.flops)
         inverse = forward + exact(cost.inverse_flops) if cost.inverse_flops is not None else None
-        table.append((0, forward, inverse))
+        table.append((0, forward, inverse, exact(cost.recompute_flops(SELECTIVE))))
     return table
 
 
@@ -347,27 +385,27 @@ class _Chain:
                                  f"inverse_flops={cost.inverse_flops}")
             self.allowed.append(allowed)
         # (None only for invertible without an inverse, a mode `allowed` leaves out, so never read)
-        self.compute = cast("list[tuple[int, int, int]]", _exact_compute(costs))
+        self.compute = cast("list[tuple[int, int, int, int]]", _exact_compute(costs))
         # b_{i-1} as counted on top of A_i: 0 for the first segment, whose input B_0 is already inside A_i.
         self.before = [0] + [cost.output_bytes for cost in costs[:-1]]
         self.after = [cost.output_bytes for cost in costs]
         # Forward term of segment s relative to A_s, by mode.
-        self.forward = [(b + c.output_bytes + c.saved_bytes, b + c.output_bytes + c.forward_transient_bytes,
-                         b + c.output_bytes + c.forward_transient_bytes)
+        self.forward = [tuple(b + c.output_bytes + _forward_bytes(c, mode) for mode in MODES)
                         for b, c in zip(self.before, costs)]
         # Backward term relative to A_s without its two conditional boundary values: the gradient of b_i,
         # the (kept or recomputed) saved activations and the backward's working memory.
         self.backward = [tuple(c.output_bytes + c.backward_bytes(mode) for mode in MODES) for c in costs]
-        self.held = [c.saved_bytes for c in costs]  # K_s in keep mode
+        self.held = [tuple(c.held_bytes(mode) for mode in MODES) for c in costs]  # K_s by mode
         # kept[s][m][m2]: boundary after segment s kept, for modes m of s and m2 of s + 1.
-        self.kept = [[[_kept(costs[s], MODES[m], costs[s + 1], MODES[m2]) for m2 in range(3)] for m in range(3)]
+        ranks = range(len(MODES))
+        self.kept = [[[_kept(costs[s], MODES[m], costs[s + 1], MODES[m2]) for m2 in ranks] for m in ranks]
                      for s in range(n - 1)]
         self.states = [[(kb, m) for kb in ((False, True) if s else (False,)) for m in self.allowed[s]]
                        for s in range(n)]
 
     def growth(self, s: int, kept_before: bool, m: int) -> int:
         """``A_{s+1} - A_s``: what segment s holds (K) and the kept boundary before it, once s is done."""
-        return (self.held[s] if m == _K else 0) + (self.before[s] if kept_before else 0)
+        return self.held[s][m] + (self.before[s] if kept_before else 0)
 
     def local(self, s: int, kept_before: bool, m: int, m2: int | None) -> int:
         """The largest term of segment s relative to A_s, given the next segment's mode m2 (None: s is last)."""

@@ -53,6 +53,23 @@ def test_chain_peak_by_hand_keep_invertible_checkpoint():
     assert chain_extra_flops(HAND, modes) == (3.0 + 1.5) + 4.0
 
 
+def test_chain_peak_by_hand_with_a_selective_checkpoint():
+    """Selective: holds its stash (K = stash_bytes) and its input, recomputes all but its kept ops."""
+    costs = (dataclasses.replace(HAND[0], stash_bytes=12, stash_flops=1.5), *HAND[1:])
+    modes = ("selective", "keep", "checkpoint")
+    # K = (12, 25, 0). kept(b_1): b keeps and saves its input: yes. kept(b_2): b saves its output: yes.
+    end_of_forward = 10 + 10 + 37 + 20 + 40  # 117
+    forward = [10 + 20 + 7 + 12,  # a: B_0 + B_1 + forward_transient_a + its stash = 49
+               10 + 12 + 20 + 40 + 25,  # b: B_0 + K_a + B_1 + B_2 + saved_b = 107
+               10 + 12 + 25 + 20 + 40 + 10 + 3]  # c: B_0 + K_a + K_b + b_1 (kept) + B_2 + B_3 + ft_c = 120
+    backward = [10 + 20 + 20 + 30 + 5,  # a: B_0 + b_1 (kept) + grad B_1 + saved_a (recomputed) + transient_a = 85
+                10 + 12 + 20 + 40 + 40 + 25 + 6,  # b: 153
+                10 + 12 + 25 + 20 + 40 + 10 + 10 + 15 + 60]  # c: 202
+    assert chain_peak(costs, modes) == max([end_of_forward] + forward + backward) == 202
+    assert chain_extra_flops(costs, modes) == (2.0 - 1.5) + 4.0
+    assert "selective" in costs[0].allowed_modes and "selective" not in HAND[0].allowed_modes
+
+
 def test_chain_peak_by_hand_all_keep():
     modes = ("keep",) * 3
     # K = (30, 25, 15). kept(b_1): b keeps and saves its input: yes. kept(b_2): b saves its output: yes.
@@ -112,8 +129,10 @@ def chains(draw, max_segments=12):
     costs, plans = [], 1
     for i in range(n):
         inverse = draw(st.none() | FLOPS)
+        stash = draw(st.none() | st.integers(0, 40))
         modes = draw(st.sets(st.sampled_from(MODES), min_size=1))
-        allowed = [m for m in MODES if m in modes and (m != "invertible" or inverse is not None)]
+        allowed = [m for m in MODES if m in modes and (m != "invertible" or inverse is not None)
+                   and (m != "selective" or stash is not None)]
         if not allowed:
             modes = {"keep"}  # a segment that allows no mode is tested on its own
             allowed = ["keep"]
@@ -127,7 +146,7 @@ def chains(draw, max_segments=12):
             forward_transient_bytes=draw(st.integers(0, 30)), saves_input=draw(st.booleans()),
             saves_output=draw(st.booleans()), flops=draw(FLOPS), inverse_flops=inverse,
             input_freeable=draw(st.booleans()) if i else False, modes=frozenset(modes),
-            invertible_bytes=draw(st.none() | st.integers(0, 60))))
+            invertible_bytes=draw(st.none() | st.integers(0, 60)), stash_bytes=stash, stash_flops=draw(FLOPS)))
     return tuple(costs)
 
 
@@ -135,10 +154,19 @@ def every_plan(costs):
     """(peak, exact extra compute, mode order, modes) of every allowed plan, by the definitions alone."""
     plans = []
     for modes in itertools.product(*(cost.allowed_modes for cost in costs)):
-        compute = sum((Fraction(c.flops) if m != "keep" else 0) + (Fraction(c.inverse_flops) if m == "invertible"
-                                                                   else 0) for c, m in zip(costs, modes))
+        compute = sum(_compute(c, m) for c, m in zip(costs, modes))
         plans.append((chain_peak(costs, modes), compute, tuple(MODES.index(m) for m in modes), modes))
     return plans
+
+
+def _compute(cost, mode) -> Fraction:
+    """A segment's extra compute in ``mode``, by the definition (selective: its forward less what its kept ops
+    took, as a float)."""
+    if mode == "keep":
+        return Fraction(0)
+    if mode == "selective":
+        return Fraction(max(cost.flops - cost.stash_flops, 0.0))
+    return Fraction(cost.flops) + (Fraction(cost.inverse_flops) if mode == "invertible" else 0)
 
 
 def best(plans, budget):

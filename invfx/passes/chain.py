@@ -25,7 +25,7 @@ from .segments import MAX_NODES, Segment, invertible_segment
 
 __all__ = ["RegionUnit", "region_units", "final_names"]
 
-_MODE_PREFIX = {Mode.INVERTIBLE: "inv_", Mode.CHECKPOINT: "ckpt_"}
+_MODE_PREFIX = {Mode.INVERTIBLE: "inv_", Mode.CHECKPOINT: "ckpt_", Mode.SELECTIVE: "sac_"}
 
 
 @dataclass

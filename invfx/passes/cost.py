@@ -11,7 +11,10 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
 * ``transient_bytes``: its backward's working memory beyond that, estimated as its largest node's inputs and
   outputs (a gradient in and one out);
 * ``flops``: counted matmul and convolution FLOPs plus one per element an op writes (elementwise work);
-* ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions.
+* ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions;
+* ``stash_bytes``, ``stash_flops``: what a selective checkpoint of it keeps (the outputs of its convolutions,
+  matrix products and attention, measured by keeping them as the runtime does) and the FLOPs of those ops, which
+  its recomputation skips (its recompute is then the elementwise work only).
 
 What is saved outside every measured segment (a head reading the last one's output) is the same in every plan: it
 comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
@@ -30,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..modes import Mode
 from ..planner import SegmentCost
 from ..regions.fused import tensors_in
+from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
 from .annotate import node_bytes, numel
 from .example import example_run
@@ -49,6 +53,8 @@ class RegionCosts:
 def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
                   regions: Mapping[str, InvertibleRegion], allowed: Mapping[str, frozenset[Mode]],
                   inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool]) -> RegionCosts:
+    # (a segment allowed to be selective: what its stash would hold is measured by keeping it, as the runtime
+    # would; see invfx.runtime.stash)
     """Measure each of ``segments`` (by name; the others run too, charged to no segment) of ``module`` (the
     traced model) on ``example_inputs``.
 
@@ -58,7 +64,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     """
     order: list[str] = []
     records: dict[str, dict] = {}
-    constant = {storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
+    constants = list(module.parameters()) + list(module.buffers())
+    constant = {storage_key(t) for t in constants}
     current: list[str | None] = [None]
     outside: dict = {}
     recorded: dict[str, tuple] = {}  # an invertible segment's example arguments, to measure its fused backward
@@ -79,10 +86,21 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
         record["counter"] = FlopCounterMode(display=False)
         record["counter"].__enter__()
+        if Mode.SELECTIVE in allowed[name]:
+            record["stash"] = OutputStash(EXPENSIVE_OPS, constants, name)
+            record["recording"] = record["stash"].recording()
+            record["recording"].__enter__()
         current[0] = name
 
     def leave(name: str, outputs: tuple) -> None:
         record = records[name]
+        if "recording" in record:
+            record.pop("recording").__exit__(None, None, None)
+            stash = record.pop("stash")
+            stash.drop(tensors_in(outputs))  # (as the runtime does: a region's outputs are recomputed)
+            # a kept output written in place later is recomputed anyway: then selective saves nothing sure
+            record["stash_bytes"] = stash.nbytes if stash.nbytes and not stash.mutated else None
+            stash.clear()
         record["counter"].__exit__(None, None, None)
         record["flops"] = record.pop("counter").get_total_flops()
         record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(outputs)}
@@ -94,8 +112,10 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             SegmentRun(module, segments, enter, leave).run(*inputs)
             fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
     finally:
-        for record in records.values():
-            if "counter" in record:  # the forward failed inside a segment
+        for record in records.values():  # (the forward failed inside a segment)
+            if "recording" in record:
+                record.pop("recording").__exit__(None, None, None)
+            if "counter" in record:
                 record.pop("counter").__exit__(None, None, None)
 
     costs = []
@@ -121,7 +141,9 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             flops=float(record["flops"] + sum(numel(n) for n in body)),
             inverse_flops=inverse_flops.get(name) if name in regions else None,
             input_freeable=freeable.get(name, False),
-            modes=allowed[name]))
+            modes=allowed[name],
+            stash_bytes=record.get("stash_bytes"),
+            stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0))
     # The planner's chain has one size per boundary: a region reads what the previous one made (values that
     # skip a region, read two regions later, are charged to the boundary they leave from).
     for i in range(1, len(costs)):

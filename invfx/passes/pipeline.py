@@ -169,7 +169,7 @@ class MeasureCosts(_AfterSegments):
         allowed = {}
         for name in candidates:
             invertible = name in state.regions and name not in state.refused
-            possible = {Mode.KEEP, Mode.CHECKPOINT} | ({Mode.INVERTIBLE} if invertible else set())
+            possible = {Mode.KEEP, Mode.CHECKPOINT, Mode.SELECTIVE} | ({Mode.INVERTIBLE} if invertible else set())
             allowed[name] = frozenset(possible & set(state.modes)) or frozenset({Mode.KEEP})
         state.costs = measure_costs(
             state.traced, state.inputs, candidates, state.regions, allowed,
@@ -443,9 +443,9 @@ def _rows(state: Compilation) -> list[PlanRow]:
         kept, recompute = 0, 0.0
         if cost is not None:
             kept = {Mode.KEEP: cost.saved_bytes + cost.input_bytes * cost.saves_input,
-                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: 0}[mode]
-            recompute = {Mode.KEEP: 0.0, Mode.CHECKPOINT: cost.flops,
-                         Mode.INVERTIBLE: cost.flops + (cost.inverse_flops or 0.0)}[mode]
+                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: 0,
+                    Mode.SELECTIVE: cost.input_bytes + (cost.stash_bytes or 0)}[mode]
+            recompute = cost.recompute_flops(mode)
         region = runs_in.get(name)
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
@@ -475,7 +475,12 @@ def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
         inverse_note = "no inverse found"
     if cost is None:
         return inverse_note
-    allowed = cost.modes
+    allowed = cost.allowed_modes
+    if mode == Mode.SELECTIVE:
+        return (f"keeps its input and its convolutions' and matrix products' outputs "
+                f"({format_bytes(cost.stash_bytes or 0)}), recomputes the rest for "
+                f"+{format_flops(cost.recompute_flops(mode))} FLOPs (a checkpoint would recompute "
+                f"+{format_flops(cost.flops)}) ({inverse_note})")
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
                  if Mode.CHECKPOINT in allowed else "")
@@ -485,7 +490,7 @@ def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
                     f"+{format_flops(cost.flops + cost.inverse_flops)}")
         return f"keeps its input only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
-    if allowed == frozenset({Mode.KEEP}):
+    if tuple(allowed) == (Mode.KEEP,):
         return f"no other mode allowed ({inverse_note})"
     if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:
         return f"saves no more than a checkpoint would keep ({inverse_note})"

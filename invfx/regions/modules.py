@@ -22,6 +22,7 @@ from ..graphs import fetch_attr
 from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
+from ..runtime.stash import EXPENSIVE_OPS
 from .body import is_rng_mark, named_objects, portable_graph
 from .fused import FusedReplay
 
@@ -107,7 +108,7 @@ class BodyRegion(nn.Module):
         self.region_name = name
         self.source = source
         self.num_inputs = num_inputs
-        self.mode = Mode.CHECKPOINT  # or Mode.KEEP: plain code (the plan's choice)
+        self.mode = Mode.CHECKPOINT  # or SELECTIVE, or KEEP: plain code (the plan's choice)
 
     def forward(self, *inputs):
         if self.__dict__.get("_epoch") != _registrations[0]:
@@ -126,9 +127,12 @@ class BodyRegion(nn.Module):
         return run_region(self._region(), inputs)
 
     def _region(self) -> Region:
-        return self._cached_region(CHECKPOINT, lambda: Region(
+        # selective: the outputs of its convolutions, matrix products and attention are kept for the
+        # recomputation, which runs only the cheap ops between them (invfx.runtime.stash)
+        keep_ops = EXPENSIVE_OPS if self.mode == Mode.SELECTIVE else frozenset()
+        return self._cached_region((CHECKPOINT, keep_ops), lambda: Region(
             function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            name=self._label))
+            name=self._label, keep_ops=keep_ops))
 
     def _cached_region(self, key, make) -> Region:
         """The Region for this call, made once per configuration (a Region is immutable; making one and
@@ -226,7 +230,7 @@ class InvertibleRegion(BodyRegion):
         self.kept = tuple(kept)
         self.free = tuple(free)
         self.fused = True  # False: rebuild, then recompute every sub-network again (for comparison)
-        self.mode = Mode.INVERTIBLE  # or CHECKPOINT, or KEEP (plain code): the plan's choice
+        self.mode = Mode.INVERTIBLE  # or CHECKPOINT, SELECTIVE, or KEEP (plain code): the plan's choice
         self._derive()
 
     @property

@@ -53,6 +53,7 @@ import torch
 
 from ..errors import InverseError, RegionError
 from ..tolerances import tolerance_for
+from .stash import OutputStash
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
 
@@ -121,6 +122,9 @@ class Region:
     ``buffers``: buffers, or modules whose buffers, the function may update in place (BatchNorm statistics);
     they are kept from being updated a second time by the recomputation. ``keep`` (invertible mode): argument
     positions saved for backward like a checkpoint's inputs (values the inverse reads but does not rebuild).
+    ``keep_ops`` (checkpoint mode): aten ops (``torch.ops.aten.convolution``) whose outputs the forward keeps
+    for the recomputation, which takes them instead of running those ops again (selective activation
+    checkpointing; see :mod:`invfx.runtime.stash`).
     """
 
     function: Callable[..., Any]
@@ -134,6 +138,7 @@ class Region:
     buffers: tuple[torch.Tensor | torch.nn.Module, ...] = ()
     preserve_rng_state: bool = True
     name: str = "region"
+    keep_ops: frozenset[Any] = frozenset()
 
     def __post_init__(self) -> None:
         if self.mode not in (CHECKPOINT, INVERTIBLE):
@@ -143,6 +148,8 @@ class Region:
         if self.mode == CHECKPOINT and (self.free or self.keep):
             raise RegionError(f"{self.name}: a checkpoint region keeps all its inputs; free and keep are for "
                               "invertible regions")
+        if self.keep_ops and self.mode != CHECKPOINT:
+            raise RegionError(f"{self.name}: keep_ops is for checkpoint regions (an invertible region keeps nothing)")
         if self.free & self.keep:
             raise RegionError(f"{self.name}: arguments {sorted(self.free & self.keep)} are both freed and kept")
 
@@ -246,9 +253,11 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     discovery = region.discovery
     key = discovery.key_for(inputs) if discovery is not None else None
     known = discovery is not None and discovery.key == key
+    stash = OutputStash(region.keep_ops, _constants(region.buffers), region.name) if region.keep_ops else None
+    recording = stash.recording() if stash is not None else contextlib.nullcontext()
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
-        with torch.no_grad(), rng_marks("record", rng):
+        with torch.no_grad(), rng_marks("record", rng), recording:
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -258,7 +267,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
         for position, leaf in zip(positions, leaves):
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
-        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng):
+        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), recording:
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -270,6 +279,8 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
         rng = None  # the function drew no random numbers: nothing to replay
     structure = _Structure.of(result)
     outputs = structure.tensors(result)
+    if stash is not None:
+        stash.drop(outputs)
     if known:
         # (known: discovery is not None)
         requires_grad, params, accumulators = \
@@ -289,6 +300,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     call = _RegionCall(region, args, positions, inputs, params, structure, result, outputs, requires_grad, rng,
                        autocast, buffer_state.mutated())
     call.accumulators = accumulators
+    call.stash = stash
     del result
     returned = cast("tuple[torch.Tensor, ...]",
                     RegionFunction.apply(call, *inputs, *params))  # type: ignore[no-untyped-call]
@@ -417,6 +429,7 @@ class _RegionCall:
     history, so no reference cycle through the graph)."""
 
     accumulators: list[torch.autograd.graph.Node]  # the parameters' AccumulateGrad nodes, set by run_region
+    stash: OutputStash | None = None  # a selective checkpoint's kept op outputs, set by run_region
 
     def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
                  params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
@@ -864,7 +877,25 @@ class ReplayContext:
 
 
 def _replay_checkpoint(context: ReplayContext) -> Any:
-    return context.call_function()
+    stash = context._call.stash
+    if stash is None:
+        return context.call_function()
+    try:
+        with stash.replaying():
+            return context.call_function()
+    finally:
+        stash.clear()  # (a second backward recomputes everything)
+
+
+def _constants(buffers: Sequence[torch.Tensor | torch.nn.Module]) -> list[torch.Tensor]:
+    """The parameters and buffers of a region's modules: a stash tells their calls apart by them."""
+    found: list[torch.Tensor] = []
+    for item in buffers:
+        if isinstance(item, torch.nn.Module):
+            found += [*item.parameters(), *item.buffers()]
+        else:
+            found.append(item)
+    return found
 
 
 def _rebuild_inputs(context: ReplayContext) -> None:

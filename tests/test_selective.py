@@ -1,0 +1,199 @@
+"""Selective checkpointing (issue 17, first part): a checkpoint that keeps its convolutions' and matrix products'
+outputs and recomputes only the cheap ops between them; against plain autograd in float64."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import invfx
+from invfx.errors import RegionError
+from invfx.examples import ResNet, Transformer
+from invfx.measure import measure
+from invfx.modes import Mode
+from invfx.runtime import Region, run_region
+from invfx.runtime.stash import EXPENSIVE_OPS, OutputStash
+
+DT = torch.float64
+
+
+class CountOps(TorchDispatchMode):
+    """How many times each op packet runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket] = self.counts.get(func.overloadpacket, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def block():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)).to(DT)
+
+
+def step(function, x, params, seed=1, retain=False):
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    out = function(x)
+    loss = (out.pow(2).mean() + out.sum())
+    loss.backward(retain_graph=retain)
+    if retain:
+        loss.backward()
+    return out.detach(), x.grad, [p.grad for p in params]
+
+
+def test_a_selective_region_trains_as_plain_autograd_running_each_convolution_once():
+    torch.manual_seed(0)
+    model, x = block(), torch.randn(4, 3, 8, 8, dtype=DT)
+    twin = copy.deepcopy(model)
+    expected = step(twin, x, list(twin.parameters()))
+    region = Region(model, keep_ops=EXPENSIVE_OPS, buffers=(model,), name="block")
+    counting = CountOps()
+    with counting:
+        got = step(lambda t: run_region(region, (t,)), x, list(model.parameters()))
+    assert_close(got, expected)
+    # forward and backward: each convolution ran once, in forward (a checkpoint runs it again in backward)
+    assert counting.counts[torch.ops.aten.convolution] == 2
+    assert counting.counts[torch.ops.aten.native_batch_norm] + \
+        counting.counts.get(torch.ops.aten._native_batch_norm_legit, 0) >= 4  # (BatchNorm recomputed: cheap)
+    for mine, theirs in zip(model.buffers(), twin.buffers()):  # BatchNorm statistics updated once
+        assert torch.equal(mine, theirs)
+
+
+def test_a_second_backward_recomputes_everything():
+    torch.manual_seed(0)
+    model, x = block(), torch.randn(2, 3, 8, 8, dtype=DT)
+    twin = copy.deepcopy(model)
+    expected = step(twin, x, list(twin.parameters()), retain=True)
+    region = Region(model, keep_ops=EXPENSIVE_OPS, buffers=(model,), name="block")
+    got = step(lambda t: run_region(region, (t,)), x, list(model.parameters()), retain=True)
+    assert_close(got, expected)
+
+
+def test_a_kept_output_written_in_place_later_is_recomputed_not_used():
+    """An in-place write the graph does not show (inside a function or a leaf module) changes a kept output:
+    the recomputation runs that convolution again rather than read the changed value."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).to(DT)
+
+    def function(t):
+        y = conv(t)
+        y.mul_(2.0)  # (writes into the convolution's output after the stash kept it)
+        return torch.tanh(y)
+
+    x = torch.randn(2, 3, 6, 6, dtype=DT)
+    expected = step(function, x, list(conv.parameters()))
+    region = Region(function, keep_ops=EXPENSIVE_OPS, buffers=(conv,), name="inplace")
+    counting = CountOps()
+    with counting:
+        got = step(lambda t: run_region(region, (t,)), x, list(conv.parameters()))
+    assert_close(got, expected)
+    assert counting.counts[torch.ops.aten.convolution] == 2  # (recomputed: its kept output was changed)
+
+
+def test_the_stash_forgets_what_the_region_hands_on():
+    """A region's output may be freed by the next (invertible) region: the stash must not hand it back."""
+    stash = OutputStash(EXPENSIVE_OPS)
+    w = torch.randn(4, 4, dtype=DT)
+    with stash.recording():
+        inner = torch.mm(torch.randn(3, 4, dtype=DT), w)
+        out = torch.mm(inner, w)
+    assert stash.nbytes == 2 * 3 * 4 * 8
+    stash.drop([out])
+    assert stash.nbytes == 3 * 4 * 8
+
+
+def test_keep_ops_is_for_checkpoint_regions():
+    with pytest.raises(RegionError, match="keep_ops is for checkpoint regions"):
+        Region(torch.relu, mode="invertible", inverse=lambda outputs, saved: outputs, keep_ops=EXPENSIVE_OPS)
+
+
+def compare(model, x, optimized):
+    got = step(optimized, x, list(model.parameters()))
+    expected = step(model, x, list(model.parameters()))
+    assert_close(got, expected, rtol=1e-9, atol=1e-11)
+
+
+def test_optimize_plans_selective_segments_with_plain_gradients():
+    torch.manual_seed(0)
+    model, x = ResNet(depth=4, channels=8).to(DT), torch.randn(4, 3, 16, 16, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"))
+    rows = [r for r in optimized.plan.rows if r.mode != Mode.KEEP]
+    assert rows and all(r.mode == Mode.SELECTIVE and r.name.startswith("sac_") for r in rows)
+    assert all("keeps its input and its convolutions'" in r.why for r in rows)
+    compare(model, x, optimized)
+    counting = CountOps()
+    with counting:
+        step(optimized, x, list(model.parameters()))
+    with CountOps() as plain_counting:
+        step(model, x, list(model.parameters()))
+    # (a checkpointed block runs its convolutions twice; a selective one, once)
+    assert counting.counts[torch.ops.aten.convolution] == plain_counting.counts[torch.ops.aten.convolution]
+
+
+def test_selective_memory_lies_between_checkpoint_and_plain():
+    """Measured (exact CPU peak of one training step), not estimated."""
+    torch.manual_seed(0)
+    model, x = ResNet(depth=6, channels=16), torch.randn(8, 3, 16, 16)
+    peaks = {}
+    for modes in (("keep",), ("keep", "selective"), ("keep", "checkpoint")):
+        optimized = invfx.optimize(model, x, modes=modes, check_gradients=False)
+        peaks[modes[-1]] = measure(optimized, x, steps=1).peak_bytes
+    assert peaks["checkpoint"] < peaks["selective"] < peaks["keep"], peaks
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_selective_matrix_products_and_attention_in_a_transformer(dropout):
+    """Linear layers on 3-D inputs and attention go through views of mm and the attention kernel; dropout's
+    masks are drawn again in the recomputation from the forward's RNG state."""
+    torch.manual_seed(0)
+    model = Transformer(features=8, dim=16, depth=3, heads=2, hidden=32, dropout=dropout).to(DT)
+    x = torch.randn(2, 5, 8, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"))
+    assert sum(r.mode == Mode.SELECTIVE for r in optimized.plan.rows) >= 2, str(optimized.plan)
+    compare(model, x, optimized)
+    counting = CountOps()
+    with counting:
+        step(optimized, x, list(model.parameters()))
+    with CountOps() as plain_counting:
+        step(model, x, list(model.parameters()))
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert counting.counts[attention] == plain_counting.counts[attention]
+
+
+def test_a_user_function_with_a_hidden_in_place_write_is_not_planned_selective():
+    """Measured: the stash of a segment whose kept output is written in place would save nothing sure."""
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, t):
+            y = self.conv(t)
+            return F.relu_(y) if not torch.fx._symbolic_trace.is_fx_tracing() else F.relu(y)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Hidden() for _ in range(3)])
+
+        def forward(self, t):
+            for b in self.blocks:
+                t = b(t) + t
+            return t
+
+    torch.manual_seed(0)
+    model, x = Net().to(DT), torch.randn(2, 4, 6, 6, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"), leaf_modules=[Hidden])
+    assert not any(r.mode == Mode.SELECTIVE for r in optimized.plan.rows)
+    compare(model, x, optimized)
