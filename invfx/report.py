@@ -34,6 +34,8 @@ class PlanRow:
     reconstruction_error: float | None = None
     inputs: list[str] = field(default_factory=list)
     freed: list[str] = field(default_factory=list)
+    kept_ops: list[str] = field(default_factory=list)  # selective: the calls whose outputs it keeps
+    recomputed_ops: list[str] = field(default_factory=list)  # selective: the calls its backward runs again
 
     def __getitem__(self, key: str):
         if key not in self.__dataclass_fields__:

@@ -129,7 +129,10 @@ def test_optimize_plans_selective_segments_with_plain_gradients():
     optimized = invfx.optimize(model, x, modes=("keep", "selective"))
     rows = [r for r in optimized.plan.rows if r.mode != Mode.KEEP]
     assert rows and all(r.mode == Mode.SELECTIVE and r.name.startswith("sac_") for r in rows)
-    assert all("keeps its input and its convolutions'" in r.why for r in rows)
+    assert all(r.why.startswith("keeps its input and the outputs of ") for r in rows)
+    assert all(len(r.kept_ops) == 2 and all("conv" in n for n in r.kept_ops) for r in rows if "blocks" in r.name)
+    assert all({"bn1", "bn2"} <= {n.split("_")[-1] for n in r.recomputed_ops} for r in rows if "blocks" in r.name)
+    assert optimized.plan.to_dict()["segments"][1]["kept_ops"] == ["blocks_0_conv1", "blocks_0_conv2"]
     compare(model, x, optimized)
     counting = CountOps()
     with counting:
@@ -197,3 +200,28 @@ def test_a_user_function_with_a_hidden_in_place_write_is_not_planned_selective()
     optimized = invfx.optimize(model, x, modes=("keep", "selective"), leaf_modules=[Hidden])
     assert not any(r.mode == Mode.SELECTIVE for r in optimized.plan.rows)
     compare(model, x, optimized)
+
+
+def test_the_stash_mode_runs_only_around_the_calls_it_keeps():
+    """A selective region's dispatch mode is on around its convolutions only: the cheap ops between them run
+    without it (around the whole body it cost about as much as recomputing them)."""
+    from invfx.runtime import stash as stash_module
+
+    torch.manual_seed(0)
+    model, x = ResNet(depth=2, channels=8).to(DT), torch.randn(2, 3, 8, 8, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"), check_gradients=False)
+    region = next(m for n, m in optimized.named_children() if n.startswith("sac_"))
+    assert "stash_begin()" in region._selective_body().code and "stash_begin" not in region.code
+    seen = []
+    original = stash_module._Recording.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func.overloadpacket)
+        return original(self, func, types, args, kwargs)
+
+    stash_module._Recording.__torch_dispatch__ = spy
+    try:
+        optimized(x).sum().backward()
+    finally:
+        stash_module._Recording.__torch_dispatch__ = original
+    assert seen and set(seen) == {torch.ops.aten.convolution}

@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import BudgetError
 from ..modes import Mode
 from ..planner import ChainPlan, plain_peak, plan_chain
+from ..regions.body import keeps_output
 from ..regions.modules import BodyRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
 from ..units import format_bytes, format_flops
@@ -457,8 +458,17 @@ def _rows(state: Compilation) -> list[PlanRow]:
             flops=cost.flops if cost else None, inverse_flops=cost.inverse_flops if cost else None,
             freed_bytes=sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE else 0,
             reconstruction_error=error, inputs=[n.name for n in segment.inputs],
-            freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else []))
+            freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else [],
+            kept_ops=[n.name for n in segment.nodes if keeps_output(state.traced, n)] if mode == Mode.SELECTIVE
+            else [],
+            recomputed_ops=[n.name for n in segment.nodes if not keeps_output(state.traced, n)]
+            if mode == Mode.SELECTIVE else []))
     return rows
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    """``conv1, conv2`` or ``bn1, relu, bn2 and 2 more``."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
@@ -477,10 +487,11 @@ def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
         return inverse_note
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
-        return (f"keeps its input and its convolutions' and matrix products' outputs "
-                f"({format_bytes(cost.stash_bytes or 0)}), recomputes the rest for "
-                f"+{format_flops(cost.recompute_flops(mode))} FLOPs (a checkpoint would recompute "
-                f"+{format_flops(cost.flops)}) ({inverse_note})")
+        kept = [n.name for n in segment.nodes if keeps_output(state.traced, n)]
+        again = [n.name for n in segment.nodes if not keeps_output(state.traced, n)]
+        return (f"keeps its input and the outputs of {_names(kept)} ({format_bytes(cost.stash_bytes or 0)}), "
+                f"recomputes {_names(again)} for +{format_flops(cost.recompute_flops(mode))} FLOPs (a "
+                f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
                  if Mode.CHECKPOINT in allowed else "")

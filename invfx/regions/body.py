@@ -3,14 +3,57 @@ the graphs in a form that pickles."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import rng_mark
+from ..runtime.stash import stash_begin, stash_end
 
-__all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects"]
+__all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
+           "marked_body"]
+
+# What a selective checkpoint keeps the outputs of: the calls that run convolutions, matrix products and
+# attention (invfx.runtime.stash.EXPENSIVE_OPS are the aten ops they run)
+_EXPENSIVE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                      nn.Linear, nn.Bilinear, nn.MultiheadAttention)
+_EXPENSIVE_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                        F.linear, F.bilinear, F.scaled_dot_product_attention, torch.matmul, torch.mm, torch.bmm,
+                        torch.addmm, torch.baddbmm, torch.einsum, torch.conv1d, torch.conv2d, torch.conv3d,
+                        operator.matmul}
+_EXPENSIVE_METHODS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__"}
+
+
+def keeps_output(root: nn.Module, node: fx.Node) -> bool:
+    """Whether a selective checkpoint keeps what ``node`` runs (a convolution, matrix product or attention)."""
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), _EXPENSIVE_MODULES)
+    if node.op == "call_function":
+        return node.target in _EXPENSIVE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _EXPENSIVE_METHODS
+    return False
+
+
+def marked_body(body: fx.GraphModule) -> fx.GraphModule:
+    """``body`` with ``stash_begin()`` / ``stash_end()`` around each call whose outputs a selective checkpoint
+    keeps (:func:`keeps_output`): the stash's dispatch mode runs there only."""
+    graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in body.graph.nodes:
+        if node.op == "output":
+            graph.output(fx.map_arg(node.args[0], env.__getitem__))
+            break
+        kept = keeps_output(body, node)
+        mode = graph.call_function(stash_begin, ()) if kept else None
+        env[node] = graph.node_copy(node, env.__getitem__)
+        if kept:
+            graph.call_function(stash_end, (mode,))
+    return fx.GraphModule(body, graph, type(body).__name__)
 
 
 class Inverse(nn.Module):

@@ -23,7 +23,7 @@ from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
 from ..runtime.stash import EXPENSIVE_OPS
-from .body import is_rng_mark, named_objects, portable_graph
+from .body import is_rng_mark, marked_body, named_objects, portable_graph
 from .fused import FusedReplay
 
 __all__ = ["OptimizedModule", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain",
@@ -127,12 +127,23 @@ class BodyRegion(nn.Module):
         return run_region(self._region(), inputs)
 
     def _region(self) -> Region:
-        # selective: the outputs of its convolutions, matrix products and attention are kept for the
-        # recomputation, which runs only the cheap ops between them (invfx.runtime.stash)
-        keep_ops = EXPENSIVE_OPS if self.mode == Mode.SELECTIVE else frozenset()
-        return self._cached_region((CHECKPOINT, keep_ops), lambda: Region(
+        if self.mode == Mode.SELECTIVE:
+            # the outputs of its convolutions, matrix products and attention are kept for the recomputation,
+            # which runs only the cheap ops between them (invfx.runtime.stash)
+            return self._cached_region((CHECKPOINT, Mode.SELECTIVE), lambda: Region(
+                function=self._selective_body(), mode=CHECKPOINT, discovery=self.discovery,
+                buffers=self._modules_used, name=self._label, keep_ops=EXPENSIVE_OPS, keep_marked=True))
+        return self._cached_region(CHECKPOINT, lambda: Region(
             function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            name=self._label, keep_ops=keep_ops))
+            name=self._label))
+
+    def _selective_body(self) -> fx.GraphModule:
+        """The forward body with the calls whose outputs a selective checkpoint keeps marked (made once)."""
+        cached = self.__dict__.get("_marked")
+        if cached is None or cached[0] is not self.forward_body:
+            cached = (self.forward_body, marked_body(self.forward_body))
+            object.__setattr__(self, "_marked", cached)
+        return cached[1]
 
     def _cached_region(self, key, make) -> Region:
         """The Region for this call, made once per configuration (a Region is immutable; making one and
@@ -153,6 +164,7 @@ class BodyRegion(nn.Module):
                 if isinstance(value, torch.Tensor):
                     candidates[id(value)] = value
         object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
+        self.__dict__.pop("_marked", None)  # (made again from the bodies as they are now)
         object.__setattr__(self, "_parameter_ids", self._current_parameter_ids())
         watch_registrations(m for used in self._modules_used for m in used.modules())
         watch_registrations(owner for owner, _ in self.__dict__.get("_owners", {}).values())
@@ -180,6 +192,7 @@ class BodyRegion(nn.Module):
         state.pop("fused_replay", None)
         state.pop("discovery", None)
         state.pop("_regions", None)
+        state.pop("_marked", None)
         for key in self._BODIES:
             body = state.pop(key)
             state[key + "_graph"] = (portable_graph(body.graph, self._CARRIED_META), named_objects(body),

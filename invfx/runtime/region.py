@@ -124,7 +124,8 @@ class Region:
     positions saved for backward like a checkpoint's inputs (values the inverse reads but does not rebuild).
     ``keep_ops`` (checkpoint mode): aten ops (``torch.ops.aten.convolution``) whose outputs the forward keeps
     for the recomputation, which takes them instead of running those ops again (selective activation
-    checkpointing; see :mod:`invfx.runtime.stash`).
+    checkpointing; see :mod:`invfx.runtime.stash`); with ``keep_marked``, only those the function runs between
+    ``stash_begin()`` and ``stash_end()``.
     """
 
     function: Callable[..., Any]
@@ -139,6 +140,7 @@ class Region:
     preserve_rng_state: bool = True
     name: str = "region"
     keep_ops: frozenset[Any] = frozenset()
+    keep_marked: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in (CHECKPOINT, INVERTIBLE):
@@ -254,7 +256,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     key = discovery.key_for(inputs) if discovery is not None else None
     known = discovery is not None and discovery.key == key
     stash = OutputStash(region.keep_ops, _constants(region.buffers), region.name) if region.keep_ops else None
-    recording = stash.recording() if stash is not None else contextlib.nullcontext()
+    recording = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
         with torch.no_grad(), rng_marks("record", rng), recording:
@@ -881,10 +883,15 @@ def _replay_checkpoint(context: ReplayContext) -> Any:
     if stash is None:
         return context.call_function()
     try:
-        with stash.replaying():
+        with _stash_scope(stash.replaying(), context._call.region.keep_marked):
             return context.call_function()
     finally:
         stash.clear()  # (a second backward recomputes everything)
+
+
+def _stash_scope(mode: Any, marked: bool) -> Any:
+    """``mode`` on for the whole function, or only where it marks (``Region.keep_marked``)."""
+    return OutputStash.marked(mode) if marked else mode
 
 
 def _constants(buffers: Sequence[torch.Tensor | torch.nn.Module]) -> list[torch.Tensor]:

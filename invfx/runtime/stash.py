@@ -14,15 +14,17 @@ nothing wrote into it since it was kept; any other call runs the op, as a plain 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-__all__ = ["OutputStash", "EXPENSIVE_OPS"]
+__all__ = ["OutputStash", "EXPENSIVE_OPS", "stash_begin", "stash_end"]
 
 #: the ops a selective checkpoint keeps by default: where a forward's FLOPs are
 EXPENSIVE_OPS: frozenset[Any] = frozenset({
@@ -33,6 +35,27 @@ EXPENSIVE_OPS: frozenset[Any] = frozenset({
 })
 
 _Signature = tuple[Any, ...]
+
+
+# The stash mode of the region running now, for stash_begin / stash_end: a region whose function marks the calls
+# whose outputs it keeps (Region(keep_marked=True)) records and replays only there, so the Python dispatch mode
+# costs nothing in the cheap ops between (around the whole function it cost a ResNet block about as much as
+# recomputing its BatchNorms and ReLUs).
+_active: contextvars.ContextVar[TorchDispatchMode | None] = contextvars.ContextVar("invfx_stash", default=None)
+
+
+def stash_begin() -> TorchDispatchMode | None:
+    """Start keeping (in forward) or handing back (in the recomputation) the outputs of the next call; returns
+    what :func:`stash_end` closes. Outside a selective region, nothing."""
+    mode = _active.get()
+    if mode is not None:
+        mode.__enter__()  # type: ignore[no-untyped-call]
+    return mode
+
+
+def stash_end(mode: TorchDispatchMode | None) -> None:
+    if mode is not None:
+        mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
 
 
 class OutputStash:
@@ -51,6 +74,17 @@ class OutputStash:
 
     def replaying(self) -> TorchDispatchMode:
         return _Replaying(self)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def marked(mode: TorchDispatchMode) -> Iterator[None]:
+        """Meanwhile ``mode`` (:meth:`recording` or :meth:`replaying`) is on only between :func:`stash_begin`
+        and :func:`stash_end`."""
+        token = _active.set(mode)
+        try:
+            yield
+        finally:
+            _active.reset(token)
 
     @property
     def mutated(self) -> int:
