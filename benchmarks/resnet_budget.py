@@ -66,7 +66,7 @@ from invfx.examples import ResNet
 from invfx.memory import cpu_peak_memory, mib
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BUDGETS = (1.0, 0.75, 0.5, 0.33)
+BUDGETS = (1.0, 0.75, 0.5, 0.33, 0.25)
 DEFAULTS = dict(depth=16, channels=32, input=(16, 32, 32, 32), repeats=5, compile_backend="inductor")
 # aot_eager in --quick: inductor's C++ compile, cold, takes 10 to 20 s per budget on 2 cores, and --quick
 # must stay under a minute; aot_eager runs the same partitioner, so the budget still acts

@@ -99,13 +99,17 @@ class Plan:
         text += "\n\n" + ", ".join(f"{counts[m]} {m}" for m in Mode) + f" of {len(self.rows)} segments"
         if self.budget is not None:
             text += f" (memory budget {_budget(self.budget)})"
-        links: dict[str, list[str]] = {}
+        links: dict[str, list] = {}
         for r in self.rows:
             if r.get("region") and r["region"] != r["name"]:
-                links.setdefault(r["region"], []).append(r["name"])
-        for chain, names in links.items():
-            text += (f"\n{chain}: {names[0]} to {names[-1]} run as one region ({len(names)} segments; only its "
-                     "last outputs are kept)")
+                links.setdefault(r["region"], []).append(r)
+        for chain, rows in links.items():  # (rows of plans pickled by 0.1.0 are dicts: read them as mappings)
+            mode = rows[0]["mode"]
+            kept = "only its last outputs are kept" if mode == Mode.INVERTIBLE else \
+                "only its input is kept" + (" and its kept ops' outputs" if mode == Mode.SELECTIVE else "") + \
+                ", and its backward recomputes them all at once"
+            text += (f"\n{chain}: {rows[0]['name']} to {rows[-1]['name']} run as one region ({len(rows)} segments; "
+                     f"{kept})")
         if self.estimated_peak is not None:
             ratio = self.estimated_peak / self.plain_peak if self.plain_peak else 1.0
             extra = self.extra_flops / self.forward_flops if self.forward_flops else 0.0

@@ -121,7 +121,9 @@ def test_square_linear_chain_between_checkpoint_and_invertible():
     # Per layer, a checkpoint frees one activation (the kept input stays) for one forward; inverting frees
     # two for a forward and an inverse: as much per FLOP. Under a budget the plan keeps what fits, inverts
     # the rest, and checkpoints the layer that fills what is left.
-    plans = {b: invfx.optimize(model, x, memory_budget=b) for b in (0.5, 0.7, 0.9)}
+    # (selective left out: the comparison here is checkpoint against inverting; test_selective.py has it)
+    plans = {b: invfx.optimize(model, x, memory_budget=b, modes=("keep", "checkpoint", "invertible"))
+             for b in (0.5, 0.7, 0.9)}
     flops = [plans[b].plan.extra_flops for b in sorted(plans)]
     assert flops == sorted(flops, reverse=True) and flops[0] < least.plan.extra_flops
     checkpointed = [r for p in plans.values() for r in p.plan.rows if r["mode"] == "checkpoint"]

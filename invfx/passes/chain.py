@@ -66,13 +66,17 @@ def final_names(root: fx.GraphModule, names: Sequence[str], chosen: Mapping[str,
 
 def region_units(root: fx.GraphModule, names: Sequence[str], segments: Sequence[Segment],
                  chosen: Mapping[str, Mode], *, chains: bool = True, max_nodes: int = MAX_NODES,
-                 solved: dict[tuple[str, ...], Segment | str] | None = None) -> list[RegionUnit]:
+                 solved: dict[tuple[str, ...], Segment | str] | None = None,
+                 groups: Sequence[tuple[str, ...]] = (),
+                 merged: Mapping[tuple[str, ...], Segment | None] | None = None) -> list[RegionUnit]:
     """The regions, in graph order, that run the segments ``chosen`` does not keep; with ``chains``, each run
     of consecutive invertible segments that can form a chain is one region. ``solved`` caches the runs'
-    segments (solving a run is the costly part, and a budget's calibration asks again)."""
+    segments (solving a run is the costly part, and a budget's calibration asks again). ``groups``: segments
+    the plan checkpoints as one (groups.py), each with its segment in ``merged``."""
     final = final_names(root, names, chosen)
     taken = set(final.values())
     solved = {} if solved is None else solved
+    together = {group[0]: group for group in groups if len(group) > 1}
     units: list[RegionUnit] = []
     run: list[tuple[str, Segment]] = []
 
@@ -81,8 +85,23 @@ def region_units(root: fx.GraphModule, names: Sequence[str], segments: Sequence[
             units.extend(_merged(root, chunk, final, taken, solved))
         run.clear()
 
+    inside: set[str] = set()
     for name, segment in zip(names, segments):
+        if name in inside:
+            continue
         mode = Mode(chosen.get(name, Mode.KEEP))
+        if name in together and mode != Mode.KEEP:
+            group = together[name]
+            inside.update(group)
+            flush()
+            whole = (merged or {}).get(group)
+            if whole is None:
+                raise ValueError(f"the group {group} has no merged segment")
+            links = tuple(final[n] for n in group)
+            for link in links:
+                taken.discard(link)
+            units.append(RegionUnit(_chain_name(root, links[0], links[-1], taken), mode, whole, group, links))
+            continue
         if chains and mode == Mode.INVERTIBLE and _may_link(segment):
             if run and not _follows(run[-1][1], segment):
                 flush()

@@ -11,6 +11,7 @@ budget's calibration). optimize then runs ``invfx.check`` on the result.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch.fx as fx
@@ -27,9 +28,10 @@ from .annotate import annotate
 from .chain import region_units
 from .cost import RegionCosts, measure_costs
 from .example import example_run
+from .groups import coarsen
 from .infra import Compilation, CompilationPass, graph_signature
 from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
-from .segments import COMPUTE, find_segments, why_not_checkpoint
+from .segments import COMPUTE, find_segments, graph_boundaries, plain_segment, why_not_checkpoint
 from .simplify import split_through_cat
 from .trace import trace
 from .validate import check_reconstruction
@@ -196,11 +198,13 @@ class PlanModes(CompilationPass):
             _plain_within(state)
             state.chain, state.chosen = None, {}
             return
-        state.chain = _plan(state.costs, state.budget)
-        state.chosen = _modes_of(state.costs, state.chain)
+        state.groups, state.chain = _plan_grouped(state, _chain_budget(state.budget, state.costs))
+        state.chosen = _modes_of(state.groups, state.chain)
 
     def ensures(self, state: Compilation) -> None:
         self.need(set(state.chosen) <= set(state.candidates()), "gave a mode to a segment that is not a candidate")
+        self.need([n for g in state.groups for n in g] == [c.name for c in state.costs.costs],
+                  "the groups do not cover the measured segments once, in order")
         for cost in state.costs.costs:
             self.need(state.chosen.get(cost.name, Mode.KEEP) in cost.modes | {Mode.KEEP},
                       f"gave {cost.name} a mode it does not allow")
@@ -218,7 +222,7 @@ class GroupRegions(CompilationPass):
     def call(self, state: Compilation) -> None:
         state.units = region_units(state.traced, state.names, state.segments, state.chosen,
                                    chains=state.options.chains, max_nodes=state.options.max_segment_nodes,
-                                   solved=state.solved_runs)
+                                   solved=state.solved_runs, groups=state.groups, merged=state.merged)
 
     def ensures(self, state: Compilation) -> None:
         run = [name for unit in state.units for name in unit.parts]
@@ -294,7 +298,7 @@ class Calibrate(CompilationPass):
             if peak <= target:
                 state.calibration = {"plain_bytes": plain, "peak_bytes": peak, "target_bytes": int(target)}
                 return
-            if state.chain.modes == getattr(least, "modes", None):
+            if state.chain is least:
                 raise _measured_miss(budget, peak, plain, "the least achievable peak, measured on the example "
                                                           "inputs (the plan of least memory), is")
             if round_ == rounds:
@@ -302,12 +306,12 @@ class Calibrate(CompilationPass):
                                                           "measures on the example inputs")
             chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
             try:
-                chain = plan_chain(costs.costs, chain_budget) if chain_budget >= 0 else None
-            except BudgetError:
-                chain = None
-            if chain is None:  # nothing fits the lowered budget: the plan of least memory is the last to try
-                chain = least = plan_chain(costs.costs, None)
-            state.chain, state.chosen = chain, _modes_of(costs, chain)
+                groups, chain = _plan_grouped(state, chain_budget)
+            except BudgetError:  # nothing fits the lowered budget: the plan of least memory is the last to try
+                groups, chain = _plan_grouped(state, None)
+                least = chain
+            state.groups, state.chain = groups, chain
+            state.chosen = _modes_of(groups, chain)
             GroupRegions()(state)
             WriteModule()(state)
 
@@ -339,22 +343,68 @@ PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, Fi
 
 # --- planning within a budget -------------------------------------------------------------------------------
 
-def _modes_of(costs: RegionCosts, chain: ChainPlan) -> dict[str, Mode]:
-    return {cost.name: Mode(mode) for cost, mode in zip(costs.costs, chain.modes)}
+def _modes_of(groups: list[tuple[str, ...]], chain: ChainPlan) -> dict[str, Mode]:
+    """Each segment's mode: its group's."""
+    return {name: Mode(mode) for group, mode in zip(groups, chain.modes) for name in group}
 
 
-def _plan(costs: RegionCosts, budget) -> ChainPlan:
-    try:
-        chain_budget = _chain_budget(budget, costs)
-        if chain_budget is not None and chain_budget < 0:
-            raise BudgetError("what is kept outside the regions exceeds the budget")
-        return plan_chain(costs.costs, chain_budget)
-    except BudgetError:
-        least = plan_chain(costs.costs, None).peak + costs.outside_bytes
-        plain = plain_peak(costs.costs) + costs.outside_bytes
-        raise BudgetError(f"invfx.optimize: memory budget {_budget(budget)} cannot be met: the least achievable "
-                          f"peak is estimated at {format_bytes(least)} ({least} B, {least / plain:.3f} of plain "
-                          f"{format_bytes(plain)}) at the example's size") from None
+#: the group sizes planned (groups.coarsen): 1 (each segment alone) to 8 segments checkpointed as one
+GROUP_SIZES = tuple(range(1, 9))
+
+
+def _plan_grouped(state: Compilation, chain_budget: int | None) -> tuple[list[tuple[str, ...]], ChainPlan]:
+    """The plan of the finest chain that meets the budget: each segment alone if that fits, else segments
+    checkpointed two at a time, and so on up to GROUP_SIZES (groups.coarsen). Coarser chains are a way down to
+    lower budgets, not a better plan where the finer one fits: their costs are derived, not measured, and a
+    group recomputes all its members at once. Raises BudgetError, with the least peak of any, if none fits."""
+    costs = state.costs
+    may_join = _joinable(state)
+    least = None
+    tried: set[tuple[tuple[str, ...], ...]] = set()
+    for size in GROUP_SIZES:
+        grouping = coarsen(costs.costs, size, may_join)
+        names = tuple(g for g, _ in grouping)
+        if names in tried:
+            continue  # (nothing more joins)
+        tried.add(names)
+        coarse = [c for _, c in grouping]
+        try:
+            if chain_budget is not None and chain_budget < 0:
+                raise BudgetError("what is kept outside the regions exceeds the budget")
+            plan = plan_chain(coarse, chain_budget)
+        except BudgetError:
+            lowest = plan_chain(coarse, None).peak
+            least = lowest if least is None else min(least, lowest)
+            continue
+        # (the plain peak the report compares with is the segments' own, not the coarse chain's estimate)
+        return list(names), dataclasses.replace(plan, plain_peak=plain_peak(costs.costs))
+    total = (least or 0) + costs.outside_bytes
+    plain = plain_peak(costs.costs) + costs.outside_bytes
+    raise BudgetError(f"invfx.optimize: memory budget {_budget(state.budget)} cannot be met: the least achievable "
+                      f"peak is estimated at {format_bytes(total)} ({total} B, {total / plain:.3f} of plain "
+                      f"{format_bytes(plain)}) at the example's size")
+
+
+def _joinable(state: Compilation):
+    """``may_join(group, name)`` for groups.coarsen: the segment is right after the group in the graph, nothing
+    blocked between, and the group with it runs as one checkpoint (a merged segment cached on the state)."""
+    position = {name: i for i, name in enumerate(state.names)}
+    boundaries: list = []  # (worked out at the first group asked about: most plans fit without any)
+
+    def may_join(group: tuple[str, ...], name: str) -> bool:
+        if position[name] != position[group[-1]] + 1:
+            return False
+        key = (*group, name)
+        if key not in state.merged:
+            if not boundaries:
+                boundaries.append(graph_boundaries(state.traced))
+            nodes = [n for member in key for n in state.segment(member).nodes]
+            segment = plain_segment(state.traced, nodes, boundaries[0])
+            state.merged[key] = segment if segment is not None and \
+                why_not_checkpoint(state.traced, segment) is None else None
+        return state.merged[key] is not None
+
+    return may_join
 
 
 def _chain_budget(budget, costs: RegionCosts) -> int | None:
@@ -426,8 +476,10 @@ def _rows(state: Compilation) -> list[PlanRow]:
     own_name: dict[str, str] = {}  # the name of the region that runs a segment alone, or would (a chain's link)
     runs_in: dict[str, str] = {}
     unfused: dict[str, str] = {}
+    first_of: dict[str, str] = {}
     for unit in state.units:
         region = state.built[unit.parts]
+        first_of[unit.name] = unit.parts[0]
         for part, link in zip(unit.parts, unit.links):
             runs_in[part], own_name[part] = unit.name, link
         why = getattr(region, "unfused_because", None)
@@ -448,6 +500,9 @@ def _rows(state: Compilation) -> list[PlanRow]:
                     Mode.SELECTIVE: cost.input_bytes + (cost.stash_bytes or 0)}[mode]
             recompute = cost.recompute_flops(mode)
         region = runs_in.get(name)
+        if region is not None and own_name[name] != region and mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and \
+                cost is not None and name != first_of[region]:
+            kept = cost.stash_bytes or 0 if mode == Mode.SELECTIVE else 0  # (the group keeps its first's input)
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
             nodes=len(segment.nodes), mode=mode, kept_bytes=kept, recompute_flops=recompute, risk=risk,

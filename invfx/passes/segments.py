@@ -27,7 +27,8 @@ from .annotate import is_tensor_meta, numel, tuple_metas
 from .solve import CallCache, Rebuild, solve
 from .trace import MODE_SWITCHES
 
-__all__ = ["Segment", "find_segments", "invertible_segment", "live_values", "why_not_checkpoint", "switches_mode"]
+__all__ = ["Segment", "find_segments", "invertible_segment", "plain_segment", "live_values", "why_not_checkpoint",
+           "switches_mode"]
 
 COMPUTE = ("call_function", "call_method", "call_module")
 MAX_NODES = OptimizeOptions.max_segment_nodes  # longest segment tried (the default; optimize passes its own)
@@ -268,6 +269,11 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), ma
     return segments
 
 
+def graph_boundaries(module: fx.GraphModule) -> tuple[list[fx.Node], list[set[fx.Node]]]:
+    """The graph's compute nodes in order, and the values live at the boundary before each (and at the end)."""
+    return _boundaries(module)
+
+
 def _boundaries(module: fx.GraphModule) -> tuple[list[fx.Node], list[set[fx.Node]]]:
     """The graph's compute nodes in order, and the values live at the boundary before each (and at the end)."""
     everything = list(module.graph.nodes)
@@ -305,6 +311,21 @@ def invertible_segment(module: fx.GraphModule, nodes: Sequence[fx.Node], freeabl
     if isinstance(rebuild, str):
         return rebuild
     return _invertible(nodes, inputs, outputs, kept, freeable, rebuild)
+
+
+def plain_segment(module: fx.GraphModule, nodes: Sequence[fx.Node], boundaries=None) -> Segment | None:
+    """The segment of exactly ``nodes`` (consecutive compute nodes of the graph) run as plain code, with what
+    it reads and hands on; None if they are not consecutive. ``boundaries``: ``graph_boundaries(module)``, if
+    known already."""
+    compute, live = boundaries or _boundaries(module)
+    index = {n: i for i, n in enumerate(compute)}
+    nodes = [n for n in nodes if n.op in COMPUTE]
+    if not nodes or any(n not in index for n in nodes):
+        return None
+    p, q = index[nodes[0]], index[nodes[-1]] + 1
+    if compute[p:q] != nodes:
+        return None
+    return _make(module, nodes, live, compute, p, q, Mode.KEEP)
 
 
 def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:
