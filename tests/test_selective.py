@@ -51,20 +51,26 @@ def step(function, x, params, seed=1, retain=False):
     return out.detach(), x.grad, [p.grad for p in params]
 
 
+def run_selective(function, x, params, buffers):
+    """One step of ``function`` as a selective region, and how many times each op ran."""
+    region = Region(function, keep_ops=EXPENSIVE_OPS, buffers=buffers, name="selective")
+    counting = CountOps()
+    with counting:
+        got = step(lambda t: run_region(region, (t,)), x, params)
+    return got, counting.counts
+
+
 def test_a_selective_region_trains_as_plain_autograd_running_each_convolution_once():
     torch.manual_seed(0)
     model, x = block(), torch.randn(4, 3, 8, 8, dtype=DT)
     twin = copy.deepcopy(model)
     expected = step(twin, x, list(twin.parameters()))
-    region = Region(model, keep_ops=EXPENSIVE_OPS, buffers=(model,), name="block")
-    counting = CountOps()
-    with counting:
-        got = step(lambda t: run_region(region, (t,)), x, list(model.parameters()))
+    got, counts = run_selective(model, x, list(model.parameters()), (model,))
     assert_close(got, expected)
     # forward and backward: each convolution ran once, in forward (a checkpoint runs it again in backward)
-    assert counting.counts[torch.ops.aten.convolution] == 2
-    assert counting.counts[torch.ops.aten.native_batch_norm] + \
-        counting.counts.get(torch.ops.aten._native_batch_norm_legit, 0) >= 4  # (BatchNorm recomputed: cheap)
+    assert counts[torch.ops.aten.convolution] == 2
+    assert counts[torch.ops.aten.native_batch_norm] + \
+        counts.get(torch.ops.aten._native_batch_norm_legit, 0) >= 4  # (BatchNorm recomputed: cheap)
     for mine, theirs in zip(model.buffers(), twin.buffers()):  # BatchNorm statistics updated once
         assert torch.equal(mine, theirs)
 
@@ -92,12 +98,9 @@ def test_a_kept_output_written_in_place_later_is_recomputed_not_used():
 
     x = torch.randn(2, 3, 6, 6, dtype=DT)
     expected = step(function, x, list(conv.parameters()))
-    region = Region(function, keep_ops=EXPENSIVE_OPS, buffers=(conv,), name="inplace")
-    counting = CountOps()
-    with counting:
-        got = step(lambda t: run_region(region, (t,)), x, list(conv.parameters()))
+    got, counts = run_selective(function, x, list(conv.parameters()), (conv,))
     assert_close(got, expected)
-    assert counting.counts[torch.ops.aten.convolution] == 2  # (recomputed: its kept output was changed)
+    assert counts[torch.ops.aten.convolution] == 2  # (recomputed: its kept output was changed)
 
 
 def test_the_stash_forgets_what_the_region_hands_on():

@@ -135,11 +135,13 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-class _Recording(TorchDispatchMode):  # type: ignore[no-untyped-call]
+class _StashMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def __init__(self, stash: OutputStash) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.stash = stash
 
+
+class _Recording(_StashMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
@@ -152,11 +154,7 @@ class _Recording(TorchDispatchMode):  # type: ignore[no-untyped-call]
         return out
 
 
-class _Replaying(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    def __init__(self, stash: OutputStash) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.stash = stash
-
+class _Replaying(_StashMode):  # type: ignore[no-untyped-call]
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
