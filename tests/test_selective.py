@@ -228,3 +228,27 @@ def test_the_stash_mode_runs_only_around_the_calls_it_keeps():
     finally:
         stash_module._Recording.__torch_dispatch__ = original
     assert seen and set(seen) == {torch.ops.aten.convolution}
+
+
+@pytest.mark.parametrize("kind", ["resnet", "transformer"])
+def test_selective_regions_under_bf16_autocast_give_plain_gradients(kind):
+    """The forward's autocast state is replayed in the recomputation: the kept outputs (bfloat16) and the
+    recomputed ops' inputs match what they were, and the gradients are plain autocast's exactly."""
+    torch.manual_seed(0)
+    if kind == "resnet":
+        model, x = ResNet(depth=3, channels=8), torch.randn(4, 3, 16, 16)
+    else:
+        model, x = Transformer(features=8, dim=16, depth=3, heads=2, hidden=32, dropout=0.1), torch.randn(2, 5, 8)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"), check_gradients=False)
+    assert any(r.mode == Mode.SELECTIVE for r in optimized.plan.rows)
+    grads = []
+    for module in (model, optimized):
+        torch.manual_seed(3)
+        for p in model.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        out.float().square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for mine, plain in zip(*grads):
+        assert torch.equal(mine, plain)
