@@ -120,6 +120,14 @@ def test_keep_ops_is_for_checkpoint_regions():
         Region(torch.relu, mode="invertible", inverse=lambda outputs, saved: outputs, keep_ops=EXPENSIVE_OPS)
 
 
+def op_counts(module, x, model):
+    """How many times each op runs in one training step of ``module`` (``model``'s parameters)."""
+    counting = CountOps()
+    with counting:
+        step(module, x, list(model.parameters()))
+    return counting.counts
+
+
 def compare(model, x, optimized):
     got = step(optimized, x, list(model.parameters()))
     expected = step(model, x, list(model.parameters()))
@@ -137,13 +145,9 @@ def test_optimize_plans_selective_segments_with_plain_gradients():
     assert all({"bn1", "bn2"} <= {n.split("_")[-1] for n in r.recomputed_ops} for r in rows if "blocks" in r.name)
     assert optimized.plan.to_dict()["segments"][1]["kept_ops"] == ["blocks_0_conv1", "blocks_0_conv2"]
     compare(model, x, optimized)
-    counting = CountOps()
-    with counting:
-        step(optimized, x, list(model.parameters()))
-    with CountOps() as plain_counting:
-        step(model, x, list(model.parameters()))
     # (a checkpointed block runs its convolutions twice; a selective one, once)
-    assert counting.counts[torch.ops.aten.convolution] == plain_counting.counts[torch.ops.aten.convolution]
+    convolution = torch.ops.aten.convolution
+    assert op_counts(optimized, x, model)[convolution] == op_counts(model, x, model)[convolution]
 
 
 def test_selective_memory_lies_between_checkpoint_and_plain():
@@ -167,13 +171,8 @@ def test_selective_matrix_products_and_attention_in_a_transformer(dropout):
     optimized = invfx.optimize(model, x, modes=("keep", "selective"))
     assert sum(r.mode == Mode.SELECTIVE for r in optimized.plan.rows) >= 2, str(optimized.plan)
     compare(model, x, optimized)
-    counting = CountOps()
-    with counting:
-        step(optimized, x, list(model.parameters()))
-    with CountOps() as plain_counting:
-        step(model, x, list(model.parameters()))
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    assert counting.counts[attention] == plain_counting.counts[attention]
+    assert op_counts(optimized, x, model)[attention] == op_counts(model, x, model)[attention]
 
 
 def test_a_user_function_with_a_hidden_in_place_write_is_not_planned_selective():
