@@ -251,3 +251,21 @@ def test_selective_regions_under_bf16_autocast_give_plain_gradients(kind):
         grads.append([p.grad.clone() for p in model.parameters()])
     for mine, plain in zip(*grads):
         assert torch.equal(mine, plain)
+
+
+def test_a_selective_module_saved_and_loaded_trains_as_before():
+    """torch.save / torch.load: the marked body is made again on load (it is never pickled)."""
+    import io
+
+    torch.manual_seed(0)
+    model, x = ResNet(depth=3, channels=8).to(DT), torch.randn(2, 3, 8, 8, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"), check_gradients=False)
+    optimized(x).sum().backward()  # (the marked body and the runtime's caches exist before saving)
+    buffer = io.BytesIO()
+    torch.save(optimized, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert any(name.startswith("sac_") for name, _ in loaded.named_children())
+    got = step(loaded, x, list(loaded.parameters()))
+    expected = step(model, x, list(model.parameters()))
+    assert_close(got, expected, rtol=1e-9, atol=1e-11)
