@@ -22,6 +22,7 @@ comes back as ``outside_bytes``. The run leaves the model as it was: buffers and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..modes import Mode
 from ..planner import SegmentCost
+from ..regions.body import keeps_output
 from ..regions.fused import tensors_in
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
@@ -64,8 +66,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     """
     order: list[str] = []
     records: dict[str, dict] = {}
-    constants = list(module.parameters()) + list(module.buffers())
-    constant = {storage_key(t) for t in constants}
+    constant = {storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
     current: list[str | None] = [None]
     outside: dict = {}
     recorded: dict[str, tuple] = {}  # an invertible segment's example arguments, to measure its fused backward
@@ -87,19 +88,26 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["counter"] = FlopCounterMode(display=False)
         record["counter"].__enter__()
         if Mode.SELECTIVE in allowed[name]:
-            record["stash"] = OutputStash(EXPENSIVE_OPS, constants, name)
+            record["stash"] = OutputStash(EXPENSIVE_OPS, name=name)
             record["recording"] = record["stash"].recording()
-            record["recording"].__enter__()
         current[0] = name
+
+    def around(node: fx.Node):
+        """What a selective region keeps is recorded where it would keep it: around its marked calls."""
+        record = records.get(current[0]) if current[0] is not None else None
+        if record is not None and "recording" in record and keeps_output(module, node):
+            return record["recording"]
+        return contextlib.nullcontext()
 
     def leave(name: str, outputs: tuple) -> None:
         record = records[name]
         if "recording" in record:
-            record.pop("recording").__exit__(None, None, None)
+            del record["recording"]
             stash = record.pop("stash")
             stash.drop(tensors_in(outputs))  # (as the runtime does: a region's outputs are recomputed)
             # a kept output written in place later is recomputed anyway: then selective saves nothing sure
-            record["stash_bytes"] = stash.nbytes if stash.nbytes and not stash.mutated else None
+            kept = stash.nbytes
+            record["stash_bytes"] = kept if kept and not stash.mutated else None
             stash.clear()
         record["counter"].__exit__(None, None, None)
         record["flops"] = record.pop("counter").get_total_flops()
@@ -109,12 +117,10 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     try:
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            SegmentRun(module, segments, enter, leave).run(*inputs)
+            SegmentRun(module, segments, enter, leave, around).run(*inputs)
             fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
     finally:
         for record in records.values():  # (the forward failed inside a segment)
-            if "recording" in record:
-                record.pop("recording").__exit__(None, None, None)
             if "counter" in record:
                 record.pop("counter").__exit__(None, None, None)
 

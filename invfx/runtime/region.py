@@ -46,7 +46,7 @@ import contextvars
 import inspect
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn, cast
 
 import torch
@@ -141,8 +141,13 @@ class Region:
     name: str = "region"
     keep_ops: frozenset[Any] = frozenset()
     keep_marked: bool = False
+    # the storages of the modules' parameters and buffers, which a stash tells calls apart by: found once, here,
+    # not at every call (a pointer gone stale only makes the stash's check coarser, the same in both runs)
+    stash_constants: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
 
     def __post_init__(self) -> None:
+        if self.keep_ops:
+            object.__setattr__(self, "stash_constants", _storage_pointers(self.buffers))
         if self.mode not in (CHECKPOINT, INVERTIBLE):
             raise RegionError(f"{self.name}: unknown mode {self.mode!r}")
         if self.mode == INVERTIBLE and self.inverse is None and self.rebuild is None:
@@ -255,7 +260,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     discovery = region.discovery
     key = discovery.key_for(inputs) if discovery is not None else None
     known = discovery is not None and discovery.key == key
-    stash = OutputStash(region.keep_ops, _constants(region.buffers), region.name) if region.keep_ops else None
+    stash = OutputStash(region.keep_ops, region.stash_constants, region.name) if region.keep_ops else None
     recording = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
@@ -894,15 +899,15 @@ def _stash_scope(mode: Any, marked: bool) -> Any:
     return OutputStash.marked(mode) if marked else mode
 
 
-def _constants(buffers: Sequence[torch.Tensor | torch.nn.Module]) -> list[torch.Tensor]:
-    """The parameters and buffers of a region's modules: a stash tells their calls apart by them."""
+def _storage_pointers(buffers: Sequence[torch.Tensor | torch.nn.Module]) -> frozenset[int]:
+    """The storages of the given tensors and of the given modules' parameters and buffers."""
     found: list[torch.Tensor] = []
     for item in buffers:
         if isinstance(item, torch.nn.Module):
             found += [*item.parameters(), *item.buffers()]
         else:
             found.append(item)
-    return found
+    return frozenset(t.untyped_storage().data_ptr() for t in found if t.untyped_storage().nbytes())
 
 
 def _rebuild_inputs(context: ReplayContext) -> None:

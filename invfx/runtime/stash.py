@@ -61,12 +61,12 @@ def stash_end(mode: TorchDispatchMode | None) -> None:
 class OutputStash:
     """The outputs of ``ops`` (op overload packets, ``torch.ops.aten.convolution``) made under
     :meth:`recording`, handed back under :meth:`replaying` to the same calls in the same order. ``constants``:
-    tensors (parameters, buffers) whose identity is part of a call's signature."""
+    the storage pointers of tensors (parameters, buffers) whose identity is part of a call's signature."""
 
-    def __init__(self, ops: Iterable[Any], constants: Iterable[torch.Tensor] = (), name: str = "region") -> None:
+    def __init__(self, ops: Iterable[Any], constants: frozenset[int] = frozenset(), name: str = "region") -> None:
         self.ops = frozenset(ops)
         self.name = name
-        self._constants = {t.untyped_storage().data_ptr() for t in constants if t.untyped_storage().nbytes()}
+        self._constants = constants
         self._entries: defaultdict[Any, deque[tuple[_Signature, Any, list[int]]]] = defaultdict(deque)
 
     def recording(self) -> TorchDispatchMode:
