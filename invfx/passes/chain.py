@@ -54,13 +54,8 @@ def final_names(root: fx.GraphModule, names: Sequence[str], chosen: Mapping[str,
         taken.discard(name)
         if mode == Mode.KEEP:
             continue
-        base = _MODE_PREFIX[Mode(mode)] + name.split("_", 1)[1]
-        new, k = base, 1
-        while new != name and (new in taken or hasattr(root, new)):
-            k += 1
-            new = f"{base}_{k}"
-        taken.add(new)
-        renamed[name] = new
+        # (a segment's own name is free here: region_name chose it unique in root, and it left taken above)
+        renamed[name] = unique_name(root, _MODE_PREFIX[Mode(mode)] + name.split("_", 1)[1], taken)
     return renamed
 
 

@@ -32,9 +32,8 @@ def group_cost(members: Sequence[SegmentCost]) -> SegmentCost:
     if len(members) == 1:
         return members[0]
     first, last = members[0], members[-1]
-    inner = [(a, b) for a, b in zip(members, members[1:])]
     # inner boundaries a plain run of the group keeps: one member saves its output, or the next its input
-    inner_saved = sum(a.output_bytes for a, b in inner if a.saves_output or b.saves_input)
+    inner_saved = sum(a.output_bytes for a, b in zip(members, members[1:]) if a.saves_output or b.saves_input)
     stashes = [m.stash_bytes for m in members]
     modes = frozenset.intersection(*(frozenset(m.allowed_modes) for m in members)) & GROUPABLE_MODES
     return SegmentCost(

@@ -70,7 +70,8 @@ class Compilation:
     solved_runs: dict[tuple[str, ...], Segment | str] = field(default_factory=dict)
     # WriteModule
     optimized: OptimizedModule | None = None
-    built: dict[tuple[str, ...], BodyRegion] = field(default_factory=dict)  # regions made, by the segments run
+    # regions made (BuildRegions, then WriteModule), by the segments each runs: reused when calibration rewrites
+    built: dict[tuple[str, ...], BodyRegion] = field(default_factory=dict)
 
     @property
     def plan(self) -> object | None:

@@ -134,6 +134,8 @@ class BuildRegions(_AfterSegments):
     def call(self, state: Compilation) -> None:
         state.regions = {name: build_invertible_region(state.traced, segment, name)
                          for name, segment in state.candidates().items() if segment.mode == Mode.INVERTIBLE}
+        # (the module runs the same region where the plan keeps the segment alone, inverted or checkpointed)
+        state.built.update({(name,): region for name, region in state.regions.items()})
 
     def ensures(self, state: Compilation) -> None:
         super().requires(state)  # (building a region leaves the graph as it was)
@@ -245,8 +247,6 @@ class WriteModule(_AfterSegments):
         traced, regions = state.traced, {}
         for unit in state.units:
             region = state.built.get(unit.parts)
-            if region is None:
-                region = state.regions.get(unit.parts[0]) if not unit.is_chain else None
             if region is None:
                 build = build_invertible_region if unit.mode == Mode.INVERTIBLE else build_checkpoint_region
                 region = build(traced, unit.segment, unit.name)
@@ -500,13 +500,13 @@ def _rows(state: Compilation) -> list[PlanRow]:
                     Mode.SELECTIVE: cost.input_bytes + (cost.stash_bytes or 0)}[mode]
             recompute = cost.recompute_flops(mode)
         region = runs_in.get(name)
-        if region is not None and own_name[name] != region and mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and \
-                cost is not None and name != first_of[region]:
-            kept = cost.stash_bytes or 0 if mode == Mode.SELECTIVE else 0  # (the group keeps its first's input)
+        if cost is not None and mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and region and name != first_of[region]:
+            kept = cost.held_bytes(mode)  # (a group keeps its first member's input only)
+        kept_ops, recomputed_ops = _selective_ops(state.traced, segment) if mode == Mode.SELECTIVE else ([], [])
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
             nodes=len(segment.nodes), mode=mode, kept_bytes=kept, recompute_flops=recompute, risk=risk,
-            why=_why(state, name, cost, mode) + (
+            why=_why(state, name, cost, mode, kept_ops, recomputed_ops) + (
                 f"; its backward recomputes the region whole ({unfused[region]})" if region in unfused else ""),
             saved_bytes=cost.saved_bytes if cost else None,
             input_bytes=cost.input_bytes if cost else sum(n.meta.get("bytes", 0) for n in segment.inputs),
@@ -514,11 +514,14 @@ def _rows(state: Compilation) -> list[PlanRow]:
             freed_bytes=sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE else 0,
             reconstruction_error=error, inputs=[n.name for n in segment.inputs],
             freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else [],
-            kept_ops=[n.name for n in segment.nodes if keeps_output(state.traced, n)] if mode == Mode.SELECTIVE
-            else [],
-            recomputed_ops=[n.name for n in segment.nodes if not keeps_output(state.traced, n)]
-            if mode == Mode.SELECTIVE else []))
+            kept_ops=kept_ops, recomputed_ops=recomputed_ops))
     return rows
+
+
+def _selective_ops(root: fx.GraphModule, segment) -> tuple[list[str], list[str]]:
+    """The calls of a selective segment whose outputs it keeps, and those its backward runs again."""
+    kept = [n.name for n in segment.nodes if keeps_output(root, n)]
+    return kept, [n.name for n in segment.nodes if n.name not in kept]
 
 
 def _names(names: list[str], most: int = 3) -> str:
@@ -526,7 +529,7 @@ def _names(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
+def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], recomputed_ops: list[str]) -> str:
     segment = state.segment(name)
     if name in state.blocked:
         return f"plain code: {state.blocked[name]}"
@@ -542,10 +545,8 @@ def _why(state: Compilation, name: str, cost, mode: Mode) -> str:
         return inverse_note
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
-        kept = [n.name for n in segment.nodes if keeps_output(state.traced, n)]
-        again = [n.name for n in segment.nodes if not keeps_output(state.traced, n)]
-        return (f"keeps its input and the outputs of {_names(kept)} ({format_bytes(cost.stash_bytes or 0)}), "
-                f"recomputes {_names(again)} for +{format_flops(cost.recompute_flops(mode))} FLOPs (a "
+        return (f"keeps its input and the outputs of {_names(kept_ops)} ({format_bytes(cost.stash_bytes or 0)}), "
+                f"recomputes {_names(recomputed_ops)} for +{format_flops(cost.recompute_flops(mode))} FLOPs (a "
                 f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"

@@ -234,7 +234,7 @@ def _aliased_after(module: fx.GraphModule, value: fx.Node, live_after: set[fx.No
 def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), max_nodes: int = MAX_NODES,
                   max_attempts: int = MAX_ATTEMPTS) -> list[Segment]:
     """The chain of segments covering every compute node, invertible where the solver succeeds."""
-    compute, live = _boundaries(module)  # live[i]: the values live at the boundary before compute[i]
+    compute, live = graph_boundaries(module)  # live[i]: the values live at the boundary before compute[i]
     invertible_allowed = Mode.INVERTIBLE in modes
 
     segments: list[Segment] = []
@@ -271,11 +271,6 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), ma
 
 def graph_boundaries(module: fx.GraphModule) -> tuple[list[fx.Node], list[set[fx.Node]]]:
     """The graph's compute nodes in order, and the values live at the boundary before each (and at the end)."""
-    return _boundaries(module)
-
-
-def _boundaries(module: fx.GraphModule) -> tuple[list[fx.Node], list[set[fx.Node]]]:
-    """The graph's compute nodes in order, and the values live at the boundary before each (and at the end)."""
     everything = list(module.graph.nodes)
     compute = [n for n in everything if n.op in COMPUTE]
     order = {n: i for i, n in enumerate(everything)}
@@ -291,14 +286,12 @@ def invertible_segment(module: fx.GraphModule, nodes: Sequence[fx.Node], freeabl
 
     ``freeable``: inputs already proven freeable (by the region that read them first: read from an earlier
     region's call, they look like views here)."""
-    compute, live = _boundaries(module)
+    compute, live = graph_boundaries(module)
     nodes = [n for n in nodes if n.op in COMPUTE]
-    index = {n: i for i, n in enumerate(compute)}
-    if not nodes or any(n not in index for n in nodes):
-        return "not compute nodes of the graph"
-    p, q = index[nodes[0]], index[nodes[-1]] + 1
-    if compute[p:q] != nodes:
-        return "not consecutive in the graph"
+    span = _span(compute, nodes)
+    if isinstance(span, str):
+        return span
+    p, q = span
     inputs, outputs = _segment_io(nodes, live[p], live[q])
     dying = [v for v in inputs if v not in live[q]]
     kept = [v for v in inputs if v in live[q]]
@@ -317,15 +310,24 @@ def plain_segment(module: fx.GraphModule, nodes: Sequence[fx.Node], boundaries=N
     """The segment of exactly ``nodes`` (consecutive compute nodes of the graph) run as plain code, with what
     it reads and hands on; None if they are not consecutive. ``boundaries``: ``graph_boundaries(module)``, if
     known already."""
-    compute, live = boundaries or _boundaries(module)
-    index = {n: i for i, n in enumerate(compute)}
+    compute, live = boundaries or graph_boundaries(module)
     nodes = [n for n in nodes if n.op in COMPUTE]
-    if not nodes or any(n not in index for n in nodes):
+    span = _span(compute, nodes)
+    if isinstance(span, str):
         return None
+    return _make(module, nodes, live, compute, *span, Mode.KEEP)
+
+
+def _span(compute: list[fx.Node], nodes: list[fx.Node]) -> tuple[int, int] | str:
+    """Where ``nodes`` stand among the graph's compute nodes (``compute[p:q] == nodes``), or why they do not
+    stand together."""
+    index = {n: i for i, n in enumerate(compute)}
+    if not nodes or any(n not in index for n in nodes):
+        return "not compute nodes of the graph"
     p, q = index[nodes[0]], index[nodes[-1]] + 1
     if compute[p:q] != nodes:
-        return None
-    return _make(module, nodes, live, compute, p, q, Mode.KEEP)
+        return "not consecutive in the graph"
+    return p, q
 
 
 def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:

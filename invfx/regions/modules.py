@@ -139,11 +139,11 @@ class BodyRegion(nn.Module):
 
     def _selective_body(self) -> fx.GraphModule:
         """The forward body with the calls whose outputs a selective checkpoint keeps marked (made once)."""
-        cached = self.__dict__.get("_marked")
-        if cached is None or cached[0] is not self.forward_body:
-            cached = (self.forward_body, marked_body(self.forward_body))
-            object.__setattr__(self, "_marked", cached)
-        return cached[1]
+        marked = self.__dict__.get("_marked")  # (dropped by _derive when the bodies change, never pickled)
+        if marked is None:
+            marked = marked_body(self.forward_body)
+            object.__setattr__(self, "_marked", marked)
+        return marked
 
     def _cached_region(self, key, make) -> Region:
         """The Region for this call, made once per configuration (a Region is immutable; making one and
