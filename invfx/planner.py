@@ -20,8 +20,9 @@ The memory model
 ----------------
 Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m_i`` is segment ``i``'s mode.
 
-* ``K_i = saved_bytes_i`` if ``m_i`` is keep, ``stash_bytes_i`` if selective, else 0: what the segment holds
-  from forward to backward besides boundary values.
+* ``K_i = saved_bytes_i`` if ``m_i`` is keep, ``stash_bytes_i`` if selective, ``branch_bytes_i`` if invertible
+  (what its sub-networks' branches take, recorded so that their recomputation on rebuilt inputs takes the
+  forward's), else 0: what the segment holds from forward to backward besides boundary values.
 * For ``1 <= i <= n-1``, boundary ``b_i`` is kept from forward to backward iff it is *needed* and not *freed*:
 
   - ``self_saves = m_i == keep and saves_output_i``;
@@ -47,7 +48,10 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
     activations and the backward's working memory). ``b_0`` is inside ``A_i`` and is never counted twice.
 
 Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
-``max(flops_i - stash_flops_i, 0)`` per selective one.
+``max(flops_i - stash_flops_i, 0)`` per selective one. Where every segment of the chain has a measured time
+(``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds (``seconds_i``,
+``stash_seconds_i``; an inverse's time is its FLOPs at the segment's own measured rate): FLOPs count a
+convolution's arithmetic, not BatchNorm's and ReLU's memory traffic, which on a CPU take as long.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
 peak. Remaining ties go to the plan whose modes, read from the first segment, come first in the order keep <
@@ -103,7 +107,7 @@ from typing import cast
 from .errors import BudgetError
 from .units import format_bytes
 
-__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
+__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain", "timed",
            "exhaustive"]
 
 KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE = "keep", "checkpoint", "invertible", "selective"
@@ -152,10 +156,16 @@ class SegmentCost:
     # those ops take, which its recomputation skips; None: no selective mode
     stash_bytes: int | None = None
     stash_flops: float = 0.0
+    # invertible mode: the branches its sub-networks' relu / clamp / max pooling took, kept for their recomputation
+    branch_bytes: int = 0
+    # measured wall time of its forward, and of the ops a selective checkpoint keeps the outputs of; None: not
+    # measured (the planner then weighs FLOPs)
+    seconds: float | None = None
+    stash_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
-                           "forward_transient_bytes"):
+                           "forward_transient_bytes", "branch_bytes"):
             value = getattr(self, field_name)
             try:
                 value = operator.index(value)
@@ -171,9 +181,9 @@ class SegmentCost:
                 if value < 0:
                     raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
                 object.__setattr__(self, field_name, value)
-        for field_name in ("flops", "inverse_flops", "stash_flops"):
+        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds"):
             value = getattr(self, field_name)
-            if value is None and field_name == "inverse_flops":
+            if value is None and field_name in ("inverse_flops", "seconds"):
                 continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"segment {self.name!r}: {field_name} must be a finite number >= 0, not {value!r}")
@@ -203,6 +213,8 @@ class SegmentCost:
             return self.saved_bytes
         if mode == SELECTIVE:
             return self.stash_bytes or 0
+        if mode == INVERTIBLE:
+            return self.branch_bytes
         return 0
 
     def recompute_flops(self, mode: str) -> float:
@@ -213,6 +225,19 @@ class SegmentCost:
             return self.flops + (self.inverse_flops or 0.0)
         if mode == SELECTIVE:
             return max(self.flops - self.stash_flops, 0.0)
+        return 0.0
+
+    def recompute_seconds(self, mode: str) -> float | None:
+        """Its extra time in ``mode`` (None: not measured). An inverse is charged its FLOPs at the segment's rate."""
+        if self.seconds is None:
+            return None
+        if mode == CHECKPOINT:
+            return self.seconds
+        if mode == INVERTIBLE:
+            rate = self.seconds / self.flops if self.flops else 0.0
+            return self.seconds + (self.inverse_flops or 0.0) * rate
+        if mode == SELECTIVE:
+            return max(self.seconds - self.stash_seconds, 0.0)
         return 0.0
 
 
@@ -327,13 +352,29 @@ def plain_peak(costs: Iterable[SegmentCost]) -> int:
     return chain_peak(costs, (KEEP,) * len(costs))
 
 
+def timed(costs: Iterable[SegmentCost]) -> bool:
+    """Whether the plan of ``costs`` weighs measured time (every segment has it) rather than FLOPs."""
+    return all(cost.seconds is not None for cost in costs)
+
+
 def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int | None, int]]:
-    """Extra compute of each segment in each mode as exact integers, on one common scale.
+    """Extra compute of each segment in each mode (time where :func:`timed`, else FLOPs) as exact integers, on
+    one common scale.
 
     Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
     comparisons are exact (two plans of equal compute tie, whatever order their floats would be added in)."""
-    ratios = [float(value).as_integer_ratio() for cost in costs
-              for value in (cost.flops, cost.inverse_flops or 0.0, cost.recompute_flops(SELECTIVE))]
+    in_seconds = timed(costs)
+
+    def values(cost: SegmentCost) -> tuple[float, float | None, float]:
+        if in_seconds:
+            forward = cast(float, cost.recompute_seconds(CHECKPOINT))
+            inverse = cast(float, cost.recompute_seconds(INVERTIBLE)) - forward \
+                if cost.inverse_flops is not None else None
+            return forward, inverse, cast(float, cost.recompute_seconds(SELECTIVE))
+        return cost.flops, cost.inverse_flops, cost.recompute_flops(SELECTIVE)
+
+    table_values = [values(cost) for cost in costs]
+    ratios = [float(value).as_integer_ratio() for row in table_values for value in row if value is not None]
     scale = max(denominator for _, denominator in ratios)
 
     def exact(value: float) -> int:
@@ -341,10 +382,10 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int |
         return numerator * (scale // denominator)
 
     table = []
-    for cost in costs:
-        forward = exact(cost.flops)
-        inverse = forward + exact(cost.inverse_flops) if cost.inverse_flops is not None else None
-        table.append((0, forward, inverse, exact(cost.recompute_flops(SELECTIVE))))
+    for forward_value, inverse_value, selective_value in table_values:
+        forward = exact(forward_value)
+        inverse = forward + exact(max(inverse_value, 0.0)) if inverse_value is not None else None
+        table.append((0, forward, inverse, exact(selective_value)))
     return table
 
 

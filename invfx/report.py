@@ -36,6 +36,9 @@ class PlanRow:
     freed: list[str] = field(default_factory=list)
     kept_ops: list[str] = field(default_factory=list)  # selective: the calls whose outputs it keeps
     recomputed_ops: list[str] = field(default_factory=list)  # selective: the calls its backward runs again
+    # invertible: what its sub-networks' branching ops took, kept for their recomputation on rebuilt inputs
+    branch_bytes: int = 0
+    branch_ops: dict[str, int] = field(default_factory=dict)  # those ops by kind: {"relu": 2}
 
     def __getitem__(self, key: str):
         if key not in self.__dataclass_fields__:

@@ -12,6 +12,9 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
   outputs (a gradient in and one out);
 * ``flops``: counted matmul and convolution FLOPs plus one per element an op writes (elementwise work);
 * ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions;
+* ``branch_bytes``: what an invertible region keeps so that its sub-networks, recomputed on rebuilt inputs, take
+  the forward's branches (relu masks at 1 bit per element: :mod:`invfx.runtime.branches`), measured by recording
+  them as the runtime does; ``RegionCosts.branches`` says which ops, by segment;
 * ``stash_bytes``, ``stash_flops``: what a selective checkpoint of it keeps (the outputs of its convolutions,
   matrix products and attention, measured by keeping them as the runtime does) and the FLOPs of those ops, which
   its recomputation skips (its recompute is then the elementwise work only).
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +40,7 @@ from ..modes import Mode
 from ..planner import SegmentCost
 from ..regions.body import keeps_output
 from ..regions.fused import tensors_in
+from ..runtime.branches import BranchRecord, recording
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
 from .annotate import node_bytes, numel
@@ -50,6 +56,8 @@ __all__ = ["RegionCosts", "measure_costs"]
 class RegionCosts:
     costs: list[SegmentCost]  # in the order the regions run
     outside_bytes: int  # saved outside every region: the same whatever the plan
+    # an invertible segment's recorded branches by op (``{"relu": 2}``), where it has any
+    branches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
@@ -118,12 +126,15 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             SegmentRun(module, segments, enter, leave, around).run(*inputs)
-            fused = {name: _fused_working_bytes(regions[name], args, constant) for name, args in recorded.items()}
+            measured = {name: _fused_working_bytes(regions[name], args, constant)
+                        for name, args in recorded.items()}
     finally:
         for record in records.values():  # (the forward failed inside a segment)
             if "counter" in record:
                 record.pop("counter").__exit__(None, None, None)
 
+    fused = {name: working for name, (working, _) in measured.items()}
+    branches = {name: record for name, (_, record) in measured.items() if record}
     costs = []
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
@@ -149,20 +160,22 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             input_freeable=freeable.get(name, False),
             modes=allowed[name],
             stash_bytes=record.get("stash_bytes"),
-            stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0))
+            stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0,
+            branch_bytes=branches[name].nbytes if name in branches else 0))
     # The planner's chain has one size per boundary: a region reads what the previous one made (values that
     # skip a region, read two regions later, are charged to the boundary they leave from).
     for i in range(1, len(costs)):
         if costs[i].input_bytes != costs[i - 1].output_bytes:
             costs[i] = dataclasses.replace(costs[i], input_bytes=costs[i - 1].output_bytes)
-    return RegionCosts(costs, sum(outside.values()))
+    return RegionCosts(costs, sum(outside.values()), {name: r.summary() for name, r in branches.items()})
 
 
 
-def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -> int:
+def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -> tuple[int, BranchRecord]:
     """What an invertible region's fused backward holds at most besides its boundary values: the activations
     of one recomputed sub-network (they live one at a time) or of one node differentiated alone. Measured by
-    running its forward body on the example arguments, charging what autograd saves to the node saving it."""
+    running its forward body on the example arguments, charging what autograd saves to the node saving it.
+    With it, the branches its forward records (held from its forward to its backward)."""
     current: list[str | None] = [None]
     saved_by: dict[str, dict] = {}
 
@@ -183,7 +196,8 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -
 
     leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
               for a in args]
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    branches = BranchRecord(region.region_name)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recording(branches):
         Charging(region.forward_body).run(*leaves)
     if region.fused_replay is None:  # (unfused: the whole forward body is recomputed with grad at once)
         units = [set(saved_by)]
@@ -197,4 +211,42 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -
         for value in unit:
             saved.update(saved_by.get(value, {}))  # (a tensor two of its nodes save counts once)
         largest = max(largest, sum(saved.values()))
-    return largest
+    return largest, branches
+
+
+#: Forward runs timed per node (after one untimed warm-up run); each node's time is the median.
+TIMED_RUNS = 3
+
+
+class _NodeTimer(fx.Interpreter):
+    """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it)."""
+
+    def __init__(self, module: fx.GraphModule, seconds: dict[str, list[float]], cuda: bool) -> None:
+        super().__init__(module)
+        self.extra_traceback = False
+        self.seconds, self.cuda = seconds, cuda
+
+    def run_node(self, node: fx.Node):
+        if node.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(node)
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = super().run_node(node)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
+        return result
+
+
+def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = TIMED_RUNS) -> dict[str, float]:
+    """Median wall seconds of each compute node of ``module`` in a forward with grad on ``example_inputs``, as a
+    recomputation runs it (BatchNorm and the like: memory-bound ops that FLOPs undercount by orders of magnitude
+    on a CPU). The model is left as it was (:func:`example_run`)."""
+    seconds: dict[str, list[float]] = {}
+    cuda = any(t.is_cuda for t in (*module.parameters(), *(x for x in example_inputs if isinstance(x, torch.Tensor))))
+    with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad():
+        for run in range(runs + 1):
+            timed: dict[str, list[float]] = seconds if run else {}
+            _NodeTimer(module, timed, cuda).run(*inputs)
+    return {name: statistics.median(values) for name, values in seconds.items()}

@@ -496,7 +496,7 @@ def _rows(state: Compilation) -> list[PlanRow]:
         kept, recompute = 0, 0.0
         if cost is not None:
             kept = {Mode.KEEP: cost.saved_bytes + cost.input_bytes * cost.saves_input,
-                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: 0,
+                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: cost.branch_bytes,
                     Mode.SELECTIVE: cost.input_bytes + (cost.stash_bytes or 0)}[mode]
             recompute = cost.recompute_flops(mode)
         region = runs_in.get(name)
@@ -514,7 +514,9 @@ def _rows(state: Compilation) -> list[PlanRow]:
             freed_bytes=sum(n.meta.get("bytes", 0) for n in segment.freeable) if mode == Mode.INVERTIBLE else 0,
             reconstruction_error=error, inputs=[n.name for n in segment.inputs],
             freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else [],
-            kept_ops=kept_ops, recomputed_ops=recomputed_ops))
+            kept_ops=kept_ops, recomputed_ops=recomputed_ops,
+            branch_bytes=cost.branch_bytes if cost and mode == Mode.INVERTIBLE else 0,
+            branch_ops=dict(state.costs.branches.get(name, {})) if mode == Mode.INVERTIBLE else {}))
     return rows
 
 
@@ -551,7 +553,13 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"
                  if Mode.CHECKPOINT in allowed else "")
-        return f"keeps nothing, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
+        kept = "keeps nothing"
+        branches = state.costs.branches.get(name) if state.costs is not None else None
+        if branches and cost.branch_bytes:
+            ops = ", ".join(f"{count} {kind}" for kind, count in sorted(branches.items()))
+            kept = (f"keeps only its sub-networks' branches ({ops}: {format_bytes(cost.branch_bytes)}, for their "
+                    "recomputation on rebuilt inputs)")
+        return f"{kept}, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
     if mode == Mode.CHECKPOINT:
         if Mode.INVERTIBLE in allowed:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "

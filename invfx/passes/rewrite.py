@@ -5,8 +5,9 @@ forward is the segment's nodes as a GraphModule, its rebuild is generated code t
 inverses and recomputed sub-networks), both printable (``opt.inv_blocks_3.code``, ``.rebuild_code``). Building
 one leaves the traced graph as it is, so the analysis measures regions beside the graph it found them in; the
 model's graph is written once, at the end (:func:`write_graph`), calling each region and reading its outputs.
-Random sub-networks are preceded by ``rng_mark`` in both bodies, so the rebuild draws the forward's dropout masks
-whatever order it runs them in.
+Random sub-networks, and those whose backward branches on their input (relu, clamp, max pooling: see
+:mod:`invfx.runtime.branches`), are preceded by ``rng_mark`` in both bodies, so the rebuild draws the forward's
+dropout masks and takes the forward's branches whatever order it runs them in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..graphs import fetch_attr
 from ..regions.body import Inverse, RngMark, ShapeMeta
 from ..regions.modules import BodyRegion, CheckpointRegion, InvertibleRegion, regions_run_plain, watch_registrations
 from ..registry import Risk
+from ..runtime.branches import BRANCH_FUNCTIONS, BRANCH_METHODS
 from .segments import Segment, module_path
 
 __all__ = ["BodyRegion", "CheckpointRegion", "InvertibleRegion", "Inverse", "RngMark", "ShapeMeta",
@@ -52,6 +54,25 @@ def _is_random(root: nn.Module, node: fx.Node) -> bool:
         return node.target in _RANDOM_FUNCTIONS
     if node.op == "call_method":
         return node.target in _RANDOM_METHODS
+    return False
+
+
+#: Modules whose backward branches on their input (their functions are in BRANCH_FUNCTIONS).
+_BRANCH_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.MaxPool2d)
+
+
+def _may_branch(root: nn.Module, node: fx.Node) -> bool:
+    """Whether the node may run an op whose branches a region records (an op of BRANCH_FUNCTIONS, or code
+    invfx cannot see into: a user's module or function)."""
+    if node.op == "call_module":
+        return any(isinstance(m, _BRANCH_MODULES) or not _is_torch_module(m)
+                   for m in root.get_submodule(node.target).modules())
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        return node.target in BRANCH_FUNCTIONS or not (
+            module.startswith("torch") or module in ("_operator", "operator", "builtins", "math"))
+    if node.op == "call_method":
+        return node.target in BRANCH_METHODS
     return False
 
 
@@ -179,8 +200,16 @@ def _mark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None
     graph.call_module(target, ())
 
 
-def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[str, nn.Module]) -> fx.Graph:
-    """The segment's nodes as a graph of their own: its inputs become placeholders, its outputs the output."""
+def _unmark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None:
+    target = f"unmarked_{node.name}"
+    helpers.setdefault(target, RngMark(None))
+    graph.call_module(target, ())
+
+
+def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[str, nn.Module],
+                   unmarked: frozenset[fx.Node] | set[fx.Node] = frozenset()) -> fx.Graph:
+    """The segment's nodes as a graph of their own: its inputs become placeholders, its outputs the output.
+    ``random_nodes`` are preceded by their mark; ``unmarked`` by a mark closing the previous one's scope."""
     forward_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in segment.inputs:
@@ -188,6 +217,8 @@ def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[s
     for node in segment.nodes:
         if node in random_nodes:
             _mark(forward_graph, node, helpers)
+        elif node in unmarked:
+            _unmark(forward_graph, node, helpers)
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
@@ -212,13 +243,19 @@ def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -
     is the segment's nodes, its rebuild body the solver's steps."""
     source = _source(segment)
     inputs, outputs = segment.inputs, segment.outputs
-    random_nodes = {n for n in segment.nodes if _is_random(root, n)}
+    # (marked: a sub-network that draws random numbers, or a recomputed one that branches on its input, recorded
+    # by the mark's name; an inverted op needs no record: its inverse rebuilds its input on the same side of
+    # every threshold, as leaky_relu's does)
+    recomputed = {step.node for step in segment.rebuild.steps if step.kind == "recompute"}
+    random_nodes = {n for n in segment.nodes if _is_random(root, n) or (n in recomputed and _may_branch(root, n))}
+    # (an op that branches but is inverted, not recomputed, must not be recorded as part of the mark before it)
+    unmarked = {n for n in segment.nodes if n not in random_nodes and _may_branch(root, n)}
     helpers: dict[str, nn.Module] = {}
 
     def mark(graph: fx.Graph, node: fx.Node) -> None:
         _mark(graph, node, helpers)
 
-    forward_graph = _forward_graph(segment, random_nodes, helpers)
+    forward_graph = _forward_graph(segment, random_nodes, helpers, unmarked)
 
     # rebuild body: the solver's steps, from the outputs and the kept inputs
     rebuild_graph = fx.Graph()

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime import rng_marks
+from ..runtime.branches import BranchRecord, recording, replaying
 from ..runtime.region import relative_error
 from ..runtime.state import RngState
 from ..tolerances import TOLERANCES, tolerance_for
@@ -92,12 +93,13 @@ def _reconstruction_error(region: InvertibleRegion, args: tuple, start: tuple | 
     if rng is not None:
         rng.set()
     state = RngState(args)
-    with rng_marks("record", state):
+    branches = BranchRecord(region.region_name)  # (as the runtime: the rebuild takes the forward's branches)
+    with rng_marks("record", state), recording(branches):
         outputs = region.forward_body(*args)
     if start is not None:
         outputs = start
     state.set()
-    with rng_marks("replay", state):
+    with rng_marks("replay", state), replaying(branches):
         try:
             rebuilt = region.rebuild_body(*outputs, *[args[i] for i in region.kept])
         except Exception as error:  # noqa: BLE001 - an inverse that fails here would fail in backward

@@ -21,6 +21,7 @@ import torch.fx as fx
 from ..errors import RegionError
 from ..graphs import fetch_attr, leaves, tuple_metas
 from ..runtime import ReplayContext
+from ..runtime.branches import close_scope, unscoped
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
 from .body import is_rng_mark
@@ -875,9 +876,14 @@ class _Sweep:
 
     @staticmethod
     def _evaluate(unit: _NodeUnit, args, kwargs):
-        if unit.mark is not None:
-            unit.mark()  # this node's dropout mask, as in the forward
-        return unit.call(*args, **kwargs)
+        if unit.mark is None:
+            with unscoped():  # (no sub-network's: its ops are not replayed from another's record)
+                return unit.call(*args, **kwargs)
+        unit.mark()  # this node's dropout mask and recorded branches, as in the forward
+        try:
+            return unit.call(*args, **kwargs)
+        finally:
+            close_scope()  # (the replay's own checks that follow are no sub-network's)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ import torch
 
 from ..errors import InverseError, RegionError
 from ..tolerances import tolerance_for
+from .branches import BranchRecord, branch_scope, recording, replaying, unscoped
 from .stash import OutputStash
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
@@ -101,7 +102,7 @@ class Discovery:
 def relative_error(got: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
     """max |got - expected| / max(max |expected|, ``floor``) (NaN or inf when either is not finite). ``floor``: the
     least scale to measure against (an expected value near zero is compared with what it was computed from)."""
-    with torch.no_grad():
+    with torch.no_grad(), unscoped():  # (a check, not an op of the sub-network whose mark came last)
         # the inf-norm is one pass with no temporary (abs().max() is two passes and a temporary)
         scale = torch.linalg.vector_norm(expected, float("inf")).float().clamp_min(
             max(floor, torch.finfo(torch.float32).tiny))
@@ -125,7 +126,10 @@ class Region:
     ``keep_ops`` (checkpoint mode): aten ops (``torch.ops.aten.convolution``) whose outputs the forward keeps
     for the recomputation, which takes them instead of running those ops again (selective activation
     checkpointing; see :mod:`invfx.runtime.stash`); with ``keep_marked``, only those the function runs between
-    ``stash_begin()`` and ``stash_end()``.
+    ``stash_begin()`` and ``stash_end()``. ``record_branches`` (invertible mode): the forward records what the
+    branching ops of its marked sub-networks (relu, clamp, max pooling...) branched on, and the backward replays
+    them, so that a sub-network recomputed on rebuilt inputs takes the forward's branches (see
+    :mod:`invfx.runtime.branches`).
     """
 
     function: Callable[..., Any]
@@ -141,6 +145,7 @@ class Region:
     name: str = "region"
     keep_ops: frozenset[Any] = frozenset()
     keep_marked: bool = False
+    record_branches: bool = True
     # the storages of the modules' parameters and buffers, which a stash tells calls apart by: found once, here,
     # not at every call (a pointer gone stale only makes the stash's check coarser, the same in both runs)
     stash_constants: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
@@ -200,7 +205,11 @@ def rng_mark(name: str) -> None:
     (inverse, replay or recomputation) it sets the RNG to that recorded state. Call it with the same name
     before the same sub-network in ``function`` and ``inverse``: for ``y1 = x1 + F(x2); y2 = x2 + G(y1)`` the
     inverse runs G before F. Names are unique within one region. Outside regions it does nothing.
+
+    It also opens the sub-network's scope for branch records (:mod:`invfx.runtime.branches`): the relu masks
+    and the like its forward took are replayed, by this name, when it is recomputed on rebuilt inputs.
     """
+    branch_scope(name)
     current = _RNG_MARKS.get()
     if current is None:
         return
@@ -261,10 +270,11 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     key = discovery.key_for(inputs) if discovery is not None else None
     known = discovery is not None and discovery.key == key
     stash = OutputStash(region.keep_ops, region.stash_constants, region.name) if region.keep_ops else None
-    recording = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
+    stashing = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
+    branches = BranchRecord(region.name) if region.mode == INVERTIBLE and region.record_branches else None
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
-        with torch.no_grad(), rng_marks("record", rng), recording:
+        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches):
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -274,7 +284,8 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
         for position, leaf in zip(positions, leaves):
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
-        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), recording:
+        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
+                recording(branches):
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -308,6 +319,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
                        autocast, buffer_state.mutated())
     call.accumulators = accumulators
     call.stash = stash
+    call.branches = branches if branches else None  # (nothing recorded: nothing to replay)
     del result
     returned = cast("tuple[torch.Tensor, ...]",
                     RegionFunction.apply(call, *inputs, *params))  # type: ignore[no-untyped-call]
@@ -437,6 +449,7 @@ class _RegionCall:
 
     accumulators: list[torch.autograd.graph.Node]  # the parameters' AccumulateGrad nodes, set by run_region
     stash: OutputStash | None = None  # a selective checkpoint's kept op outputs, set by run_region
+    branches: BranchRecord | None = None  # what its sub-networks' branching ops took, set by run_region
 
     def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
                  params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
@@ -524,7 +537,7 @@ class _RegionCall:
         context.direct_params = self._direct_params(context.params)
         rng = self.rng.forked() if self.rng is not None else contextlib.nullcontext()
         with rng, self.autocast.replayed(), BufferState.preserved(self.mutated_buffers), \
-                rng_marks("replay", self.rng):
+                rng_marks("replay", self.rng), replaying(self.branches):
             context.reset_rng()
             with torch.enable_grad():
                 result = replay(context)
@@ -953,7 +966,7 @@ class _RestoreOnDrop:
             context = ReplayContext(call, tuple(saved))
             rng = call.rng.forked() if call.rng is not None else contextlib.nullcontext()
             with rng, call.autocast.replayed(), torch.no_grad(), rng_marks("replay", call.rng), \
-                    BufferState.preserved(call.mutated_buffers):
+                    replaying(call.branches), BufferState.preserved(call.mutated_buffers):
                 context.reset_rng()
                 _rebuild_inputs(context)  # writes the rebuilt values into the freed storages
         except Exception:  # noqa: BLE001 - a destructor must not raise; the data could not be rebuilt
