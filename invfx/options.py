@@ -16,8 +16,16 @@ class OptimizeOptions:
     max_solve_attempts: int = 24  # failed solves from one start before the segment finder gives up on it
     calibration_rounds: int = 6  # replans after measuring, where a budgeted plan's measured peak misses
     chains: bool = True  # merge runs of invertible regions into one region each
+    # what the planner minimizes within the budget: "time", each segment's recomputation as measured on the example
+    # (node by node, a few runs: BatchNorm and ReLU take as long as a convolution on a CPU, which FLOPs miss), or
+    # "flops", counted (the same plan on every machine and every run)
+    compute: str = "time"
 
     def __post_init__(self):
+        if self.compute not in ("time", "flops"):
+            from .errors import InvfxError
+
+            raise InvfxError(f"invfx.OptimizeOptions: compute must be 'time' or 'flops', got {self.compute!r}")
         for name in ("max_segment_nodes", "max_solve_attempts", "calibration_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "calibration_rounds"

@@ -107,7 +107,8 @@ from typing import cast
 from .errors import BudgetError
 from .units import format_bytes
 
-__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain", "timed",
+__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
+           "timed", "chain_extra_seconds",
            "exhaustive"]
 
 KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE = "keep", "checkpoint", "invertible", "selective"
@@ -227,6 +228,12 @@ class SegmentCost:
             return max(self.flops - self.stash_flops, 0.0)
         return 0.0
 
+    def inverse_seconds(self) -> float:
+        """The time of its inverse: its FLOPs at the segment's measured FLOP rate (0 where not measured)."""
+        if self.seconds is None or not self.flops:
+            return 0.0
+        return (self.inverse_flops or 0.0) * (self.seconds / self.flops)
+
     def recompute_seconds(self, mode: str) -> float | None:
         """Its extra time in ``mode`` (None: not measured). An inverse is charged its FLOPs at the segment's rate."""
         if self.seconds is None:
@@ -234,8 +241,7 @@ class SegmentCost:
         if mode == CHECKPOINT:
             return self.seconds
         if mode == INVERTIBLE:
-            rate = self.seconds / self.flops if self.flops else 0.0
-            return self.seconds + (self.inverse_flops or 0.0) * rate
+            return self.seconds + self.inverse_seconds()
         if mode == SELECTIVE:
             return max(self.seconds - self.stash_seconds, 0.0)
         return 0.0
@@ -255,6 +261,7 @@ class ChainPlan:
     extra_flops: float
     plain_peak: int
     exact: bool = True
+    extra_seconds: float | None = None  # its extra time, where every segment's was measured
 
 
 def _check_chain(costs: Iterable[SegmentCost]) -> tuple[SegmentCost, ...]:
@@ -336,6 +343,14 @@ def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str]) -> flo
     return math.fsum(parts)
 
 
+def chain_extra_seconds(costs: Iterable[SegmentCost], modes: Iterable[str]) -> float | None:
+    """Extra time of running ``costs`` in ``modes`` (None unless every segment's time was measured)."""
+    costs = tuple(costs)
+    if not timed(costs):
+        return None
+    return math.fsum(cast(float, cost.recompute_seconds(mode)) for cost, mode in zip(costs, modes))
+
+
 def _forward_bytes(cost: SegmentCost, mode: str) -> int:
     """What a segment's forward holds besides its input and output: what plain autograd saves (keep), its
     working memory and what it keeps for its recomputation (selective), or its working memory."""
@@ -367,9 +382,8 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int |
 
     def values(cost: SegmentCost) -> tuple[float, float | None, float]:
         if in_seconds:
-            forward = cast(float, cost.recompute_seconds(CHECKPOINT))
-            inverse = cast(float, cost.recompute_seconds(INVERTIBLE)) - forward \
-                if cost.inverse_flops is not None else None
+            forward = cast(float, cost.seconds)
+            inverse = cost.inverse_seconds() if cost.inverse_flops is not None else None
             return forward, inverse, cast(float, cost.recompute_seconds(SELECTIVE))
         return cost.flops, cost.inverse_flops, cost.recompute_flops(SELECTIVE)
 
@@ -384,7 +398,7 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int |
     table = []
     for forward_value, inverse_value, selective_value in table_values:
         forward = exact(forward_value)
-        inverse = forward + exact(max(inverse_value, 0.0)) if inverse_value is not None else None
+        inverse = forward + exact(inverse_value) if inverse_value is not None else None
         table.append((0, forward, inverse, exact(selective_value)))
     return table
 
@@ -760,7 +774,8 @@ def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
     peak = chain_peak(costs, modes)
     if peak > limit:
         raise AssertionError(f"planned peak {peak} B over the budget {limit} B; the planner has a bug")
-    return ChainPlan(modes, peak, chain_extra_flops(costs, modes), plain_peak(costs), exact)
+    return ChainPlan(modes, peak, chain_extra_flops(costs, modes), plain_peak(costs), exact,
+                     chain_extra_seconds(costs, modes))
 
 
 def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> ChainPlan:
@@ -788,4 +803,4 @@ def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> Chain
     if best_modes is None:
         raise _budget_error(budget, least)  # type: ignore[arg-type]  # (with no budget some plan is best)
     return ChainPlan(best_modes, chain_peak(costs, best_modes), chain_extra_flops(costs, best_modes),
-                     plain_peak(costs), True)
+                     plain_peak(costs), True, chain_extra_seconds(costs, best_modes))

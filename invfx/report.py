@@ -64,7 +64,7 @@ class Plan:
 
     def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
                  budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
-                 constants: dict | None = None):
+                 constants: dict | None = None, forward_seconds: float | None = None):
         self.rows = rows
         self.opaque = opaque
         self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
@@ -73,6 +73,9 @@ class Plan:
         self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
         self.extra_flops = chain.extra_flops if chain is not None else 0.0
         self.forward_flops = forward_flops
+        # where the plan weighed measured time: its extra time and the forward's, at the example's size
+        self.extra_seconds = getattr(chain, "extra_seconds", None) if chain is not None else None
+        self.forward_seconds = forward_seconds
         self.exact = getattr(chain, "exact", True)
         self.measurements: list = []
         self.calibration = calibration  # the example step measured when planning under a budget
@@ -90,6 +93,8 @@ class Plan:
                 "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
                 "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
+                "extra_seconds": getattr(self, "extra_seconds", None),
+                "forward_seconds": getattr(self, "forward_seconds", None),
                 "measured": measured, "calibration": self.calibration,
                 "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
 
@@ -119,6 +124,12 @@ class Plan:
             text += (f"\nestimated peak {format_bytes(self.estimated_peak)} vs plain {format_bytes(self.plain_peak)} "
                      f"({ratio:.2f}x) at the example's size; extra compute {format_flops(self.extra_flops)} FLOPs "
                      f"({extra:.0%} of a forward)")
+            # (a plan pickled before these were measured has neither)
+            extra_seconds = getattr(self, "extra_seconds", None)
+            forward_seconds = getattr(self, "forward_seconds", None)
+            if extra_seconds is not None and forward_seconds:
+                text += (f"; planned on measured time: +{extra_seconds * 1e3:.1f} ms "
+                         f"({extra_seconds / forward_seconds:.0%} of a forward's {forward_seconds * 1e3:.1f} ms)")
             if not self.exact:
                 text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
         if self.calibration:

@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from invfx.errors import BudgetError
-from invfx.planner import MODES, SegmentCost, chain_extra_flops, chain_peak, exhaustive, plain_peak, plan_chain
+from invfx.planner import (
+    MODES,
+    SegmentCost,
+    chain_extra_flops,
+    chain_peak,
+    exhaustive,
+    plain_peak,
+    plan_chain,
+    timed,
+)
 from invfx.units import format_bytes
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None)
@@ -351,3 +360,59 @@ def test_a_deep_chain_is_exact_and_monotone():
             assert plan.extra_flops <= previous.extra_flops
         previous = plan
     assert previous.modes == ("keep",) * 60
+
+
+# --- planning by measured time ------------------------------------------------------------------------------
+
+SECONDS = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 0.125, 5.0])
+
+
+def _seconds(cost, mode) -> Fraction:
+    """A segment's extra time in ``mode``, by the definition (an inverse at the segment's own FLOP rate)."""
+    if mode == "keep":
+        return Fraction(0)
+    if mode == "selective":
+        return Fraction(max(cost.seconds - cost.stash_seconds, 0.0))
+    if mode == "checkpoint":
+        return Fraction(cost.seconds)
+    rate = cost.seconds / cost.flops if cost.flops else 0.0
+    return Fraction(cost.seconds) + Fraction((cost.inverse_flops or 0.0) * rate)  # (each rounded once, as stated)
+
+
+@settings(SETTINGS, max_examples=150)
+@given(costs=chains(max_segments=8), data=st.data())
+def test_timed_plans_are_the_least_time_plans(costs, data):
+    costs = tuple(dataclasses.replace(c, seconds=data.draw(SECONDS), stash_seconds=data.draw(SECONDS))
+                  for c in costs)
+    assert timed(costs)
+    plans = []
+    for modes in itertools.product(*(cost.allowed_modes for cost in costs)):
+        plans.append((chain_peak(costs, modes), sum(_seconds(c, m) for c, m in zip(costs, modes)),
+                      tuple(MODES.index(m) for m in modes), modes))
+    least, most = min(p[0] for p in plans), max(p[0] for p in plans)
+    for budget in (None, data.draw(st.integers(least, most))):
+        plan = plan_chain(costs, budget)
+        expected = best(plans, budget)
+        got = (plan.peak, sum(_seconds(c, m) for c, m in zip(costs, plan.modes)), plan.modes)
+        assert got == (expected[0], expected[1], expected[3]), (budget, got, expected)
+        assert plan.extra_seconds == pytest.approx(float(got[1]))
+
+
+def test_time_decides_where_flops_mislead():
+    """A selective checkpoint recomputes few FLOPs (normalisation, activations) but, on a CPU, much of the time;
+    a full checkpoint saves more per second. Timed, the planner takes one checkpoint; by FLOPs, two selectives."""
+    def segment(name, **timing):
+        return SegmentCost(name=name, input_bytes=10, output_bytes=10, saved_bytes=30, transient_bytes=0,
+                           forward_transient_bytes=0, saves_input=True, saves_output=True, flops=100.0,
+                           stash_bytes=10, stash_flops=99.0, **timing)
+
+    by_flops = tuple(segment(name) for name in "abc")
+    by_time = tuple(segment(name, seconds=1.0, stash_seconds=0.2) for name in "abc")
+    budget = 110
+    assert chain_peak(by_flops, ("keep", "checkpoint", "keep")) <= budget
+    assert chain_peak(by_flops, ("selective", "selective", "keep")) <= budget
+    assert plan_chain(by_flops, budget).modes == ("selective", "selective", "keep")  # 2 FLOPs against 100
+    timed_plan = plan_chain(by_time, budget)
+    assert timed_plan.modes == ("keep", "checkpoint", "keep")  # 1 s against 1.6
+    assert timed_plan.extra_seconds == 1.0 and timed_plan.extra_flops == 100.0
+    assert not timed(by_time[:1] + by_flops[1:])  # one unmeasured segment: FLOPs for the whole chain

@@ -8,8 +8,8 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
 * ``saved_bytes``: what keeping the region costs from forward to backward, beyond its inputs and outputs
   (``saves_input`` / ``saves_output`` say whether those are saved too, by a conv reading its input or a relu
   its output);
-* ``transient_bytes``: its backward's working memory beyond that, estimated as its largest node's inputs and
-  outputs (a gradient in and one out);
+* ``transient_bytes``: its backward's working memory beyond that, estimated as its largest node's output and
+  largest input (a gradient in and one out; an add's second input takes the same gradient, no new one);
 * ``flops``: counted matmul and convolution FLOPs plus one per element an op writes (elementwise work);
 * ``inverse_flops``: the registry rules' stated cost of the rebuild, for invertible regions;
 * ``branch_bytes``: what an invertible region keeps so that its sub-networks, recomputed on rebuilt inputs, take
@@ -62,7 +62,8 @@ class RegionCosts:
 
 def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
                   regions: Mapping[str, InvertibleRegion], allowed: Mapping[str, frozenset[Mode]],
-                  inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool]) -> RegionCosts:
+                  inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool],
+                  timed: bool = False) -> RegionCosts:
     # (a segment allowed to be selective: what its stash would hold is measured by keeping it, as the runtime
     # would; see invfx.runtime.stash)
     """Measure each of ``segments`` (by name; the others run too, charged to no segment) of ``module`` (the
@@ -71,6 +72,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     ``regions`` are the invertible segments' regions (their fused backward's working memory is measured);
     ``allowed``, ``inverse_flops`` and ``freeable`` (by segment name) are what the graph passes decided: the
     modes a segment may take, the cost of its rebuild (None: not invertible) and whether it may free an input.
+    ``timed``: also time each node (:func:`node_seconds`), so that the planner weighs measured time.
     """
     order: list[str] = []
     records: dict[str, dict] = {}
@@ -143,7 +145,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         saves_input = any(saved.pop(k, None) is not None for k in list(record["inputs"]))
         saves_output = any(saved.pop(k, None) is not None for k in list(record["outputs"]))
         body = segment.nodes
-        largest = max((node_bytes(n) + sum(node_bytes(a) for a in n.all_input_nodes if a.op != "get_attr")
+        largest = max((node_bytes(n) + max((node_bytes(a) for a in n.all_input_nodes if a.op != "get_attr"), default=0)
                        for n in body), default=0)
         costs.append(SegmentCost(
             name=name,
@@ -162,11 +164,21 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             stash_bytes=record.get("stash_bytes"),
             stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0,
             branch_bytes=branches[name].nbytes if name in branches else 0))
+    for i, cost in enumerate(costs):
+        if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
+            costs[i] = dataclasses.replace(cost, modes=frozenset({Mode.KEEP}))
     # The planner's chain has one size per boundary: a region reads what the previous one made (values that
     # skip a region, read two regions later, are charged to the boundary they leave from).
     for i in range(1, len(costs)):
         if costs[i].input_bytes != costs[i - 1].output_bytes:
             costs[i] = dataclasses.replace(costs[i], input_bytes=costs[i - 1].output_bytes)
+    if timed and costs:
+        seconds = node_seconds(module, example_inputs)
+        for i, cost in enumerate(costs):
+            nodes = segments[cost.name].nodes
+            kept = [n for n in nodes if keeps_output(module, n)] if cost.stash_bytes is not None else []
+            costs[i] = dataclasses.replace(cost, seconds=sum(seconds.get(n.name, 0.0) for n in nodes),
+                                           stash_seconds=sum(seconds.get(n.name, 0.0) for n in kept))
     return RegionCosts(costs, sum(outside.values()), {name: r.summary() for name, r in branches.items()})
 
 

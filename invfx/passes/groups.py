@@ -50,7 +50,9 @@ def group_cost(members: Sequence[SegmentCost]) -> SegmentCost:
         input_freeable=first.input_freeable,
         modes=modes or frozenset({Mode.KEEP}),
         stash_bytes=sum(s for s in stashes if s is not None) if all(s is not None for s in stashes) else None,
-        stash_flops=sum(m.stash_flops for m in members) if all(s is not None for s in stashes) else 0.0)
+        stash_flops=sum(m.stash_flops for m in members) if all(s is not None for s in stashes) else 0.0,
+        seconds=sum(m.seconds for m in members) if all(m.seconds is not None for m in members) else None,
+        stash_seconds=sum(m.stash_seconds for m in members) if all(s is not None for s in stashes) else 0.0)
 
 
 def coarsen(costs: Sequence[SegmentCost], size: int,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..modes import Mode
-from ..planner import ChainPlan, plain_peak, plan_chain
+from ..planner import ChainPlan, plain_peak, plan_chain, timed
 from ..regions.body import keeps_output
 from ..regions.modules import BodyRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
@@ -179,7 +179,7 @@ class MeasureCosts(_AfterSegments):
         state.costs = measure_costs(
             state.traced, state.inputs, candidates, state.regions, allowed,
             {name: s.rebuild.inverse_flops for name, s in candidates.items() if s.rebuild is not None},
-            {name: bool(s.freeable) for name, s in candidates.items()})
+            {name: bool(s.freeable) for name, s in candidates.items()}, timed=state.options.compute == "time")
 
     def ensures(self, state: Compilation) -> None:
         self.need([c.name for c in state.costs.costs] == list(state.candidates()),
@@ -330,7 +330,8 @@ class Report(CompilationPass):
         state.optimized.plan = Plan(
             _rows(state), state.opaque, chain=state.chain, outside_bytes=costs.outside_bytes, budget=state.budget,
             forward_flops=sum(c.flops for c in costs.costs), calibration=state.calibration,
-            constants=state.constants)
+            constants=state.constants,
+            forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None)
 
     def ensures(self, state: Compilation) -> None:
         self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
