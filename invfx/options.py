@@ -20,6 +20,11 @@ class OptimizeOptions:
     # (node by node, a few runs: BatchNorm and ReLU take as long as a convolution on a CPU, which FLOPs miss), or
     # "flops", counted (the same plan on every machine and every run)
     compute: str = "time"
+    # invertible regions record the branches (relu masks, clamp ranges, max-pool argmaxes) their recomputed
+    # sub-networks take, so that gradients are plain autograd's where rounding in a rebuild moves a value across
+    # a threshold (invfx.runtime.branches); False saves that time and memory (on a Glow-style flow with ReLU
+    # coupling nets, about a quarter of the step) for gradients exact only to where no such value flips
+    exact_branches: bool = True
 
     def __post_init__(self):
         if self.compute not in ("time", "flops"):

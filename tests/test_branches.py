@@ -281,3 +281,16 @@ def test_an_inverted_op_after_a_recomputed_one_is_no_part_of_its_record():
     for got, want in zip(_grads(optimized, x), expected):
         assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert any("unmarked_leaky_relu" in m.forward_body.code for m in optimized.modules() if hasattr(m, "forward_body"))
+
+
+def test_exact_branches_false_records_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, dtype=DT)
+    model = _stack(x)
+    expected = _grads(copy.deepcopy(model), x)
+    optimized = invfx.optimize(model, x, modes=("invertible",), check_gradients=False,
+                               options=invfx.OptimizeOptions(exact_branches=False))
+    rows = [row for row in optimized.plan.rows if row.mode == Mode.INVERTIBLE]
+    assert rows and not any(row.branch_bytes or row.branch_ops for row in rows)
+    errors = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(_grads(optimized, x), expected)]
+    assert max(errors) > 1e-3  # (the masks flipped: what the option trades for time)

@@ -63,7 +63,7 @@ class RegionCosts:
 def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
                   regions: Mapping[str, InvertibleRegion], allowed: Mapping[str, frozenset[Mode]],
                   inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool],
-                  timed: bool = False) -> RegionCosts:
+                  timed: bool = False, branches: bool = True) -> RegionCosts:
     # (a segment allowed to be selective: what its stash would hold is measured by keeping it, as the runtime
     # would; see invfx.runtime.stash)
     """Measure each of ``segments`` (by name; the others run too, charged to no segment) of ``module`` (the
@@ -73,6 +73,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     ``allowed``, ``inverse_flops`` and ``freeable`` (by segment name) are what the graph passes decided: the
     modes a segment may take, the cost of its rebuild (None: not invertible) and whether it may free an input.
     ``timed``: also time each node (:func:`node_seconds`), so that the planner weighs measured time.
+    ``branches``: invertible regions will record their sub-networks' branches (their bytes are measured).
     """
     order: list[str] = []
     records: dict[str, dict] = {}
@@ -128,7 +129,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             SegmentRun(module, segments, enter, leave, around).run(*inputs)
-            measured = {name: _fused_working_bytes(regions[name], args, constant)
+            measured = {name: _fused_working_bytes(regions[name], args, constant, branches)
                         for name, args in recorded.items()}
     finally:
         for record in records.values():  # (the forward failed inside a segment)
@@ -183,7 +184,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
 
 
 
-def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -> tuple[int, BranchRecord]:
+def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set,
+                         branches_recorded: bool = True) -> tuple[int, BranchRecord]:
     """What an invertible region's fused backward holds at most besides its boundary values: the activations
     of one recomputed sub-network (they live one at a time) or of one node differentiated alone. Measured by
     running its forward body on the example arguments, charging what autograd saves to the node saving it.
@@ -209,7 +211,8 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set) -
     leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
               for a in args]
     branches = BranchRecord(region.region_name)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recording(branches):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            recording(branches if branches_recorded else None):
         Charging(region.forward_body).run(*leaves)
     if region.fused_replay is None:  # (unfused: the whole forward body is recomputed with grad at once)
         units = [set(saved_by)]

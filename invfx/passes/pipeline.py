@@ -21,7 +21,7 @@ from ..errors import BudgetError
 from ..modes import Mode
 from ..planner import ChainPlan, plain_peak, plan_chain, timed
 from ..regions.body import keeps_output
-from ..regions.modules import BodyRegion, OptimizedModule
+from ..regions.modules import BodyRegion, InvertibleRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
 from ..units import format_bytes, format_flops
 from .annotate import annotate
@@ -179,7 +179,8 @@ class MeasureCosts(_AfterSegments):
         state.costs = measure_costs(
             state.traced, state.inputs, candidates, state.regions, allowed,
             {name: s.rebuild.inverse_flops for name, s in candidates.items() if s.rebuild is not None},
-            {name: bool(s.freeable) for name, s in candidates.items()}, timed=state.options.compute == "time")
+            {name: bool(s.freeable) for name, s in candidates.items()}, timed=state.options.compute == "time",
+            branches=state.options.exact_branches)
 
     def ensures(self, state: Compilation) -> None:
         self.need([c.name for c in state.costs.costs] == list(state.candidates()),
@@ -263,6 +264,9 @@ class WriteModule(_AfterSegments):
             for name in regions:
                 delattr(traced, name)
         _share_everything(optimized, state.model)
+        for module in optimized.modules():
+            if isinstance(module, InvertibleRegion):
+                module.record_branches = state.options.exact_branches
         bind_attributes(optimized)
         optimized.train(state.model.training)
         state.optimized = optimized

@@ -200,8 +200,8 @@ def _mark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None
     graph.call_module(target, ())
 
 
-def _unmark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None:
-    target = f"unmarked_{node.name}"
+def _unmark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module], prefix: str = "unmarked_") -> None:
+    target = f"{prefix}{node.name}"
     helpers.setdefault(target, RngMark(None))
     graph.call_module(target, ())
 
@@ -209,7 +209,9 @@ def _unmark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> No
 def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[str, nn.Module],
                    unmarked: frozenset[fx.Node] | set[fx.Node] = frozenset()) -> fx.Graph:
     """The segment's nodes as a graph of their own: its inputs become placeholders, its outputs the output.
-    ``random_nodes`` are preceded by their mark; ``unmarked`` by a mark closing the previous one's scope."""
+    ``random_nodes`` are preceded by their mark and followed by its end (``end_<node>``: the branch records'
+    torch-function mode is on only in between); ``unmarked`` are preceded by a mark closing the previous one's
+    scope."""
     forward_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in segment.inputs:
@@ -223,6 +225,8 @@ def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[s
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
         env[node] = _tag(forward_graph.node_copy(node, lambda n: env[n]), node)
+        if node in random_nodes:
+            _unmark(forward_graph, node, helpers, "end_")
     forward_graph.output(tuple(env[o] for o in segment.outputs))
     return forward_graph
 
@@ -273,6 +277,8 @@ def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -
                     _get_attr(rebuild_graph, renv, arg)
             renv[step.node] = _tag(rebuild_graph.node_copy(step.node, lambda n: renv[n]), step.node)
             renv[step.node].meta["invfx_recompute"] = True
+            if step.node in random_nodes:
+                _unmark(rebuild_graph, step.node, helpers, "end_")
         elif step.kind == "assemble":
             renv[step.node] = _tag(rebuild_graph.create_node(
                 "call_function", tuple, ([renv[r] for r in step.reads],), name=step.node.name), step.node)

@@ -281,9 +281,11 @@ class InvertibleRegion(BodyRegion):
         # A forward hook that saw a value this region frees (on the module that made it, read it, or a view of it)
         # may have kept it: the user would read freed memory (a segfault). Then this call frees nothing.
         free = () if _hooked(self.__dict__.get("_watched", ())) else self.free
+        record = getattr(self, "record_branches", True)  # (False: OptimizeOptions(exact_branches=False))
         return self._cached_region(
-            (INVERTIBLE, self.fused, tuple(free), tuple(self.kept), id(self.fused_replay)),
+            (INVERTIBLE, self.fused, tuple(free), tuple(self.kept), id(self.fused_replay), record),
             lambda: Region(function=self.forward_body, mode=INVERTIBLE, rebuild=self._rebuild,
+                           record_branches=record,
                            discovery=self.discovery,
                            replay=self.fused_replay if self.fused and self.fused_replay is not None else None,
                            free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,

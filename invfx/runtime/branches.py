@@ -106,14 +106,30 @@ class BranchRecord:
 
 
 class _Active:
-    """The record being filled or read, and where in it the op now running is."""
+    """The record being filled or read, and where in it the op now running is. Its torch-function mode is on
+    the stack only while a scope is open (``depth``: the stack's length with it on top; None: not pushed): every
+    torch call under a mode pays a Python round trip, and a region's other ops need none."""
 
-    __slots__ = ("phase", "record", "scope", "index")
+    __slots__ = ("phase", "record", "scope", "index", "mode", "depth")
 
     def __init__(self, phase: str, record: BranchRecord) -> None:
         self.phase, self.record = phase, record
         self.scope: str | None = None
         self.index = 0
+        self.mode = _BranchMode(self)
+        self.depth: int | None = None
+
+    def push(self) -> None:
+        if self.depth is None:
+            self.mode.__enter__()  # type: ignore[no-untyped-call]
+            self.depth = torch._C._len_torch_function_stack()
+
+    def pop(self) -> None:
+        """Take the mode off the stack if it is on top. (A mode that code in the sub-network pushed above it and
+        has not popped yet keeps it there, passing every call through, until that code pops its own.)"""
+        if self.depth is not None and torch._C._len_torch_function_stack() == self.depth:
+            self.mode.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            self.depth = None
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("invfx_branches", default=None)
@@ -125,6 +141,7 @@ def branch_scope(name: str) -> None:
     if active is None:
         return
     active.scope, active.index = name, 0
+    active.push()
     if active.phase == "record":
         if name in active.record.scopes:
             raise RegionError(f"{active.record.name}: sub-network mark {name!r} used twice in one forward; "
@@ -137,6 +154,7 @@ def close_scope() -> None:
     active = _ACTIVE.get()
     if active is not None:
         active.scope = None
+        active.pop()
 
 
 @contextlib.contextmanager
@@ -197,9 +215,10 @@ def _active(phase: str, record: BranchRecord | None) -> Iterator[None]:
     active = _Active(phase, record)
     token = _ACTIVE.set(active)
     try:
-        with _BranchMode(active):
-            yield
+        yield
     finally:
+        active.scope = None
+        active.pop()
         _ACTIVE.reset(token)
 
 
@@ -237,20 +256,23 @@ def _near_margin(dtype: torch.dtype) -> float | None:
 
 
 def _record_positive(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``x > 0``: (bits,) dense, or (indices, bits, margin) of the elements near 0 where that is smaller."""
+    """``x > 0``: (bits,) dense, or (indices, bits, margin) of the elements near 0 where that is smaller.
+    (Each pass over ``x`` costs about as much as the relu itself: the sparse record takes four.)"""
     x = x.detach()
-    positive = x > 0
     margin = _near_margin(x.dtype)
     if margin is not None and x.numel() >= 64:
-        scale = float(torch.linalg.vector_norm(x, float("inf")))
+        low, high = torch.aminmax(x)
+        scale = max(-float(low), float(high))
         if math.isfinite(scale):
             limit = margin * scale
-            near = ((x >= -limit) & (x <= limit)).reshape(-1)  # (logical order: x may be a strided view)
-            count = int(near.sum())
+            near = x >= -limit
+            near &= x <= limit  # (in place: one mask less alive at once)
+            indices = near.reshape(-1).nonzero().view(-1)  # (logical order: x may be a strided view)
+            count = indices.numel()
             if 4 * count + count // 8 + 1 < x.numel() // 8:  # (int32 indices and their bits, against 1 bit each)
-                indices = near.nonzero().view(-1).to(torch.int32)
-                return indices, pack_bits(positive.reshape(-1)[indices]), torch.tensor(limit, dtype=torch.float64)
-    return (pack_bits(positive),)
+                positive = x.reshape(-1)[indices] > 0
+                return indices.to(torch.int32), pack_bits(positive), torch.tensor(limit, dtype=torch.float64)
+    return (pack_bits(x > 0),)
 
 
 def _replay_positive(x: torch.Tensor, packed: tuple[torch.Tensor, ...], where: str) -> torch.Tensor:
@@ -258,18 +280,19 @@ def _replay_positive(x: torch.Tensor, packed: tuple[torch.Tensor, ...], where: s
         return unpack_bits(packed[0], x.shape)
     indices, bits, limit = packed
     with torch.no_grad():
-        positive = (x.detach() > 0).contiguous()  # (indexed in logical order, as recorded)
-        flat = positive.view(-1)
-        if indices.numel():
-            flat[indices.long()] = unpack_bits(bits, torch.Size([indices.numel()]))
+        x = x.detach()
+        positive = (x > 0).contiguous()  # (indexed in logical order, as recorded)
         half = float(limit) / 2
-        drifted = ((x.detach() > -half) & (x.detach() < half)).reshape(-1)
-        if indices.numel():
-            drifted[indices.long()] = False
-        if bool(drifted.any()):
+        # an element within half the margin of 0 that was not recorded: the rebuild drifted further than the
+        # margin allows for (counted, not marked: the recorded ones are few)
+        close = x > -half
+        close &= x < half
+        if int(close.sum()) > int(close.reshape(-1)[indices.long()].sum()) if indices.numel() else bool(close.any()):
             warnings.warn(f"{where}: a rebuilt input moved by more than {half:.3g} near a branch that was not "
                           "recorded (the margin is 100x the rebuild tolerance); its gradient may differ from "
                           "plain autograd's by that rounding", RuntimeWarning, stacklevel=2)
+        if indices.numel():
+            positive.view(-1)[indices.long()] = unpack_bits(bits, torch.Size([indices.numel()]))
     return positive
 
 
