@@ -62,6 +62,11 @@ class Plan:
     the totals (estimated peak against plain, extra compute), what could not be traced, and, once
     :func:`invfx.measure` has run on the optimized module, the measured peak and time beside the estimates."""
 
+    # where the plan weighed measured time: its extra time and the forward's, at the example's size (class
+    # defaults: a plan pickled before they were measured has neither)
+    extra_seconds: float | None = None
+    forward_seconds: float | None = None
+
     def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
                  budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
                  constants: dict | None = None, forward_seconds: float | None = None):
@@ -73,8 +78,7 @@ class Plan:
         self.plain_peak = (chain.plain_peak + outside_bytes) if chain is not None else None
         self.extra_flops = chain.extra_flops if chain is not None else 0.0
         self.forward_flops = forward_flops
-        # where the plan weighed measured time: its extra time and the forward's, at the example's size
-        self.extra_seconds = getattr(chain, "extra_seconds", None) if chain is not None else None
+        self.extra_seconds = getattr(chain, "extra_seconds", None)
         self.forward_seconds = forward_seconds
         self.exact = getattr(chain, "exact", True)
         self.measurements: list = []
@@ -93,8 +97,7 @@ class Plan:
                 "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
                 "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
-                "extra_seconds": getattr(self, "extra_seconds", None),
-                "forward_seconds": getattr(self, "forward_seconds", None),
+                "extra_seconds": self.extra_seconds, "forward_seconds": self.forward_seconds,
                 "measured": measured, "calibration": self.calibration,
                 "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
 
@@ -124,9 +127,7 @@ class Plan:
             text += (f"\nestimated peak {format_bytes(self.estimated_peak)} vs plain {format_bytes(self.plain_peak)} "
                      f"({ratio:.2f}x) at the example's size; extra compute {format_flops(self.extra_flops)} FLOPs "
                      f"({extra:.0%} of a forward)")
-            # (a plan pickled before these were measured has neither)
-            extra_seconds = getattr(self, "extra_seconds", None)
-            forward_seconds = getattr(self, "forward_seconds", None)
+            extra_seconds, forward_seconds = self.extra_seconds, self.forward_seconds
             if extra_seconds is not None and forward_seconds:
                 text += (f"; planned on measured time: +{extra_seconds * 1e3:.1f} ms "
                          f"({extra_seconds / forward_seconds:.0%} of a forward's {forward_seconds * 1e3:.1f} ms)")

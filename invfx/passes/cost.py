@@ -64,8 +64,6 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
                   regions: Mapping[str, InvertibleRegion], allowed: Mapping[str, frozenset[Mode]],
                   inverse_flops: Mapping[str, float | None], freeable: Mapping[str, bool],
                   timed: bool = False, branches: bool = True) -> RegionCosts:
-    # (a segment allowed to be selective: what its stash would hold is measured by keeping it, as the runtime
-    # would; see invfx.runtime.stash)
     """Measure each of ``segments`` (by name; the others run too, charged to no segment) of ``module`` (the
     traced model) on ``example_inputs``.
 
@@ -98,7 +96,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
         record["counter"] = FlopCounterMode(display=False)
         record["counter"].__enter__()
-        if Mode.SELECTIVE in allowed[name]:
+        if Mode.SELECTIVE in allowed[name]:  # (what its stash would hold, measured by keeping it as the runtime does)
             record["stash"] = OutputStash(EXPENSIVE_OPS, name=name)
             record["recording"] = record["stash"].recording()
         current[0] = name
@@ -136,8 +134,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             if "counter" in record:
                 record.pop("counter").__exit__(None, None, None)
 
-    fused = {name: working for name, (working, _) in measured.items()}
-    branches = {name: record for name, (_, record) in measured.items() if record}
+    fused = {name: working for name, (working, _, _) in measured.items()}
+    recorded_bytes = {name: nbytes for name, (_, nbytes, _) in measured.items()}
     costs = []
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
@@ -164,7 +162,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             modes=allowed[name],
             stash_bytes=record.get("stash_bytes"),
             stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0,
-            branch_bytes=branches[name].nbytes if name in branches else 0))
+            branch_bytes=recorded_bytes.get(name, 0)))
     for i, cost in enumerate(costs):
         if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
             costs[i] = dataclasses.replace(cost, modes=frozenset({Mode.KEEP}))
@@ -180,16 +178,17 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             kept = [n for n in nodes if keeps_output(module, n)] if cost.stash_bytes is not None else []
             costs[i] = dataclasses.replace(cost, seconds=sum(seconds.get(n.name, 0.0) for n in nodes),
                                            stash_seconds=sum(seconds.get(n.name, 0.0) for n in kept))
-    return RegionCosts(costs, sum(outside.values()), {name: r.summary() for name, r in branches.items()})
+    return RegionCosts(costs, sum(outside.values()), {name: ops for name, (_, _, ops) in measured.items() if ops})
 
 
 
 def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set,
-                         branches_recorded: bool = True) -> tuple[int, BranchRecord]:
+                         branches_recorded: bool = True) -> tuple[int, int, dict[str, int]]:
     """What an invertible region's fused backward holds at most besides its boundary values: the activations
     of one recomputed sub-network (they live one at a time) or of one node differentiated alone. Measured by
     running its forward body on the example arguments, charging what autograd saves to the node saving it.
-    With it, the branches its forward records (held from its forward to its backward)."""
+    With it, the bytes of the branches its forward records (held from its forward to its backward), and which
+    ops they are (``{"relu": 2}``)."""
     current: list[str | None] = [None]
     saved_by: dict[str, dict] = {}
 
@@ -226,7 +225,7 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set,
         for value in unit:
             saved.update(saved_by.get(value, {}))  # (a tensor two of its nodes save counts once)
         largest = max(largest, sum(saved.values()))
-    return largest, branches
+    return largest, branches.nbytes, branches.summary()
 
 
 #: Forward runs timed per node (after one untimed warm-up run); each node's time is the median.

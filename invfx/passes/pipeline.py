@@ -498,15 +498,15 @@ def _rows(state: Compilation) -> list[PlanRow]:
         risk = None
         if segment.rebuild is not None:
             risk = str(segment.rebuild.risk) + (f", err {error:.1g}" if error is not None else "")
+        region = runs_in.get(name)
         kept, recompute = 0, 0.0
         if cost is not None:
-            kept = {Mode.KEEP: cost.saved_bytes + cost.input_bytes * cost.saves_input,
-                    Mode.CHECKPOINT: cost.input_bytes, Mode.INVERTIBLE: cost.branch_bytes,
-                    Mode.SELECTIVE: cost.input_bytes + (cost.stash_bytes or 0)}[mode]
+            # what it holds besides its input, and its input where it keeps it (a group keeps only its first
+            # member's)
+            keeps_input = cost.saves_input if mode == Mode.KEEP else \
+                mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and not (region and name != first_of[region])
+            kept = cost.held_bytes(mode) + cost.input_bytes * keeps_input
             recompute = cost.recompute_flops(mode)
-        region = runs_in.get(name)
-        if cost is not None and mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and region and name != first_of[region]:
-            kept = cost.held_bytes(mode)  # (a group keeps its first member's input only)
         kept_ops, recomputed_ops = _selective_ops(state.traced, segment) if mode == Mode.SELECTIVE else ([], [])
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
@@ -564,7 +564,7 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
             ops = ", ".join(f"{count} {kind}" for kind, count in sorted(branches.items()))
             kept = (f"keeps only its sub-networks' branches ({ops}: {format_bytes(cost.branch_bytes)}, for their "
                     "recomputation on rebuilt inputs)")
-        return f"{kept}, {inverse_note} (+{format_flops(cost.flops + cost.inverse_flops)} FLOPs){extra}"
+        return f"{kept}, {inverse_note} (+{format_flops(cost.recompute_flops(mode))} FLOPs){extra}"
     if mode == Mode.CHECKPOINT:
         if Mode.INVERTIBLE in allowed:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "

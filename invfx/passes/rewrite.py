@@ -200,33 +200,30 @@ def _mark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None
     graph.call_module(target, ())
 
 
-def _unmark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module], prefix: str = "unmarked_") -> None:
-    target = f"{prefix}{node.name}"
+def _end_mark(graph: fx.Graph, node: fx.Node, helpers: dict[str, nn.Module]) -> None:
+    target = f"end_{node.name}"
     helpers.setdefault(target, RngMark(None))
     graph.call_module(target, ())
 
 
-def _forward_graph(segment: Segment, random_nodes: set[fx.Node], helpers: dict[str, nn.Module],
-                   unmarked: frozenset[fx.Node] | set[fx.Node] = frozenset()) -> fx.Graph:
+def _forward_graph(segment: Segment, marked: set[fx.Node], helpers: dict[str, nn.Module]) -> fx.Graph:
     """The segment's nodes as a graph of their own: its inputs become placeholders, its outputs the output.
-    ``random_nodes`` are preceded by their mark and followed by its end (``end_<node>``: the branch records'
-    torch-function mode is on only in between); ``unmarked`` are preceded by a mark closing the previous one's
-    scope."""
+    ``marked`` nodes are preceded by their mark and followed by its end (``end_<node>``): what runs between is
+    the sub-network's (its RNG state, its recorded branches), and the branch records' torch-function mode is on
+    only there."""
     forward_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in segment.inputs:
         env[node] = _tag(forward_graph.placeholder(node.name), node)
     for node in segment.nodes:
-        if node in random_nodes:
+        if node in marked:
             _mark(forward_graph, node, helpers)
-        elif node in unmarked:
-            _unmark(forward_graph, node, helpers)
         for arg in node.all_input_nodes:
             if arg.op == "get_attr":
                 _get_attr(forward_graph, env, arg)
         env[node] = _tag(forward_graph.node_copy(node, lambda n: env[n]), node)
-        if node in random_nodes:
-            _unmark(forward_graph, node, helpers, "end_")
+        if node in marked:
+            _end_mark(forward_graph, node, helpers)
     forward_graph.output(tuple(env[o] for o in segment.outputs))
     return forward_graph
 
@@ -249,17 +246,15 @@ def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -
     inputs, outputs = segment.inputs, segment.outputs
     # (marked: a sub-network that draws random numbers, or a recomputed one that branches on its input, recorded
     # by the mark's name; an inverted op needs no record: its inverse rebuilds its input on the same side of
-    # every threshold, as leaky_relu's does)
+    # every threshold, as leaky_relu's does, and the end mark before it keeps it out of any sub-network's)
     recomputed = {step.node for step in segment.rebuild.steps if step.kind == "recompute"}
-    random_nodes = {n for n in segment.nodes if _is_random(root, n) or (n in recomputed and _may_branch(root, n))}
-    # (an op that branches but is inverted, not recomputed, must not be recorded as part of the mark before it)
-    unmarked = {n for n in segment.nodes if n not in random_nodes and _may_branch(root, n)}
+    marked = {n for n in segment.nodes if _is_random(root, n) or (n in recomputed and _may_branch(root, n))}
     helpers: dict[str, nn.Module] = {}
 
     def mark(graph: fx.Graph, node: fx.Node) -> None:
         _mark(graph, node, helpers)
 
-    forward_graph = _forward_graph(segment, random_nodes, helpers, unmarked)
+    forward_graph = _forward_graph(segment, marked, helpers)
 
     # rebuild body: the solver's steps, from the outputs and the kept inputs
     rebuild_graph = fx.Graph()
@@ -270,15 +265,15 @@ def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -
         renv[node] = _tag(rebuild_graph.placeholder(node.name), node)
     for step in segment.rebuild.steps:
         if step.kind == "recompute":
-            if step.node in random_nodes:
+            if step.node in marked:
                 mark(rebuild_graph, step.node)
             for arg in step.node.all_input_nodes:
                 if arg.op == "get_attr":
                     _get_attr(rebuild_graph, renv, arg)
             renv[step.node] = _tag(rebuild_graph.node_copy(step.node, lambda n: renv[n]), step.node)
             renv[step.node].meta["invfx_recompute"] = True
-            if step.node in random_nodes:
-                _unmark(rebuild_graph, step.node, helpers, "end_")
+            if step.node in marked:
+                _end_mark(rebuild_graph, step.node, helpers)
         elif step.kind == "assemble":
             renv[step.node] = _tag(rebuild_graph.create_node(
                 "call_function", tuple, ([renv[r] for r in step.reads],), name=step.node.name), step.node)

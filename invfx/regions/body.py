@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import rng_mark
-from ..runtime.branches import close_scope, unscoped
+from ..runtime.branches import close_scope
 from ..runtime.stash import stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
@@ -66,8 +66,7 @@ class Inverse(nn.Module):
         self.function = function
 
     def forward(self, *args, **kwargs):
-        with unscoped():  # (not part of the sub-network marked before it: its ops are not replayed)
-            return self.function(*args, **kwargs)
+        return self.function(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.function.__module__}.{self.function.__qualname__}"
@@ -75,8 +74,9 @@ class Inverse(nn.Module):
 
 class RngMark(nn.Module):
     """``rng_mark(name)`` in a body, as a module for the same reason (a call with constant arguments would run
-    during the re-trace instead of being recorded). ``RngMark(None)`` closes the scope of the mark before it: an
-    op after it that branches on its input (an inverted leaky_relu) is no sub-network's, and not recorded."""
+    during the re-trace instead of being recorded). ``RngMark(None)`` (``end_<node>`` in a body) closes the scope
+    of the mark before it: what runs after the marked node (an inverted leaky_relu, a registry inverse) is no
+    sub-network's, and neither recorded nor replayed."""
 
     def __init__(self, mark: str | None):
         super().__init__()

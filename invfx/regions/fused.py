@@ -21,7 +21,7 @@ import torch.fx as fx
 from ..errors import RegionError
 from ..graphs import fetch_attr, leaves, tuple_metas
 from ..runtime import ReplayContext
-from ..runtime.branches import close_scope, unscoped
+from ..runtime.branches import close_scope
 from ..runtime.graft import stand_in
 from ..runtime.region import add_into_grads
 from .body import is_rng_mark
@@ -244,7 +244,9 @@ class _NodeUnit:
                                     else _Ref(_value(arg)))
         self.call = _target(body, node)
         previous = node.prev
-        self.mark = body.get_submodule(previous.target) if is_rng_mark(body, previous) else None
+        mark = body.get_submodule(previous.target) if is_rng_mark(body, previous) else None
+        # (an end mark closing the node before's scope is no mark of this node's: the sweep closes scopes itself)
+        self.mark = mark if mark is not None and mark.mark is not None else None
         self.params = replay.params_of(node)
         self.output_index = None
         self.plumbing = _plumbing_kind(node)
@@ -876,9 +878,8 @@ class _Sweep:
 
     @staticmethod
     def _evaluate(unit: _NodeUnit, args, kwargs):
-        if unit.mark is None:
-            with unscoped():  # (no sub-network's: its ops are not replayed from another's record)
-                return unit.call(*args, **kwargs)
+        if unit.mark is None:  # (no scope is open: each marked node's closes after it)
+            return unit.call(*args, **kwargs)
         unit.mark()  # this node's dropout mask and recorded branches, as in the forward
         try:
             return unit.call(*args, **kwargs)
