@@ -3,7 +3,10 @@
 For each model: the time ``optimize`` takes with the check and without it (medians of ``--repeats`` runs, the
 two interleaved), the check's own time as the plan reports it, the dtype it ran in, and one plain training step
 of the model at the same size for scale. The check deep-copies the model (in float64 where that fits) and runs
-one plain and one optimized training step on the example inputs.
+one plain and one optimized training step on the example inputs. Plans are weighed in FLOPs
+(``OptimizeOptions(compute="flops")``): the same plan in every run, so that the runs compare the check alone (a
+plan weighed in measured time can differ from run to run, and a toy ResNet's budget once failed its measured
+check that way under a loaded test suite).
 
     .venv/bin/python benchmarks/check_cost.py            # the README's sizes
     .venv/bin/python benchmarks/check_cost.py --quick    # tiny sizes
@@ -59,14 +62,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     rows = []
+    options = invfx.OptimizeOptions(compute="flops")
     for name, model, x, budget in models(args.quick):
         print(f"check_cost: {name}", file=sys.stderr, flush=True)
         with_check, without, check_seconds, dtype = [], [], [], None
-        invfx.optimize(model, x, memory_budget=budget)  # (warm-up: first calls pay for lazy imports and caches)
+        # (warm-up: first calls pay for lazy imports and caches)
+        invfx.optimize(model, x, memory_budget=budget, options=options)
         for _ in range(repeats):
             for check in (True, False):
                 start = time.perf_counter()
-                optimized = invfx.optimize(model, x, memory_budget=budget, check_gradients=check)
+                optimized = invfx.optimize(model, x, memory_budget=budget, check_gradients=check, options=options)
                 (with_check if check else without).append(time.perf_counter() - start)
                 if check:
                     check_seconds.append(optimized.plan.gradient_check.seconds)
