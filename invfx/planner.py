@@ -9,8 +9,14 @@ A chain is a sequence of segments ``s_1 .. s_n``; segment ``i`` reads boundary v
   (extra compute: ``flops``);
 * ``"invertible"``: the forward keeps nothing; backward rebuilds the segment's input from its output with the
   inverse, then recomputes (extra compute: ``flops + inverse_flops``). Only for a segment with an inverse;
-* ``"selective"``: a checkpoint that also keeps the outputs of its expensive ops (``stash_bytes``), so backward
-  recomputes only the rest (extra compute: ``flops - stash_flops``). Only for a segment with ``stash_bytes``.
+* ``"selective"``: a checkpoint that also keeps the outputs of some of its expensive calls, so backward
+  recomputes only the rest. Which calls is chosen too: the segment offers ``stash_levels`` (each a
+  :class:`StashLevel`: bytes kept, compute skipped; :mod:`invfx.stash_levels` makes them, the Pareto frontier of
+  its calls), and the plan picks one (extra compute: ``flops - level.flops``). Only for a segment with levels.
+
+A segment's *options* are its allowed modes with selective once per stash level (``SegmentCost.options``); a plan
+picks one option per segment, so choosing the calls is part of the same exact optimisation. Below, ``stash_bytes``
+means the chosen level's bytes.
 
 :func:`plan_chain` returns the modes of least peak memory (``budget=None``), or of least extra compute whose
 peak fits ``budget`` bytes. The answer is optimal under the model below, which :func:`chain_peak` *defines*;
@@ -48,24 +54,26 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
     activations and the backward's working memory). ``b_0`` is inside ``A_i`` and is never counted twice.
 
 Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
-``max(flops_i - stash_flops_i, 0)`` per selective one. Where every segment of the chain has a measured time
-(``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds (``seconds_i``,
-``stash_seconds_i``; an inverse's time is its FLOPs at the segment's own measured rate): FLOPs count a
+``max(flops_i - stash_flops_i, 0)`` per selective one (its chosen level's FLOPs). Where every segment of the
+chain has a measured time (``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds
+(``seconds_i``, ``stash_seconds_i``; an inverse's time is its FLOPs at the segment's own measured rate): FLOPs count a
 convolution's arithmetic, not BatchNorm's and ReLU's memory traffic, which on a CPU take as long.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
-peak. Remaining ties go to the plan whose modes, read from the first segment, come first in the order keep <
-checkpoint < invertible < selective (so keep is preferred, then checkpoint). Extra compute is compared exactly (the
-floats are turned into exact integers), so the choice never depends on rounding or on the order of a sum.
+peak. Remaining ties go to the plan whose options, read from the first segment, come first in the order keep <
+checkpoint < invertible < selective, levels by ascending bytes (so keep is preferred, then checkpoint). Extra
+compute is compared exactly (the floats are turned into exact integers), so the choice never depends on rounding
+or on the order of a sum.
 
 How it is solved
 ----------------
 Peak memory is a maximum, not a sum, so a knapsack over per-segment costs is not enough. Every term above is
 ``A_i`` plus a part that depends only on segment ``i``, its neighbours' modes and whether ``b_{i-1}`` was kept;
 and ``A_{i+1} = A_i + K_i + kept_{i-1}``. So, read from the back, the peak of a suffix *relative to* ``A_i``
-obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` in a state ``(kept(b_{i-1}), m_i)`` (at most
-eight), and the peak of a plan is ``B_0 + R_1``. The terms that depend on the next segment's mode (``kept(b_i)``,
-the backward of ``i``) are evaluated at the transition, when that mode is chosen.
+obeys ``R_i = max(local terms of i, K_i + kept_{i-1} + R_{i+1})`` in a state ``(kept(b_{i-1}), option_i)`` (at
+most twice the options: eight without stash levels), and the peak of a plan is ``B_0 + R_1``. The terms that
+depend on the next segment's option (``kept(b_i)``, the backward of ``i``) are evaluated at the transition, when
+that option is chosen.
 
 1. The least achievable peak: a min-max dynamic programme over the states, from the back, linear in ``n``.
    With ``budget=None`` it is the budget of what follows (least compute among the least-peak plans).
@@ -107,7 +115,8 @@ from typing import cast
 from .errors import BudgetError
 from .units import format_bytes
 
-__all__ = ["MODES", "SegmentCost", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak", "plan_chain",
+__all__ = ["MODES", "SegmentCost", "StashLevel", "ChainPlan", "chain_peak", "chain_extra_flops", "plain_peak",
+           "plan_chain",
            "timed", "chain_extra_seconds",
            "exhaustive"]
 
@@ -115,7 +124,7 @@ KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE = "keep", "checkpoint", "invertible", "s
 #: The modes, in the order ties are broken (earlier is preferred).
 MODES = (KEEP, CHECKPOINT, INVERTIBLE, SELECTIVE)
 _RANK = {mode: rank for rank, mode in enumerate(MODES)}
-_K, _C, _I, _S = 0, 1, 2, 3  # the ranks, as the dynamic programme stores modes
+_K, _C, _I = 0, 1, 2  # the ranks of keep, checkpoint and invertible
 
 #: Largest frontier a state keeps in the last pass; above it the plan may not be exact (see the module docstring).
 FRONTIER_LIMIT = 2048
@@ -132,6 +141,26 @@ EXHAUSTIVE_LIMIT = 14
 # index of the point it extends), the last two None at the last segment (see _frontier_pass).
 _State = tuple[bool, int]
 _Point = tuple[int, int, int, int | None, int | None]
+
+
+@dataclass(frozen=True)
+class StashLevel:
+    """One choice of what a selective checkpoint keeps: the outputs of ``calls`` (node names), ``nbytes`` in
+    all, so that its recomputation skips those calls (``flops`` and ``seconds`` of forward compute)."""
+
+    nbytes: int
+    flops: float
+    seconds: float = 0.0
+    calls: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", operator.index(self.nbytes))
+        if self.nbytes < 0:
+            raise ValueError(f"a stash level's nbytes is negative ({self.nbytes})")
+        for value in (self.flops, self.seconds):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"a stash level's flops and seconds must be finite numbers >= 0, not {value!r}")
+        object.__setattr__(self, "calls", tuple(self.calls))
 
 
 @dataclass(frozen=True)
@@ -163,6 +192,11 @@ class SegmentCost:
     # measured (the planner then weighs FLOPs)
     seconds: float | None = None
     stash_seconds: float = 0.0
+    # selective mode, chosen per call: the choices of what to keep, by ascending bytes (each a StashLevel; the
+    # planner picks one). Empty: the one level stash_bytes / stash_flops / stash_seconds. Given, those three
+    # are its last level's (the most kept).
+    stash_levels: tuple[StashLevel, ...] = ()
+    stash_levels_whole: bool = True  # False: stash_levels were thinned from a larger frontier (stash_levels.py)
 
     def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
@@ -188,6 +222,19 @@ class SegmentCost:
                 continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"segment {self.name!r}: {field_name} must be a finite number >= 0, not {value!r}")
+        levels = tuple(sorted(self.stash_levels, key=lambda level: (level.nbytes, -level.seconds, -level.flops)))
+        for level in levels:
+            if not isinstance(level, StashLevel):
+                raise TypeError(f"segment {self.name!r}: stash_levels holds a {type(level).__name__}, "
+                                "not a StashLevel")
+        if levels:
+            object.__setattr__(self, "stash_levels", levels)
+            object.__setattr__(self, "stash_bytes", levels[-1].nbytes)
+            object.__setattr__(self, "stash_flops", float(levels[-1].flops))
+            object.__setattr__(self, "stash_seconds", float(levels[-1].seconds))
+        elif self.stash_bytes is not None:
+            object.__setattr__(self, "stash_levels", (StashLevel(self.stash_bytes, self.stash_flops,
+                                                                 self.stash_seconds),))
         modes = frozenset(self.modes)
         unknown = modes - set(MODES)
         if unknown:
@@ -208,24 +255,38 @@ class SegmentCost:
                      if mode in self.modes and (mode != INVERTIBLE or self.inverse_flops is not None)
                      and (mode != SELECTIVE or self.stash_bytes is not None))
 
-    def held_bytes(self, mode: str) -> int:
-        """``K``: what it holds from its forward to its backward in ``mode``, besides boundary values."""
+    @property
+    def options(self) -> tuple[tuple[str, int | None], ...]:
+        """What the planner chooses from, in tie-break order: each allowed mode, selective once per stash level
+        (``(mode, level index)``; the level is None for the other modes)."""
+        return tuple((mode, level) for mode in self.allowed_modes
+                     for level in (range(len(self.stash_levels)) if mode == SELECTIVE else (None,)))
+
+    def _level(self, level: int | None) -> StashLevel:
+        """A stash level by index; None: the last (the most kept)."""
+        if not self.stash_levels:
+            raise ValueError(f"segment {self.name!r} has no selective mode (no stash level)")
+        return self.stash_levels[-1 if level is None else level]
+
+    def held_bytes(self, mode: str, level: int | None = None) -> int:
+        """``K``: what it holds from its forward to its backward in ``mode`` (selective: at stash ``level``,
+        None for the last), besides boundary values."""
         if mode == KEEP:
             return self.saved_bytes
         if mode == SELECTIVE:
-            return self.stash_bytes or 0
+            return self._level(level).nbytes if self.stash_levels else 0
         if mode == INVERTIBLE:
             return self.branch_bytes
         return 0
 
-    def recompute_flops(self, mode: str) -> float:
-        """Its extra compute in ``mode``."""
+    def recompute_flops(self, mode: str, level: int | None = None) -> float:
+        """Its extra compute in ``mode`` (selective: at stash ``level``, None for the last)."""
         if mode == CHECKPOINT:
             return self.flops
         if mode == INVERTIBLE:
             return self.flops + (self.inverse_flops or 0.0)
         if mode == SELECTIVE:
-            return max(self.flops - self.stash_flops, 0.0)
+            return max(self.flops - self._level(level).flops, 0.0)
         return 0.0
 
     def inverse_seconds(self) -> float:
@@ -234,8 +295,9 @@ class SegmentCost:
             return 0.0
         return (self.inverse_flops or 0.0) * (self.seconds / self.flops)
 
-    def recompute_seconds(self, mode: str) -> float | None:
-        """Its extra time in ``mode`` (None: not measured). An inverse is charged its FLOPs at the segment's rate."""
+    def recompute_seconds(self, mode: str, level: int | None = None) -> float | None:
+        """Its extra time in ``mode`` (None: not measured). An inverse is charged its FLOPs at the segment's rate.
+        Selective: at stash ``level`` (None for the last)."""
         if self.seconds is None:
             return None
         if mode == CHECKPOINT:
@@ -243,7 +305,7 @@ class SegmentCost:
         if mode == INVERTIBLE:
             return self.seconds + self.inverse_seconds()
         if mode == SELECTIVE:
-            return max(self.seconds - self.stash_seconds, 0.0)
+            return max(self.seconds - self._level(level).seconds, 0.0)
         return 0.0
 
 
@@ -262,6 +324,12 @@ class ChainPlan:
     plain_peak: int
     exact: bool = True
     extra_seconds: float | None = None  # its extra time, where every segment's was measured
+    # each segment's stash level (an index into its stash_levels) where selective, else None; () as all None
+    levels: tuple[int | None, ...] = ()
+
+    def level(self, index: int) -> int | None:
+        """The stash level of segment ``index`` (None unless selective)."""
+        return self.levels[index] if self.levels else None
 
 
 def _check_chain(costs: Iterable[SegmentCost]) -> tuple[SegmentCost, ...]:
@@ -287,8 +355,17 @@ def _kept(before: SegmentCost, mode_before: str, after: SegmentCost, mode_after:
     return needed and not freed
 
 
-def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
-    """Peak bytes of running ``costs`` in ``modes``: the definition of the memory model (module docstring).
+def _check_levels(costs: tuple[SegmentCost, ...], levels: Iterable[int | None] | None) -> tuple[int | None, ...]:
+    levels = (None,) * len(costs) if levels is None else tuple(levels)
+    if len(levels) != len(costs):
+        raise ValueError(f"{len(levels)} stash levels for {len(costs)} segments")
+    return levels
+
+
+def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str],
+               levels: Iterable[int | None] | None = None) -> int:
+    """Peak bytes of running ``costs`` in ``modes`` (a selective segment at its stash level in ``levels``; None
+    or no ``levels``: its last): the definition of the memory model (module docstring).
 
     It does not check that a mode is allowed for its segment (:func:`plain_peak` uses keep everywhere)."""
     costs = _check_chain(costs)
@@ -296,13 +373,14 @@ def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
     n = len(costs)
     if len(modes) != n:
         raise ValueError(f"{len(modes)} modes for {n} segments")
+    stash = _check_levels(costs, levels)
     for mode in modes:
         if mode not in _RANK:
             raise ValueError(f"unknown mode {mode!r}; the modes are {MODES}")
     sizes = [costs[0].input_bytes] + [cost.output_bytes for cost in costs]  # sizes[j] = B_j
     # kept[j] for boundaries 1..n-1 (kept[0] and kept[n] are unused: b_0 and b_n are always counted).
     kept = [True] + [_kept(costs[j - 1], modes[j - 1], costs[j], modes[j]) for j in range(1, n)] + [True]
-    held = [cost.held_bytes(mode) for cost, mode in zip(costs, modes)]  # K_i, 0-based
+    held = [cost.held_bytes(mode, level) for cost, mode, level in zip(costs, modes, stash)]  # K_i, 0-based
 
     terms = [sizes[0] + sizes[n] + sum(held) + sum(sizes[j] for j in range(1, n) if kept[j])]  # F
     earlier = sizes[0]  # A_i = B_0 + sum_{j<i} K_j + sum_{1<=j<=i-2} kept_j, for i = 1
@@ -313,7 +391,7 @@ def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
         if i >= 2:
             earlier += held[i - 2]
         input_alive = sizes[i - 1] if i >= 2 else 0  # b_0 is inside `earlier` already
-        terms.append(earlier + input_alive + sizes[i] + _forward_bytes(cost, mode))
+        terms.append(earlier + input_alive + sizes[i] + _forward_bytes(cost, mode, stash[i - 1]))
         input_present = i >= 2 and (kept[i - 1] or mode == INVERTIBLE)
         output_present = i == n or kept[i] or modes[i] == INVERTIBLE
         terms.append(earlier + (sizes[i - 1] if input_present else 0) + (sizes[i] if output_present else 0)
@@ -321,15 +399,18 @@ def chain_peak(costs: Iterable[SegmentCost], modes: Iterable[str]) -> int:
     return max(terms)
 
 
-def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str]) -> float:
+def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str],
+                      levels: Iterable[int | None] | None = None) -> float:
     """Extra compute of running ``costs`` in ``modes``: ``flops`` per checkpointed segment, ``flops +
-    inverse_flops`` per invertible one. The sum is correctly rounded (math.fsum), so it is independent of order."""
+    inverse_flops`` per invertible one, what a selective one's stash level does not keep. The sum is correctly
+    rounded (math.fsum), so it is independent of order."""
     costs = _check_chain(costs)
     modes = tuple(modes)
     if len(modes) != len(costs):
         raise ValueError(f"{len(modes)} modes for {len(costs)} segments")
+    stash = _check_levels(costs, levels)
     parts: list[float] = []
-    for cost, mode in zip(costs, modes):
+    for cost, mode, level in zip(costs, modes, stash):
         if mode == CHECKPOINT:
             parts.append(cost.flops)
         elif mode == INVERTIBLE:
@@ -337,27 +418,30 @@ def chain_extra_flops(costs: Iterable[SegmentCost], modes: Iterable[str]) -> flo
                 raise ValueError(f"segment {cost.name!r} has no inverse, so it cannot be invertible")
             parts += [cost.flops, cost.inverse_flops]
         elif mode == SELECTIVE:
-            parts.append(cost.recompute_flops(SELECTIVE))
+            parts.append(cost.recompute_flops(SELECTIVE, level))
         elif mode != KEEP:
             raise ValueError(f"unknown mode {mode!r}; the modes are {MODES}")
     return math.fsum(parts)
 
 
-def chain_extra_seconds(costs: Iterable[SegmentCost], modes: Iterable[str]) -> float | None:
+def chain_extra_seconds(costs: Iterable[SegmentCost], modes: Iterable[str],
+                        levels: Iterable[int | None] | None = None) -> float | None:
     """Extra time of running ``costs`` in ``modes`` (None unless every segment's time was measured)."""
     costs = tuple(costs)
     if not timed(costs):
         return None
-    return math.fsum(cast(float, cost.recompute_seconds(mode)) for cost, mode in zip(costs, modes))
+    stash = _check_levels(costs, levels)
+    return math.fsum(cast(float, cost.recompute_seconds(mode, level))
+                     for cost, mode, level in zip(costs, modes, stash))
 
 
-def _forward_bytes(cost: SegmentCost, mode: str) -> int:
+def _forward_bytes(cost: SegmentCost, mode: str, level: int | None = None) -> int:
     """What a segment's forward holds besides its input and output: what plain autograd saves (keep), its
     working memory and what it keeps for its recomputation (selective), or its working memory."""
     if mode == KEEP:
         return cost.saved_bytes
     if mode == SELECTIVE:
-        return cost.forward_transient_bytes + (cost.stash_bytes or 0)
+        return cost.forward_transient_bytes + cost.held_bytes(SELECTIVE, level)
     return cost.forward_transient_bytes
 
 
@@ -372,35 +456,28 @@ def timed(costs: Iterable[SegmentCost]) -> bool:
     return all(cost.seconds is not None for cost in costs)
 
 
-def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, int, int | None, int]]:
-    """Extra compute of each segment in each mode (time where :func:`timed`, else FLOPs) as exact integers, on
-    one common scale.
+def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, ...]]:
+    """Extra compute of each segment in each of its options (``SegmentCost.options``; time where :func:`timed`,
+    else FLOPs) as exact integers, on one common scale.
 
     Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
     comparisons are exact (two plans of equal compute tie, whatever order their floats would be added in)."""
     in_seconds = timed(costs)
 
-    def values(cost: SegmentCost) -> tuple[float, float | None, float]:
+    def value(cost: SegmentCost, mode: str, level: int | None) -> float:
         if in_seconds:
-            forward = cast(float, cost.seconds)
-            inverse = cost.inverse_seconds() if cost.inverse_flops is not None else None
-            return forward, inverse, cast(float, cost.recompute_seconds(SELECTIVE))
-        return cost.flops, cost.inverse_flops, cost.recompute_flops(SELECTIVE)
+            return cast(float, cost.recompute_seconds(mode, level))
+        return cost.recompute_flops(mode, level)
 
-    table_values = [values(cost) for cost in costs]
-    ratios = [float(value).as_integer_ratio() for row in table_values for value in row if value is not None]
-    scale = max(denominator for _, denominator in ratios)
+    table_values = [[value(cost, mode, level) for mode, level in cost.options] for cost in costs]
+    ratios = [float(v).as_integer_ratio() for row in table_values for v in row]
+    scale = max((denominator for _, denominator in ratios), default=1)
 
-    def exact(value: float) -> int:
-        numerator, denominator = float(value).as_integer_ratio()
+    def exact(v: float) -> int:
+        numerator, denominator = float(v).as_integer_ratio()
         return numerator * (scale // denominator)
 
-    table = []
-    for forward_value, inverse_value, selective_value in table_values:
-        forward = exact(forward_value)
-        inverse = forward + exact(inverse_value) if inverse_value is not None else None
-        table.append((0, forward, inverse, exact(selective_value)))
-    return table
+    return [tuple(exact(v) for v in row) for row in table_values]
 
 
 def _budget_error(budget: int, least: int) -> BudgetError:
@@ -422,39 +499,40 @@ def _check_budget(budget: int | None) -> int | None:
 
 
 class _Chain:
-    """The chain's numbers as the dynamic programme uses them: modes as ranks, terms relative to ``A_i``.
+    """The chain's numbers as the dynamic programme uses them: options as indices, terms relative to ``A_i``.
 
-    Indices are 0-based (``s = i - 1``). A state at segment ``s`` is ``(kept_before, mode)``: whether the
-    boundary entering it was kept, and its mode.
+    Indices are 0-based (``s = i - 1``). A segment's options are its modes, selective once per stash level
+    (``SegmentCost.options``), in tie-break order; ``rank[s][o]`` is option ``o``'s mode as a rank. A state at
+    segment ``s`` is ``(kept_before, option)``: whether the boundary entering it was kept, and its option.
     """
 
     def __init__(self, costs: tuple[SegmentCost, ...]) -> None:
         self.costs = costs
         self.n = n = len(costs)
         self.input_bytes = costs[0].input_bytes  # B_0, always held
-        self.allowed: list[tuple[int, ...]] = []
-        for cost in costs:
-            allowed = tuple(_RANK[mode] for mode in cost.allowed_modes)
-            if not allowed:
+        self.options = [cost.options for cost in costs]
+        for cost, options in zip(costs, self.options):
+            if not options:
                 raise ValueError(f"segment {cost.name!r} allows no mode: modes={sorted(cost.modes)}, "
                                  f"inverse_flops={cost.inverse_flops}")
-            self.allowed.append(allowed)
-        # (None only for invertible without an inverse, a mode `allowed` leaves out, so never read)
-        self.compute = cast("list[tuple[int, int, int, int]]", _exact_compute(costs))
+        self.allowed: list[tuple[int, ...]] = [tuple(range(len(options))) for options in self.options]
+        self.rank = [tuple(_RANK[mode] for mode, _ in options) for options in self.options]
+        self.compute = _exact_compute(costs)
         # b_{i-1} as counted on top of A_i: 0 for the first segment, whose input B_0 is already inside A_i.
         self.before = [0] + [cost.output_bytes for cost in costs[:-1]]
         self.after = [cost.output_bytes for cost in costs]
-        # Forward term of segment s relative to A_s, by mode.
-        self.forward = [tuple(b + c.output_bytes + _forward_bytes(c, mode) for mode in MODES)
-                        for b, c in zip(self.before, costs)]
+        # Forward term of segment s relative to A_s, by option.
+        self.forward = [tuple(b + c.output_bytes + _forward_bytes(c, mode, level) for mode, level in options)
+                        for b, c, options in zip(self.before, costs, self.options)]
         # Backward term relative to A_s without its two conditional boundary values: the gradient of b_i,
         # the (kept or recomputed) saved activations and the backward's working memory.
-        self.backward = [tuple(c.output_bytes + c.backward_bytes(mode) for mode in MODES) for c in costs]
-        self.held = [tuple(c.held_bytes(mode) for mode in MODES) for c in costs]  # K_s by mode
-        # kept[s][m][m2]: boundary after segment s kept, for modes m of s and m2 of s + 1.
-        ranks = range(len(MODES))
-        self.kept = [[[_kept(costs[s], MODES[m], costs[s + 1], MODES[m2]) for m2 in ranks] for m in ranks]
-                     for s in range(n - 1)]
+        self.backward = [tuple(c.output_bytes + c.backward_bytes(mode) for mode, _ in options)
+                         for c, options in zip(costs, self.options)]
+        self.held = [tuple(c.held_bytes(mode, level) for mode, level in options)
+                     for c, options in zip(costs, self.options)]  # K_s by option
+        # kept[s][o][o2]: boundary after segment s kept, for options o of s and o2 of s + 1.
+        self.kept = [[[_kept(costs[s], mode, costs[s + 1], mode2) for mode2, _ in self.options[s + 1]]
+                      for mode, _ in self.options[s]] for s in range(n - 1)]
         self.states = [[(kb, m) for kb in ((False, True) if s else (False,)) for m in self.allowed[s]]
                        for s in range(n)]
 
@@ -463,16 +541,21 @@ class _Chain:
         return self.held[s][m] + (self.before[s] if kept_before else 0)
 
     def local(self, s: int, kept_before: bool, m: int, m2: int | None) -> int:
-        """The largest term of segment s relative to A_s, given the next segment's mode m2 (None: s is last)."""
+        """The largest term of segment s relative to A_s, given the next segment's option m2 (None: s is last)."""
         forward = self.forward[s][m]
-        backward = self.backward[s][m] + (self.before[s] if kept_before or m == _I else 0)
+        backward = self.backward[s][m] + (self.before[s] if kept_before or self.rank[s][m] == _I else 0)
         if m2 is None:
             backward += self.after[s]
             ending = self.growth(s, kept_before, m) + self.after[s]  # F - A_n
             return max(forward, backward, ending)
-        if self.kept[s][m][m2] or m2 == _I:
+        if self.kept[s][m][m2] or self.rank[s + 1][m2] == _I:
             backward += self.after[s]
         return max(forward, backward)
+
+    def plan(self, choice: Iterable[int]) -> tuple[tuple[str, ...], tuple[int | None, ...]]:
+        """The modes and stash levels of a choice of options."""
+        picked = [self.options[s][o] for s, o in enumerate(choice)]
+        return tuple(mode for mode, _ in picked), tuple(level for _, level in picked)
 
 
 def _least_suffix_peaks(chain: _Chain) -> list[dict[_State, int]]:
@@ -500,7 +583,7 @@ def _multipliers(chain: _Chain) -> list[float]:
     ratios: list[float] = []
     for s, cost in enumerate(chain.costs):
         for m in chain.allowed[s]:
-            if m != _K and chain.compute[s][m] > 0:
+            if chain.rank[s][m] != _K and chain.compute[s][m] > 0:
                 for freed in (cost.saved_bytes, cost.saved_bytes + cost.output_bytes,
                               cost.saved_bytes + cost.output_bytes + cost.input_bytes):
                     if freed > 0:
@@ -769,13 +852,13 @@ def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
         raise _budget_error(budget, least)
     # With no budget, the least peak is the budget: then least compute among the least-peak plans.
     limit = least if budget is None else budget
-    ranks, exact = _least_compute(chain, limit, suffix_peaks, frontier_limit)
-    modes = tuple(MODES[rank] for rank in ranks)
-    peak = chain_peak(costs, modes)
+    choice, exact = _least_compute(chain, limit, suffix_peaks, frontier_limit)
+    modes, levels = chain.plan(choice)
+    peak = chain_peak(costs, modes, levels)
     if peak > limit:
         raise AssertionError(f"planned peak {peak} B over the budget {limit} B; the planner has a bug")
-    return ChainPlan(modes, peak, chain_extra_flops(costs, modes), plain_peak(costs), exact,
-                     chain_extra_seconds(costs, modes))
+    return ChainPlan(modes, peak, chain_extra_flops(costs, modes, levels), plain_peak(costs), exact,
+                     chain_extra_seconds(costs, modes, levels), levels)
 
 
 def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> ChainPlan:
@@ -787,9 +870,10 @@ def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> Chain
         raise ValueError(f"exhaustive search of {len(costs)} segments: at most {EXHAUSTIVE_LIMIT}")
     chain = _Chain(costs)  # validates the allowed modes
     least, best_key, best_modes = None, None, None
+    best_levels: tuple[int | None, ...] = ()
     for ranks in itertools.product(*chain.allowed):
-        modes = tuple(MODES[rank] for rank in ranks)
-        peak = chain_peak(costs, modes)
+        modes, levels = chain.plan(ranks)
+        peak = chain_peak(costs, modes, levels)
         least = peak if least is None else min(least, peak)
         compute = sum(chain.compute[s][rank] for s, rank in enumerate(ranks))
         if budget is None:
@@ -799,8 +883,9 @@ def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> Chain
         else:
             continue
         if best_key is None or key < best_key:
-            best_key, best_modes = key, modes
+            best_key, best_modes, best_levels = key, modes, levels
     if best_modes is None:
         raise _budget_error(budget, least)  # type: ignore[arg-type]  # (with no budget some plan is best)
-    return ChainPlan(best_modes, chain_peak(costs, best_modes), chain_extra_flops(costs, best_modes),
-                     plain_peak(costs), True, chain_extra_seconds(costs, best_modes))
+    return ChainPlan(best_modes, chain_peak(costs, best_modes, best_levels),
+                     chain_extra_flops(costs, best_modes, best_levels), plain_peak(costs), True,
+                     chain_extra_seconds(costs, best_modes, best_levels), best_levels)

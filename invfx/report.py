@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from .modes import Mode
+from .stash_levels import LEVEL_LIMIT
 from .units import format_bytes, format_flops
 
 __all__ = ["Plan", "PlanRow"]
@@ -69,7 +70,8 @@ class Plan:
 
     def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
                  budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
-                 constants: dict | None = None, forward_seconds: float | None = None):
+                 constants: dict | None = None, forward_seconds: float | None = None,
+                 thinned_stashes: list[str] | None = None):
         self.rows = rows
         self.opaque = opaque
         self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
@@ -81,6 +83,8 @@ class Plan:
         self.extra_seconds = getattr(chain, "extra_seconds", None)
         self.forward_seconds = forward_seconds
         self.exact = getattr(chain, "exact", True)
+        # segments whose choices of calls to keep (selective) were thinned before planning (invfx.stash_levels)
+        self.thinned_stashes = list(thinned_stashes or [])
         self.measurements: list = []
         self.calibration = calibration  # the example step measured when planning under a budget
         self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
@@ -97,6 +101,7 @@ class Plan:
                 "traced_as_constants": {k: repr(v) for k, v in self.constants.items()}, "budget": self.budget,
                 "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
+                "stash_levels_thinned": list(getattr(self, "thinned_stashes", [])),
                 "extra_seconds": self.extra_seconds, "forward_seconds": self.forward_seconds,
                 "measured": measured, "calibration": self.calibration,
                 "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
@@ -133,6 +138,11 @@ class Plan:
                          f"({extra_seconds / forward_seconds:.0%} of a forward's {forward_seconds * 1e3:.1f} ms)")
             if not self.exact:
                 text += " (the planner thinned its search: within the budget, maybe not the cheapest)"
+            thinned = getattr(self, "thinned_stashes", [])  # (absent from a plan pickled before it existed)
+            if thinned:
+                text += (f"\nselective: the choices of calls to keep were thinned to {LEVEL_LIMIT} per segment in "
+                         f"{len(thinned)} segments ({', '.join(thinned[:3])}{' ...' if len(thinned) > 3 else ''}): "
+                         "optimal among those, maybe not among all")
         if self.calibration:
             c = self.calibration
             text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "

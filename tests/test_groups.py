@@ -27,7 +27,9 @@ def test_a_group_costs_what_its_members_hold_together():
     assert (group.input_bytes, group.output_bytes, group.saves_input) == (4, 4, True)
     assert Mode.INVERTIBLE not in group.modes and Mode.SELECTIVE in group.allowed_modes
     assert group_cost([a]) is a
-    assert Mode.SELECTIVE not in group_cost([a, cost("d")]).allowed_modes  # (d has no stash)
+    # a member that keeps nothing is recomputed whole inside a selective group; one that does lends its levels
+    assert group_cost([a, cost("d")]).stash_levels == a.stash_levels
+    assert Mode.SELECTIVE not in group_cost([cost("d"), cost("e")]).allowed_modes  # (neither keeps a call)
 
 
 def test_coarsen_takes_segments_size_at_a_time_where_they_may_join():

@@ -13,6 +13,7 @@ from invfx.errors import BudgetError
 from invfx.planner import (
     MODES,
     SegmentCost,
+    StashLevel,
     chain_extra_flops,
     chain_peak,
     exhaustive,
@@ -139,15 +140,20 @@ def chains(draw, max_segments=12):
     for i in range(n):
         inverse = draw(st.none() | FLOPS)
         stash = draw(st.none() | st.integers(0, 40))
+        # selective chosen per call: up to three stash levels (kept calls) to choose from
+        levels = draw(st.lists(st.builds(StashLevel, st.integers(0, 40), FLOPS), max_size=3)) if stash is not None \
+            else []
         modes = draw(st.sets(st.sampled_from(MODES), min_size=1))
         allowed = [m for m in MODES if m in modes and (m != "invertible" or inverse is not None)
                    and (m != "selective" or stash is not None)]
+        allowed += ["selective"] * (max(len(levels), 1) - 1) if "selective" in allowed else []
         if not allowed:
             modes = {"keep"}  # a segment that allows no mode is tested on its own
             allowed = ["keep"]
         if plans * len(allowed) > MAX_PLANS:
             modes = {allowed[0]}
             allowed = allowed[:1]
+            levels = levels[:1]
         plans *= len(allowed)
         costs.append(SegmentCost(
             name=f"s{i}", input_bytes=sizes[i], output_bytes=sizes[i + 1],
@@ -155,26 +161,33 @@ def chains(draw, max_segments=12):
             forward_transient_bytes=draw(st.integers(0, 30)), saves_input=draw(st.booleans()),
             saves_output=draw(st.booleans()), flops=draw(FLOPS), inverse_flops=inverse,
             input_freeable=draw(st.booleans()) if i else False, modes=frozenset(modes),
-            invertible_bytes=draw(st.none() | st.integers(0, 60)), stash_bytes=stash, stash_flops=draw(FLOPS)))
+            invertible_bytes=draw(st.none() | st.integers(0, 60)), stash_bytes=stash, stash_flops=draw(FLOPS),
+            stash_levels=tuple(levels)))
     return tuple(costs)
 
 
 def every_plan(costs):
-    """(peak, exact extra compute, mode order, modes) of every allowed plan, by the definitions alone."""
+    """(peak, exact extra compute, option order, modes, stash levels) of every allowed plan, by the definitions
+    alone. A segment's options are its modes in tie-break order, selective once per stash level (by bytes)."""
     plans = []
-    for modes in itertools.product(*(cost.allowed_modes for cost in costs)):
-        compute = sum(_compute(c, m) for c, m in zip(costs, modes))
-        plans.append((chain_peak(costs, modes), compute, tuple(MODES.index(m) for m in modes), modes))
+    options = [[(m, None) for m in cost.allowed_modes if m != "selective"]
+               + [("selective", k) for k in range(len(cost.stash_levels)) if "selective" in cost.allowed_modes]
+               for cost in costs]
+    for choice in itertools.product(*(range(len(o)) for o in options)):
+        picked = [o[k] for o, k in zip(options, choice)]
+        modes, levels = tuple(m for m, _ in picked), tuple(k for _, k in picked)
+        compute = sum(_compute(c, m, k) for c, (m, k) in zip(costs, picked))
+        plans.append((chain_peak(costs, modes, levels), compute, choice, modes, levels))
     return plans
 
 
-def _compute(cost, mode) -> Fraction:
+def _compute(cost, mode, level=None) -> Fraction:
     """A segment's extra compute in ``mode``, by the definition (selective: its forward less what its kept ops
-    took, as a float)."""
+    took at that stash level, as a float)."""
     if mode == "keep":
         return Fraction(0)
     if mode == "selective":
-        return Fraction(max(cost.flops - cost.stash_flops, 0.0))
+        return Fraction(max(cost.flops - cost.stash_levels[level].flops, 0.0))
     return Fraction(cost.flops) + (Fraction(cost.inverse_flops) if mode == "invertible" else 0)
 
 
@@ -188,10 +201,11 @@ def best(plans, budget):
 
 
 def assert_is(plan, expected, costs):
-    peak, compute, _, modes = expected
+    peak, compute, _, modes, levels = expected
     assert plan.modes == modes
-    assert plan.peak == peak == chain_peak(costs, plan.modes)
-    assert plan.extra_flops == float(compute) == chain_extra_flops(costs, plan.modes)
+    assert plan.levels == levels
+    assert plan.peak == peak == chain_peak(costs, plan.modes, plan.levels)
+    assert plan.extra_flops == float(compute) == chain_extra_flops(costs, plan.modes, plan.levels)
     assert plan.plain_peak == plain_peak(costs)
     assert plan.exact
     for cost, mode in zip(costs, plan.modes):
@@ -250,11 +264,11 @@ def test_thinned_frontiers_still_fit_the_budget(costs, limit, data):
     budget = data.draw(st.integers(least, max(plan[0] for plan in plans)))
     expected = best(plans, budget)
     plan = plan_chain(costs, budget, frontier_limit=limit)
-    assert plan.peak == chain_peak(costs, plan.modes) <= budget
+    assert plan.peak == chain_peak(costs, plan.modes, plan.levels) <= budget
     assert all(mode in cost.allowed_modes for cost, mode in zip(costs, plan.modes))
     assert plan.extra_flops >= float(expected[1])
     if plan.exact:
-        assert plan.modes == expected[3]
+        assert (plan.modes, plan.levels) == expected[3:]
     assert plan_chain(costs, frontier_limit=limit).peak == least
 
 
@@ -367,12 +381,13 @@ def test_a_deep_chain_is_exact_and_monotone():
 SECONDS = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 0.125, 5.0])
 
 
-def _seconds(cost, mode) -> Fraction:
-    """A segment's extra time in ``mode``, by the definition (an inverse at the segment's own FLOP rate)."""
+def _seconds(cost, mode, level=None) -> Fraction:
+    """A segment's extra time in ``mode`` (selective: at stash ``level``), by the definition (an inverse at the
+    segment's own FLOP rate)."""
     if mode == "keep":
         return Fraction(0)
     if mode == "selective":
-        return Fraction(max(cost.seconds - cost.stash_seconds, 0.0))
+        return Fraction(max(cost.seconds - cost.stash_levels[level].seconds, 0.0))
     if mode == "checkpoint":
         return Fraction(cost.seconds)
     rate = cost.seconds / cost.flops if cost.flops else 0.0
@@ -382,19 +397,18 @@ def _seconds(cost, mode) -> Fraction:
 @settings(SETTINGS, max_examples=150)
 @given(costs=chains(max_segments=8), data=st.data())
 def test_timed_plans_are_the_least_time_plans(costs, data):
-    costs = tuple(dataclasses.replace(c, seconds=data.draw(SECONDS), stash_seconds=data.draw(SECONDS))
-                  for c in costs)
+    costs = tuple(dataclasses.replace(c, seconds=data.draw(SECONDS), stash_levels=tuple(
+        dataclasses.replace(level, seconds=data.draw(SECONDS)) for level in c.stash_levels)) for c in costs)
     assert timed(costs)
-    plans = []
-    for modes in itertools.product(*(cost.allowed_modes for cost in costs)):
-        plans.append((chain_peak(costs, modes), sum(_seconds(c, m) for c, m in zip(costs, modes)),
-                      tuple(MODES.index(m) for m in modes), modes))
+    plans = [(peak, sum(_seconds(c, m, k) for c, m, k in zip(costs, modes, levels)), order, modes, levels)
+             for peak, _, order, modes, levels in every_plan(costs)]
     least, most = min(p[0] for p in plans), max(p[0] for p in plans)
     for budget in (None, data.draw(st.integers(least, most))):
         plan = plan_chain(costs, budget)
         expected = best(plans, budget)
-        got = (plan.peak, sum(_seconds(c, m) for c, m in zip(costs, plan.modes)), plan.modes)
-        assert got == (expected[0], expected[1], expected[3]), (budget, got, expected)
+        got = (plan.peak, sum(_seconds(c, m, k) for c, m, k in zip(costs, plan.modes, plan.levels)), plan.modes,
+               plan.levels)
+        assert got == (expected[0], expected[1], expected[3], expected[4]), (budget, got, expected)
         assert plan.extra_seconds == pytest.approx(float(got[1]))
 
 

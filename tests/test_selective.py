@@ -135,9 +135,11 @@ def compare(model, x, optimized):
 
 
 def test_optimize_plans_selective_segments_with_plain_gradients():
+    """With room (the plain peak as budget, selective the only mode besides keep), every convolution's output
+    is kept: the recomputation runs none of them again."""
     torch.manual_seed(0)
     model, x = ResNet(depth=4, channels=8).to(DT), torch.randn(4, 3, 16, 16, dtype=DT)
-    optimized = invfx.optimize(model, x, modes=("keep", "selective"))
+    optimized = invfx.optimize(model, x, modes=("selective",), memory_budget=1.0)
     rows = [r for r in optimized.plan.rows if r.mode != Mode.KEEP]
     assert rows and all(r.mode == Mode.SELECTIVE and r.name.startswith("sac_") for r in rows)
     assert all(r.why.startswith("keeps its input and the outputs of ") for r in rows)
@@ -148,6 +150,25 @@ def test_optimize_plans_selective_segments_with_plain_gradients():
     # (a checkpointed block runs its convolutions twice; a selective one, once)
     convolution = torch.ops.aten.convolution
     assert op_counts(optimized, x, model)[convolution] == op_counts(model, x, model)[convolution]
+
+
+def test_least_memory_keeps_only_some_calls_and_runs_the_others_again():
+    """Per call: with no budget (least peak) a block keeps the output of fewer convolutions than it has; those
+    it does not keep run again in backward, and the gradients are plain autograd's."""
+    torch.manual_seed(0)
+    model, x = ResNet(depth=4, channels=8).to(DT), torch.randn(4, 3, 16, 16, dtype=DT)
+    optimized = invfx.optimize(model, x, modes=("keep", "selective"))
+    rows = [r for r in optimized.plan.rows if r.mode == Mode.SELECTIVE]
+    blocks = [r for r in rows if "blocks" in r.name]
+    assert blocks and any(len(r.kept_ops) == 1 for r in blocks)
+    for row in rows:  # (what the region keeps is what the plan says it keeps)
+        region = optimized.get_submodule(row.region)
+        assert region.kept_calls == frozenset(row.kept_ops)
+    compare(model, x, optimized)
+    convolution = torch.ops.aten.convolution
+    recomputed = sum(1 for r in rows for n in r.recomputed_ops if "conv" in n or n == "stem_0")
+    assert recomputed > 0
+    assert op_counts(optimized, x, model)[convolution] == op_counts(model, x, model)[convolution] + recomputed
 
 
 def test_selective_memory_lies_between_checkpoint_and_plain():
@@ -168,7 +189,7 @@ def test_selective_matrix_products_and_attention_in_a_transformer(dropout):
     torch.manual_seed(0)
     model = Transformer(features=8, dim=16, depth=3, heads=2, hidden=32, dropout=dropout).to(DT)
     x = torch.randn(2, 5, 8, dtype=DT)
-    optimized = invfx.optimize(model, x, modes=("keep", "selective"))
+    optimized = invfx.optimize(model, x, modes=("selective",), memory_budget=1.0)  # (room to keep every call)
     assert sum(r.mode == Mode.SELECTIVE for r in optimized.plan.rows) >= 2, str(optimized.plan)
     compare(model, x, optimized)
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -15,9 +15,10 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
 * ``branch_bytes``: what an invertible region keeps so that its sub-networks, recomputed on rebuilt inputs, take
   the forward's branches (relu masks at 1 bit per element: :mod:`invfx.runtime.branches`), measured by recording
   them as the runtime does; ``RegionCosts.branches`` says which ops, by segment;
-* ``stash_bytes``, ``stash_flops``: what a selective checkpoint of it keeps (the outputs of its convolutions,
-  matrix products and attention, measured by keeping them as the runtime does) and the FLOPs of those ops, which
-  its recomputation skips (its recompute is then the elementwise work only).
+* ``stash_levels``: what a selective checkpoint of it may keep, call by call: the outputs of which of its
+  convolutions, matrix products and attention calls, measured by keeping each as the runtime does, with the
+  FLOPs (and, timed, the seconds) each takes, which its recomputation then skips. Offered to the planner as the
+  Pareto frontier of subsets (:mod:`invfx.stash_levels`): for each amount of memory, the calls that save most.
 
 What is saved outside every measured segment (a head reading the last one's output) is the same in every plan: it
 comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
@@ -37,12 +38,13 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..modes import Mode
-from ..planner import SegmentCost
+from ..planner import SegmentCost, StashLevel
 from ..regions.body import keeps_output
 from ..regions.fused import tensors_in
 from ..runtime.branches import BranchRecord, recording
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
+from ..stash_levels import stash_frontier
 from .annotate import node_bytes, numel
 from .example import example_run
 from .rewrite import InvertibleRegion
@@ -58,6 +60,8 @@ class RegionCosts:
     outside_bytes: int  # saved outside every region: the same whatever the plan
     # an invertible segment's recorded branches by op (``{"relu": 2}``), where it has any
     branches: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # per segment, each call a selective checkpoint may keep, alone: its bytes kept, FLOPs and seconds skipped
+    stash_calls: dict[str, dict[str, StashLevel]] = dataclasses.field(default_factory=dict)
 
 
 def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Mapping[str, Segment],
@@ -96,28 +100,36 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["inputs"] = {storage_key(a): a.untyped_storage().nbytes() for a in tensors_in(args)}
         record["counter"] = FlopCounterMode(display=False)
         record["counter"].__enter__()
-        if Mode.SELECTIVE in allowed[name]:  # (what its stash would hold, measured by keeping it as the runtime does)
-            record["stash"] = OutputStash(EXPENSIVE_OPS, name=name)
-            record["recording"] = record["stash"].recording()
+        if Mode.SELECTIVE in allowed[name]:  # (what each call's stash would hold: kept as the runtime keeps it)
+            record["calls"] = {}
         current[0] = name
 
+    @contextlib.contextmanager
+    def kept_call(calls: dict, node: fx.Node):
+        stash, counter = OutputStash(EXPENSIVE_OPS, name=node.name), FlopCounterMode(display=False)
+        calls[node.name] = (stash, counter)
+        with counter, stash.recording():
+            yield
+
     def around(node: fx.Node):
-        """What a selective region keeps is recorded where it would keep it: around its marked calls."""
+        """What a selective region keeps is recorded where it would keep it, call by call: around its marked
+        calls, with the FLOPs each takes (what its recomputation skips where it is kept)."""
         record = records.get(current[0]) if current[0] is not None else None
-        if record is not None and "recording" in record and keeps_output(module, node):
-            return record["recording"]
+        if record is not None and "calls" in record and keeps_output(module, node):
+            return kept_call(record["calls"], node)
         return contextlib.nullcontext()
 
     def leave(name: str, outputs: tuple) -> None:
         record = records[name]
-        if "recording" in record:
-            del record["recording"]
-            stash = record.pop("stash")
-            stash.drop(tensors_in(outputs))  # (as the runtime does: a region's outputs are recomputed)
-            # a kept output written in place later is recomputed anyway: then selective saves nothing sure
-            kept = stash.nbytes
-            record["stash_bytes"] = kept if kept and not stash.mutated else None
-            stash.clear()
+        if "calls" in record:
+            items = {}
+            for call, (stash, counter) in record.pop("calls").items():
+                stash.drop(tensors_in(outputs))  # (as the runtime does: a region's outputs are recomputed)
+                # a kept output written in place later is recomputed anyway: keeping it saves nothing sure
+                if stash.nbytes and not stash.mutated:
+                    items[call] = (stash.nbytes, float(counter.get_total_flops()))
+                stash.clear()
+            record["stash_calls"] = items
         record["counter"].__exit__(None, None, None)
         record["flops"] = record.pop("counter").get_total_flops()
         record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(outputs)}
@@ -137,6 +149,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     fused = {name: working for name, (working, _, _) in measured.items()}
     recorded_bytes = {name: nbytes for name, (_, nbytes, _) in measured.items()}
     costs = []
+    stash_calls: dict[str, dict[str, StashLevel]] = {}
+    seconds = node_seconds(module, example_inputs) if timed and order else {}
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
         record, segment = records[name], segments[name]
@@ -144,6 +158,11 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         saves_input = any(saved.pop(k, None) is not None for k in list(record["inputs"]))
         saves_output = any(saved.pop(k, None) is not None for k in list(record["outputs"]))
         body = segment.nodes
+        # which calls a selective checkpoint of it may keep: the best choices for each amount of memory
+        calls = {call: StashLevel(nbytes, flops, seconds.get(call, 0.0), (call,))
+                 for call, (nbytes, flops) in record.get("stash_calls", {}).items()}
+        stash_calls[name] = calls
+        levels, whole = stash_frontier([[call] for call in calls.values()], by_seconds=bool(seconds))
         largest = max((node_bytes(n) + max((node_bytes(a) for a in n.all_input_nodes if a.op != "get_attr"), default=0)
                        for n in body), default=0)
         costs.append(SegmentCost(
@@ -160,9 +179,9 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             inverse_flops=inverse_flops.get(name) if name in regions else None,
             input_freeable=freeable.get(name, False),
             modes=allowed[name],
-            stash_bytes=record.get("stash_bytes"),
-            stash_flops=float(record["flops"]) if record.get("stash_bytes") is not None else 0.0,
-            branch_bytes=recorded_bytes.get(name, 0)))
+            branch_bytes=recorded_bytes.get(name, 0),
+            seconds=sum(seconds.get(n.name, 0.0) for n in body) if seconds else None,
+            stash_levels=levels, stash_levels_whole=whole))
     for i, cost in enumerate(costs):
         if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
             costs[i] = dataclasses.replace(cost, modes=frozenset({Mode.KEEP}))
@@ -171,14 +190,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     for i in range(1, len(costs)):
         if costs[i].input_bytes != costs[i - 1].output_bytes:
             costs[i] = dataclasses.replace(costs[i], input_bytes=costs[i - 1].output_bytes)
-    if timed and costs:
-        seconds = node_seconds(module, example_inputs)
-        for i, cost in enumerate(costs):
-            nodes = segments[cost.name].nodes
-            kept = [n for n in nodes if keeps_output(module, n)] if cost.stash_bytes is not None else []
-            costs[i] = dataclasses.replace(cost, seconds=sum(seconds.get(n.name, 0.0) for n in nodes),
-                                           stash_seconds=sum(seconds.get(n.name, 0.0) for n in kept))
-    return RegionCosts(costs, sum(outside.values()), {name: ops for name, (_, _, ops) in measured.items() if ops})
+    return RegionCosts(costs, sum(outside.values()), {name: ops for name, (_, _, ops) in measured.items() if ops},
+                       stash_calls)
 
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from ..modes import Mode
 from ..planner import SegmentCost
+from ..stash_levels import stash_frontier
 
 __all__ = ["GROUPABLE_MODES", "coarsen", "group_cost"]
 
@@ -34,8 +35,10 @@ def group_cost(members: Sequence[SegmentCost]) -> SegmentCost:
     first, last = members[0], members[-1]
     # inner boundaries a plain run of the group keeps: one member saves its output, or the next its input
     inner_saved = sum(a.output_bytes for a, b in zip(members, members[1:]) if a.saves_output or b.saves_input)
-    stashes = [m.stash_bytes for m in members]
-    modes = frozenset.intersection(*(frozenset(m.allowed_modes) for m in members)) & GROUPABLE_MODES
+    # a selective group keeps some of its members' calls: one stash level of each member, or none
+    timed = all(m.seconds is not None for m in members)
+    levels, whole = stash_frontier([m.stash_levels for m in members], by_seconds=timed)
+    modes = frozenset.intersection(*(frozenset(m.modes) for m in members)) & GROUPABLE_MODES
     return SegmentCost(
         name=first.name,
         input_bytes=first.input_bytes,
@@ -49,10 +52,8 @@ def group_cost(members: Sequence[SegmentCost]) -> SegmentCost:
         inverse_flops=None,
         input_freeable=first.input_freeable,
         modes=modes or frozenset({Mode.KEEP}),
-        stash_bytes=sum(s for s in stashes if s is not None) if all(s is not None for s in stashes) else None,
-        stash_flops=sum(m.stash_flops for m in members) if all(s is not None for s in stashes) else 0.0,
-        seconds=sum(m.seconds for m in members) if all(m.seconds is not None for m in members) else None,
-        stash_seconds=sum(m.stash_seconds for m in members) if all(s is not None for s in stashes) else 0.0)
+        seconds=sum(m.seconds for m in members) if timed else None,  # type: ignore[misc]
+        stash_levels=levels, stash_levels_whole=whole and all(m.stash_levels_whole for m in members))
 
 
 def coarsen(costs: Sequence[SegmentCost], size: int,

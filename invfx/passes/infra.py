@@ -62,6 +62,7 @@ class Compilation:
     # PlanModes (and Calibrate, which plans again)
     chain: ChainPlan | None = None
     chosen: dict[str, Mode] | None = None  # mode of each segment that may run as a region
+    kept_calls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # a selective segment's kept calls
     groups: list[tuple[str, ...]] = field(default_factory=list)  # the planned chain: segments run as one, in order
     merged: dict[tuple[str, ...], Segment | None] = field(default_factory=dict)  # groups as one segment (None: not)
     calibration: dict[str, int] | None = None  # the example step measured when planning under a budget

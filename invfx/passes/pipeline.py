@@ -20,7 +20,6 @@ from torch import nn
 from ..errors import BudgetError
 from ..modes import Mode
 from ..planner import ChainPlan, plain_peak, plan_chain, timed
-from ..regions.body import keeps_output
 from ..regions.modules import BodyRegion, InvertibleRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
 from ..units import format_bytes, format_flops
@@ -28,7 +27,7 @@ from .annotate import annotate
 from .chain import region_units
 from .cost import RegionCosts, measure_costs
 from .example import example_run
-from .groups import coarsen
+from .groups import coarsen, group_cost
 from .infra import Compilation, CompilationPass, graph_signature
 from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
 from .segments import COMPUTE, find_segments, graph_boundaries, plain_segment, why_not_checkpoint
@@ -201,8 +200,7 @@ class PlanModes(CompilationPass):
             _plain_within(state)
             state.chain, state.chosen = None, {}
             return
-        state.groups, state.chain = _plan_grouped(state, _chain_budget(state.budget, state.costs))
-        state.chosen = _modes_of(state.groups, state.chain)
+        _take(state, *_plan_grouped(state, _chain_budget(state.budget, state.costs)))
 
     def ensures(self, state: Compilation) -> None:
         self.need(set(state.chosen) <= set(state.candidates()), "gave a mode to a segment that is not a candidate")
@@ -253,6 +251,8 @@ class WriteModule(_AfterSegments):
                 region = build(traced, unit.segment, unit.name)
             state.built[unit.parts] = region
             region.region_name, region.mode = unit.name, unit.mode
+            if unit.mode == Mode.SELECTIVE:  # (the calls whose outputs it keeps: the plan's stash level)
+                region.kept_calls = frozenset(call for part in unit.parts for call in state.kept_calls.get(part, ()))
             regions[unit.name] = region
         graph = write_graph(traced.graph, [(unit.name, unit.segment) for unit in state.units])
         # (the GraphModule takes each submodule a node calls from its root: the regions stand there meanwhile)
@@ -314,8 +314,7 @@ class Calibrate(CompilationPass):
             except BudgetError:  # nothing fits the lowered budget: the plan of least memory is the last to try
                 groups, chain = _plan_grouped(state, None)
                 least = chain
-            state.groups, state.chain = groups, chain
-            state.chosen = _modes_of(groups, chain)
+            _take(state, groups, chain)
             GroupRegions()(state)
             WriteModule()(state)
 
@@ -335,7 +334,8 @@ class Report(CompilationPass):
             _rows(state), state.opaque, chain=state.chain, outside_bytes=costs.outside_bytes, budget=state.budget,
             forward_flops=sum(c.flops for c in costs.costs), calibration=state.calibration,
             constants=state.constants,
-            forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None)
+            forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None,
+            thinned_stashes=[c.name for c in costs.costs if not c.stash_levels_whole and Mode.SELECTIVE in c.modes])
 
     def ensures(self, state: Compilation) -> None:
         self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
@@ -348,9 +348,19 @@ PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, Fi
 
 # --- planning within a budget -------------------------------------------------------------------------------
 
-def _modes_of(groups: list[tuple[str, ...]], chain: ChainPlan) -> dict[str, Mode]:
-    """Each segment's mode: its group's."""
-    return {name: Mode(mode) for group, mode in zip(groups, chain.modes) for name in group}
+def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan) -> None:
+    """The plan, on the state: each segment's mode (its group's), and the calls a selective one keeps (its
+    group's stash level: the calls of all its members that level keeps)."""
+    state.groups, state.chain = groups, chain
+    state.chosen = {name: Mode(mode) for group, mode in zip(groups, chain.modes) for name in group}
+    costs = {c.name: c for c in state.costs.costs}
+    state.kept_calls = {}
+    for index, (group, mode) in enumerate(zip(groups, chain.modes)):
+        if mode == Mode.SELECTIVE:
+            levels, chosen = group_cost([costs[name] for name in group]).stash_levels, chain.level(index)
+            level = levels[-1 if chosen is None else chosen]
+            for name in group:
+                state.kept_calls[name] = level.calls
 
 
 #: the group sizes planned (groups.coarsen): 1 (each segment alone) to 8 segments checkpointed as one
@@ -507,7 +517,15 @@ def _rows(state: Compilation) -> list[PlanRow]:
                 mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and not (region and name != first_of[region])
             kept = cost.held_bytes(mode) + cost.input_bytes * keeps_input
             recompute = cost.recompute_flops(mode)
-        kept_ops, recomputed_ops = _selective_ops(state.traced, segment) if mode == Mode.SELECTIVE else ([], [])
+        kept_ops, recomputed_ops = [], []
+        if mode == Mode.SELECTIVE and cost is not None:
+            # its own calls of the stash level its group keeps: their bytes and FLOPs, not the whole level's
+            calls = state.costs.stash_calls.get(name, {})
+            chosen = [calls[c] for c in state.kept_calls.get(name, ()) if c in calls]
+            kept_ops = [c.calls[0] for c in chosen]
+            recomputed_ops = [n.name for n in segment.nodes if n.name not in kept_ops]
+            kept = sum(c.nbytes for c in chosen) + cost.input_bytes * keeps_input
+            recompute = max(cost.flops - sum(c.flops for c in chosen), 0.0)
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
             nodes=len(segment.nodes), mode=mode, kept_bytes=kept, recompute_flops=recompute, risk=risk,
@@ -523,12 +541,6 @@ def _rows(state: Compilation) -> list[PlanRow]:
             branch_bytes=cost.branch_bytes if cost and mode == Mode.INVERTIBLE else 0,
             branch_ops=dict(state.costs.branches.get(name, {})) if mode == Mode.INVERTIBLE else {}))
     return rows
-
-
-def _selective_ops(root: fx.GraphModule, segment) -> tuple[list[str], list[str]]:
-    """The calls of a selective segment whose outputs it keeps, and those its backward runs again."""
-    kept = [n.name for n in segment.nodes if keeps_output(root, n)]
-    return kept, [n.name for n in segment.nodes if n.name not in kept]
 
 
 def _names(names: list[str], most: int = 3) -> str:
@@ -552,8 +564,12 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
         return inverse_note
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
-        return (f"keeps its input and the outputs of {_names(kept_ops)} ({format_bytes(cost.stash_bytes or 0)}), "
-                f"recomputes {_names(recomputed_ops)} for +{format_flops(cost.recompute_flops(mode))} FLOPs (a "
+        calls = state.costs.stash_calls.get(name, {})
+        stash = sum(calls[c].nbytes for c in kept_ops if c in calls)
+        skipped = sum(calls[c].flops for c in kept_ops if c in calls)
+        return (f"keeps its input and the outputs of {_names(kept_ops) or 'none of its calls'} "
+                f"({format_bytes(stash)}), recomputes {_names(recomputed_ops)} for "
+                f"+{format_flops(max(cost.flops - skipped, 0.0))} FLOPs (a "
                 f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"

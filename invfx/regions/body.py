@@ -4,7 +4,7 @@ the graphs in a form that pickles."""
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.fx as fx
@@ -40,16 +40,17 @@ def keeps_output(root: nn.Module, node: fx.Node) -> bool:
     return False
 
 
-def marked_body(body: fx.GraphModule) -> fx.GraphModule:
+def marked_body(body: fx.GraphModule, calls: Collection[str] | None = None) -> fx.GraphModule:
     """``body`` with ``stash_begin()`` / ``stash_end()`` around each call whose outputs a selective checkpoint
-    keeps (:func:`keeps_output`): the stash's dispatch mode runs there only."""
+    keeps: those of ``calls`` (node names; None: all) that may be kept (:func:`keeps_output`). The stash's
+    dispatch mode runs there only; every other call runs again in the recomputation."""
     graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
     env: dict[fx.Node, fx.Node] = {}
     for node in body.graph.nodes:
         if node.op == "output":
             graph.output(fx.map_arg(node.args[0], env.__getitem__))
             break
-        kept = keeps_output(body, node)
+        kept = keeps_output(body, node) and (calls is None or node.name in calls)
         mode = graph.call_function(stash_begin, ()) if kept else None
         env[node] = graph.node_copy(node, env.__getitem__)
         if kept:

@@ -109,6 +109,8 @@ class BodyRegion(nn.Module):
         self.source = source
         self.num_inputs = num_inputs
         self.mode = Mode.CHECKPOINT  # or SELECTIVE, or KEEP: plain code (the plan's choice)
+        # selective: the calls (node names) whose outputs it keeps, the plan's choice; None: every call that may be
+        self.kept_calls: frozenset[str] | None = None
 
     def forward(self, *inputs):
         if self.__dict__.get("_epoch") != _registrations[0]:
@@ -130,7 +132,7 @@ class BodyRegion(nn.Module):
         if self.mode == Mode.SELECTIVE:
             # the outputs of its convolutions, matrix products and attention are kept for the recomputation,
             # which runs only the cheap ops between them (invfx.runtime.stash)
-            return self._cached_region((CHECKPOINT, Mode.SELECTIVE), lambda: Region(
+            return self._cached_region((CHECKPOINT, Mode.SELECTIVE, self.__dict__.get("kept_calls")), lambda: Region(
                 function=self._selective_body(), mode=CHECKPOINT, discovery=self.discovery,
                 buffers=self._modules_used, name=self._label, keep_ops=EXPENSIVE_OPS, keep_marked=True))
         return self._cached_region(CHECKPOINT, lambda: Region(
@@ -138,12 +140,13 @@ class BodyRegion(nn.Module):
             name=self._label))
 
     def _selective_body(self) -> fx.GraphModule:
-        """The forward body with the calls whose outputs a selective checkpoint keeps marked (made once)."""
+        """The forward body with the calls whose outputs it keeps marked (made once per choice of calls)."""
+        calls = self.__dict__.get("kept_calls")  # (absent from a region pickled before it existed: every call)
         marked = self.__dict__.get("_marked")  # (dropped by _derive when the bodies change, never pickled)
-        if marked is None:
-            marked = marked_body(self.forward_body)
+        if marked is None or marked[0] != calls:
+            marked = (calls, marked_body(self.forward_body, calls))
             object.__setattr__(self, "_marked", marked)
-        return marked
+        return marked[1]
 
     def _cached_region(self, key, make) -> Region:
         """The Region for this call, made once per configuration (a Region is immutable; making one and
