@@ -332,11 +332,37 @@ def _span(compute: list[fx.Node], nodes: list[fx.Node]) -> tuple[int, int] | str
 
 def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:
     """Where a run of plain nodes may be cut into segments that the planner can checkpoint one by one: where
-    a single tensor flows on (the output of a residual block, not its inside where the skip is live too), at
-    the end of a module if there is any such place in the run, else anywhere."""
-    single = [p for p in range(start + 1, end) if len(live[p]) == 1 and _cuttable(next(iter(live[p])))]
+    a single tensor that carries gradient flows on (the output of a residual block, not its inside where the
+    skip is live too), at the end of a module if there is any such place in the run, else anywhere. Values no
+    gradient flows through (a transformer's attention mask, made once from the input ids and read by every
+    block) may be live there too: each region takes them as one more input, which it neither frees nor
+    recomputes."""
+    graph = compute[0].graph if compute else None
+    flowing = _differentiable(graph) if graph is not None else set()
+    single = []
+    for p in range(start + 1, end):
+        carried = [v for v in live[p] if v in flowing]
+        if len(carried) == 1 and _cuttable(carried[0]) and \
+                all(tuple_metas(v) is None for v in live[p] if v not in flowing):
+            single.append(p)
     ends = [p for p in single if _ends_module(compute[p - 1], compute[p])]
     return ends or single
+
+
+def _differentiable(graph: fx.Graph) -> set[fx.Node]:
+    """The values gradient may flow through: floating (or complex) tensors computed from a parameter or a
+    floating input. An integer tensor, and a float made only from integers and constants (a mask of 0 and
+    -inf built from ``attention_mask``), carry none."""
+    flowing: set[fx.Node] = set()
+    for node in graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        floating = is_tensor_meta(meta) and (meta.dtype.is_floating_point or meta.dtype.is_complex)
+        if node.op == "output" or not floating:
+            continue
+        if node.op in ("placeholder", "get_attr") or any(a in flowing for a in node.all_input_nodes) or \
+                node.op == "call_module":
+            flowing.add(node)
+    return flowing
 
 
 def _cuttable(value: fx.Node) -> bool:
