@@ -3,6 +3,7 @@ for backward and rebuild their inputs from their outputs instead."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
 
@@ -28,11 +29,34 @@ _MODE_NAMES = tuple(m.value for m in Mode)
 _SCALARS = (bool, int, float, complex, str, type(None))
 
 
-def _check_inputs(example_inputs) -> tuple:
+def _keyword_inputs(model: nn.Module, example_inputs: dict) -> tuple:
+    """A dict example (``{"input_ids": ids, "attention_mask": mask}``, as Hugging Face models are called) as the
+    forward's positional arguments: in the forward's order, up to the last one given, with the defaults of
+    those left out between (so the model, and the optimized module, take them by position or by name)."""
+    parameters = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in parameters]
+    unknown = [key for key in example_inputs if key not in names]
+    if unknown:
+        raise InvfxError(f"invfx.optimize: example_inputs names {', '.join(map(repr, unknown))}, which "
+                         f"{type(model).__name__}.forward does not take by position or name ({', '.join(names)})")
+    last = max((names.index(key) for key in example_inputs), default=-1)
+    inputs = []
+    for p in parameters[:last + 1]:
+        if p.name not in example_inputs and p.default is p.empty:
+            raise InvfxError(f"invfx.optimize: example_inputs leaves out {p.name!r} of {type(model).__name__}."
+                             "forward, which has no default")
+        inputs.append(example_inputs.get(p.name, p.default))
+    return tuple(inputs)
+
+
+def _check_inputs(model: nn.Module, example_inputs) -> tuple:
+    if isinstance(example_inputs, dict):
+        example_inputs = _keyword_inputs(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    what = ("invfx.optimize: example_inputs must be a tensor or a tuple of tensors (numbers, strings and None "
-            "may stand for non-tensor arguments)")
+    what = ("invfx.optimize: example_inputs must be a tensor, a tuple of tensors (numbers, strings and None "
+            "may stand for non-tensor arguments) or a dict of the forward's arguments by name")
     if not isinstance(example_inputs, (tuple, list)):
         raise InvfxError(f"{what}, got {type(example_inputs).__name__}")
     for i, x in enumerate(example_inputs):
@@ -100,7 +124,7 @@ def optimize(model: nn.Module, example_inputs, *, memory_budget=None, modes: Seq
     if isinstance(model, OptimizedModule):
         raise InvfxError("invfx.optimize: the model is already optimized (an OptimizedModule); optimize the "
                          "original model again instead (it shares its parameters with this one)")
-    inputs = _check_inputs(example_inputs)
+    inputs = _check_inputs(model, example_inputs)
     _check_modes(modes)
     _check_leaf_modules(leaf_modules)
     _check_budget(memory_budget)

@@ -51,7 +51,9 @@ def _is_random(root: nn.Module, node: fx.Node) -> bool:
                                   nn.TransformerDecoderLayer))
                    or not _is_torch_module(m) for m in module.modules())
     if node.op == "call_function":
-        return node.target in _RANDOM_FUNCTIONS
+        # (an exported graph's ATen ops say so themselves: aten.dropout, aten.bernoulli, ...)
+        return node.target in _RANDOM_FUNCTIONS or \
+            torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
     if node.op == "call_method":
         return node.target in _RANDOM_METHODS
     return False

@@ -243,7 +243,7 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), ma
     def flush_plain(end: int):
         if plain:
             start = end - len(plain)
-            cuts = _plain_cuts(compute, live, start, end)
+            cuts = _plain_cuts(module, compute, live, start, end)
             for a, b in zip([start] + cuts, cuts + [end]):
                 segments.append(_make(module, compute[a:b], live, compute, a, b, Mode.KEEP))
             plain.clear()
@@ -330,13 +330,51 @@ def _span(compute: list[fx.Node], nodes: list[fx.Node]) -> tuple[int, int] | str
     return p, q
 
 
-def _plain_cuts(compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int) -> list[int]:
+def _plain_cuts(module: fx.GraphModule, compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int
+                ) -> list[int]:
     """Where a run of plain nodes may be cut into segments that the planner can checkpoint one by one: where
-    a single tensor flows on (the output of a residual block, not its inside where the skip is live too), at
-    the end of a module if there is any such place in the run, else anywhere."""
-    single = [p for p in range(start + 1, end) if len(live[p]) == 1 and _cuttable(next(iter(live[p])))]
-    ends = [p for p in single if _ends_module(compute[p - 1], compute[p])]
+    a single tensor that carries gradient flows on, and nothing writes into it later (the output of a residual
+    block, not its inside where the skip is live too), at a module's end or start (or after a layer the model's
+    own forward calls) if there is any such place in the run, else anywhere. Values no
+    gradient flows through (a transformer's attention mask, made once from the input ids and read by every
+    block) may be live there too: each region takes them as one more input, which it neither frees nor
+    recomputes."""
+    graph = compute[0].graph if compute else None
+    flowing = _differentiable(graph) if graph is not None else set()
+    single = []
+    for p in range(start + 1, end):
+        carried = [v for v in live[p] if v in flowing]
+        # (not where the value is written in place after the cut, as ``bn1``'s output by ``relu(inplace=True)``:
+        # no region could hand it on)
+        if len(carried) == 1 and _cuttable(carried[0]) and not _written(module, carried[0], lambda user: True) and \
+                all(tuple_metas(v) is None for v in live[p] if v not in flowing):
+            single.append(p)
+    ends = [p for p in single if _module_boundary(compute[p - 1], compute[p])]
     return ends or single
+
+
+def _module_boundary(before: fx.Node, after: fx.Node) -> bool:
+    """Whether a module ends or starts between the two nodes, or ``before`` is a layer the model's own forward
+    calls (a ResNet's stem, ``conv1``, ``bn1``, ``relu``, ``maxpool``: the largest activations of the model,
+    which must be cut to be recomputed one by one)."""
+    top_level_layer = before.op == "call_module" and not _parent_path(before)
+    return _ends_module(before, after) or _starts_module(before, after) or top_level_layer
+
+
+def _differentiable(graph: fx.Graph) -> set[fx.Node]:
+    """The values gradient may flow through: floating (or complex) tensors computed from a parameter or a
+    floating input. An integer tensor, and a float made only from integers and constants (a mask of 0 and
+    -inf built from ``attention_mask``), carry none."""
+    flowing: set[fx.Node] = set()
+    for node in graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        floating = is_tensor_meta(meta) and (meta.dtype.is_floating_point or meta.dtype.is_complex)
+        if node.op == "output" or not floating:
+            continue
+        if node.op in ("placeholder", "get_attr") or any(a in flowing for a in node.all_input_nodes) or \
+                node.op == "call_module":
+            flowing.add(node)
+    return flowing
 
 
 def _cuttable(value: fx.Node) -> bool:
@@ -352,6 +390,13 @@ def _ends_module(before: fx.Node, after: fx.Node) -> bool:
     """Whether the module ``before`` was called in ends between the two nodes."""
     left = _parent_path(before)
     return len(_common_prefix(left, _parent_path(after))) < len(left)
+
+
+def _starts_module(before: fx.Node, after: fx.Node) -> bool:
+    """Whether a module ``after`` is called in starts between the two nodes (a ResNet's ``layer1`` after its
+    stem's ``maxpool``, which the model's own forward calls: no module of the stem ends there)."""
+    right = _parent_path(after)
+    return len(_common_prefix(_parent_path(before), right)) < len(right)
 
 
 def _common_prefix(left: tuple[str, ...], right: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -23,6 +23,7 @@ from torch.fx.node import has_side_effect
 from ..errors import InvfxError, TraceError, first_line
 from ..nn.module import Module as InvertibleModule
 from ..runtime.grad_mode import enter_grad_mode, exit_grad_mode
+from .exported import is_hugging_face_model, trace_exported
 
 __all__ = ["trace", "InvfxTracer", "MODE_SWITCHES"]
 
@@ -148,12 +149,16 @@ def _defaults_not_given(model: nn.Module, num_inputs: int | None) -> dict[str, o
     return {p.name: p.default for p in parameters[num_inputs:]}
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_inputs: int | None = None
-          ) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
+def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_inputs: int | None = None,
+          example_inputs: Sequence[object] | None = None) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
     """``model`` as a GraphModule sharing its parameters, the opaque submodules with the reasons, and the
-    forward's parameters traced as constants (those with defaults after the ``num_inputs`` given)."""
+    forward's parameters traced as constants (those with defaults after the ``num_inputs`` given). A Hugging
+    Face model (``transformers.PreTrainedModel``), which torch.fx cannot trace, is exported instead
+    (``exported.py``; that needs ``example_inputs``)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"invfx.optimize needs an nn.Module, got {type(model).__name__}")
+    if is_hugging_face_model(model) and example_inputs is not None:
+        return _trace_hugging_face(model, tuple(leaf_modules), example_inputs)
     tracer = InvfxTracer(leaf_modules)
     attributes = set(vars(model))
     constants = _defaults_not_given(model, num_inputs)
@@ -174,6 +179,19 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_i
         _guards_first(module.graph)
         module.recompile()
     return module, dict(tracer.opaque), constants
+
+
+def _trace_hugging_face(model: nn.Module, leaf_modules: tuple, example_inputs: Sequence[object]
+                        ) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
+    """A ``PreTrainedModel`` through torch.export, its forward's first ``len(example_inputs)`` parameters given
+    (optimize puts a dict example in that order)."""
+    if leaf_modules:
+        raise InvfxError(f"invfx.optimize: leaf_modules cannot be kept whole in {type(model).__name__}: a Hugging "
+                         "Face model is traced by torch.export, which records the ops inside every module")
+    constants = _defaults_not_given(model, len(example_inputs))
+    parameters = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return trace_exported(model, parameters[:len(example_inputs)], example_inputs), {}, constants
 
 
 def _guards_first(graph: fx.Graph) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..runtime import rng_mark
 from ..runtime.branches import close_scope
-from ..runtime.stash import stash_begin, stash_end
+from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
            "marked_body"]
@@ -27,6 +27,9 @@ _EXPENSIVE_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv
                         torch.addmm, torch.baddbmm, torch.einsum, torch.conv1d, torch.conv2d, torch.conv3d,
                         operator.matmul}
 _EXPENSIVE_METHODS = {"matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__"}
+_EXPENSIVE_ATEN = EXPENSIVE_OPS | {torch.ops.aten.linear, torch.ops.aten.matmul, torch.ops.aten.conv1d,
+                                   torch.ops.aten.conv2d, torch.ops.aten.conv3d, torch.ops.aten.einsum,
+                                   torch.ops.aten.scaled_dot_product_attention}
 
 
 def keeps_output(root: nn.Module, node: fx.Node) -> bool:
@@ -34,7 +37,9 @@ def keeps_output(root: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(root.get_submodule(node.target), _EXPENSIVE_MODULES)
     if node.op == "call_function":
-        return node.target in _EXPENSIVE_FUNCTIONS
+        # (an exported graph's ATen ops, exported.py: aten.linear and aten.scaled_dot_product_attention as the
+        # model called them, or the ops they decompose into)
+        return node.target in _EXPENSIVE_FUNCTIONS or getattr(node.target, "overloadpacket", None) in _EXPENSIVE_ATEN
     if node.op == "call_method":
         return node.target in _EXPENSIVE_METHODS
     return False
