@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import BudgetError
 from ..modes import Mode
 from ..planner import ChainPlan, plain_peak, plan_chain, timed
+from ..regions.fused import tensors_in
 from ..regions.modules import BodyRegion, InvertibleRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
 from ..units import format_bytes, format_flops
@@ -437,6 +439,10 @@ def _plain_within(state: Compilation) -> None:
     budget = state.budget
     if budget is None:
         return
+    with example_run(state.model, state.inputs) as copies, torch.enable_grad():  # (as the step is measured)
+        outputs = state.model(*copies)
+    if not any(t.requires_grad for t in tensors_in(outputs)):
+        return  # (no backward: nothing is kept for one, so every budget is met)
     plain = _measure_step(state.model, state.inputs)
     if isinstance(budget, int) and plain <= budget or isinstance(budget, float) and budget >= 1.0:
         return
