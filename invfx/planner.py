@@ -263,9 +263,10 @@ class SegmentCost:
                      for level in (range(len(self.stash_levels)) if mode == SELECTIVE else (None,)))
 
     def _level(self, level: int | None) -> StashLevel:
-        """A stash level by index; None: the last (the most kept)."""
+        """A stash level by index; None: the last (the most kept). With none (a member of a selective group
+        that keeps none of its own calls): nothing kept."""
         if not self.stash_levels:
-            raise ValueError(f"segment {self.name!r} has no selective mode (no stash level)")
+            return StashLevel(0, 0.0)
         return self.stash_levels[-1 if level is None else level]
 
     def held_bytes(self, mode: str, level: int | None = None) -> int:
@@ -274,7 +275,7 @@ class SegmentCost:
         if mode == KEEP:
             return self.saved_bytes
         if mode == SELECTIVE:
-            return self._level(level).nbytes if self.stash_levels else 0
+            return self._level(level).nbytes
         if mode == INVERTIBLE:
             return self.branch_bytes
         return 0

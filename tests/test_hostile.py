@@ -741,7 +741,8 @@ def test_forward_without_backward_leaves_everything_as_plain_does():
     ((nn.Linear(2, 2), (torch.randn(1, 2), torch.randn(1, 2))), invfx.InvfxError,
      r"forward takes 1 input \(input\); example_inputs has 2"),
     ((nn.Linear(2, 2), ()), invfx.InvfxError, "holds no tensor"),
-    ((nn.Linear(2, 2), {"x": torch.randn(1, 2)}), invfx.InvfxError, "tensor or a tuple of tensors.*got dict"),
+    ((nn.Linear(2, 2), {"x": torch.randn(1, 2)}), invfx.InvfxError,
+     r"example_inputs names 'x', which Linear.forward does not take by position or name \(input\)"),
     ((nn.Linear(2, 2), (torch.randn(1, 2), object())), invfx.InvfxError, r"example_inputs\[1\] is a object"),
     ((nn.Linear, torch.randn(1, 2)), invfx.InvfxError, "model must be an nn.Module, got type"),
 ])
