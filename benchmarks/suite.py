@@ -13,7 +13,9 @@ Runs, in one process and in this order (each script's own ``main``, so each can 
   checkpoint, torch.compile, invfx (the budget tables and a peak-against-time PNG per model);
 * ``plan_speed.py --sizes 200``: planning time of 200-segment chains and of a 988-node ResNet graph (the README
   quotes these in prose; the script's default also plans 1,000-segment chains, which the README does not);
-* ``check_cost.py``: what optimize's gradient check costs (``check_gradients``).
+* ``check_cost.py``: what optimize's gradient check costs (``check_gradients``);
+* ``zoo.py``: timm, torchvision, Hugging Face and FrEIA models through ``invfx.optimize`` at budgets None and
+  0.5 (README: "Models from other libraries"); rows of a library not installed are skipped with a note.
 
 What each measures and how is in its docstring: peak memory by allocator replay
 (:func:`invfx.memory.cpu_peak_memory`), step times as ratios to plain autograd from interleaved rounds in one
@@ -76,13 +78,15 @@ BENCHMARKS = (
     Benchmark("plan_speed", "planning time: 200-segment chains and a 988-node ResNet graph",
               full=("--sizes", "200")),
     Benchmark("check_cost", "what optimize's gradient check costs"),
+    Benchmark("zoo", "models from other libraries (timm, torchvision, Hugging Face, FrEIA) at budgets None and 0.5"),
 )
 
 #: rough seconds per benchmark on a quiet 2-core CPU, only for the progress line's estimate of what remains
 EXPECTED_SECONDS = {
     False: {"chain_memory": 90, "depth_sweep": 300, "peers": 170, "resnet_budget": 300, "plan_speed": 40,
-            "check_cost": 120},
-    True: {"chain_memory": 3, "depth_sweep": 8, "peers": 2, "resnet_budget": 12, "plan_speed": 2, "check_cost": 3},
+            "check_cost": 120, "zoo": 900},
+    True: {"chain_memory": 3, "depth_sweep": 8, "peers": 2, "resnet_budget": 12, "plan_speed": 2, "check_cost": 3,
+           "zoo": 40},
 }
 
 

@@ -93,7 +93,8 @@ def _twins(model: nn.Module, optimized: nn.Module, inputs: tuple, dtype: torch.d
     gradient, and the plain copy's step."""
     twin_model, twin = copy.deepcopy((model, optimized))
     if dtype is not None:
-        twin_model.to(dtype)  # (twin shares twin_model's parameters and buffers: converted with them)
+        twin_model.to(dtype)  # (twin shares twin_model's parameters: converted with them, in place)
+        twin.to(dtype)  # (but buffers are replaced, not converted in place: twin's own references, its regions')
         inputs = tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
     twin_model.train()
     twin.train()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-NAMES = ("chain_memory", "depth_sweep", "peers", "resnet_budget", "plan_speed", "check_cost")
+NAMES = ("chain_memory", "depth_sweep", "peers", "resnet_budget", "plan_speed", "check_cost", "zoo")
 MODELS = ("coupling stack", "Glow-style flow", "two-stream transformer", "ResNet")
 QUICK_DEPTHS = ("2", "4")
 LIBRARIES = ("plain", "checkpoint", "revlib", "memcnn", "invfx")
@@ -106,6 +106,29 @@ def test_depth_sweep_table_rows_and_columns(quick_suite):
             assert re.fullmatch(r"[0-9.]+, [0-9.]+x( \(grads differ\))?", row["invfx"]), row
     assert detail[0][:3] == ["model", "depth", "library"]
     assert {row[2] for row in detail[1:]} >= {"plain", "checkpoint", "invfx"}
+
+
+def test_zoo_table_has_a_row_per_model_or_a_note_why_not(quick_suite):
+    out, _ = quick_suite
+    text = (out / "zoo_quick.md").read_text()
+    table = markdown_tables(text)[0]
+    header = table[0]
+    assert header[:2] == ["model", "input"] and "worst grad rel error" in header
+    rows = {row[0]: dict(zip(header, row)) for row in table[1:]}
+    # (prefix of the rows' names, library, models): a row each, or a note saying why they were skipped
+    for prefix, library, count in (("timm", "timm", 4), ("torchvision", "torchvision", 2),
+                                   ("HF", "transformers", 2), ("FrEIA", "FrEIA", 2)):
+        named = [name for name in rows if name.startswith(prefix + " ")]
+        skipped = re.findall(rf"^- {prefix} [^:]*: skipped, ", text, re.M)
+        assert len(named) + len(skipped) == count, (prefix, named, skipped)
+        runs = installed(library) and (prefix != "FrEIA" or (BENCHMARKS / "zoo_models.py").exists())
+        assert len(named) == (count if runs else 0), (prefix, named)
+    for row in rows.values():
+        assert re.fullmatch(r"ok, [0-9.]+ s", row["optimize None"]), row  # (the plan of least memory exists)
+        assert re.fullmatch(r"[0-9.]+, [0-9.]+x", row["None: peak, time / plain"]), row
+        assert re.fullmatch(r"\d+/\d+/\d+/\d+; (\d+/\d+/\d+/\d+|-)", row["segments k/c/i/s None; 0.5"]), row
+        assert re.fullmatch(r"ok, [0-9.]+ s|BudgetError: least achievable [0-9.]+ \(.+\)", row["optimize 0.5"]), row
+        assert re.match(r"[0-9.]+e[-+]\d+", row["worst grad rel error"]) and "OVER" not in row["worst grad rel error"]
 
 
 def test_progress_lines_say_elapsed_and_left(quick_suite):

@@ -1,6 +1,7 @@
 """The regions package (issue 16): what trains lives in ``invfx.regions``, nothing in ``invfx.passes`` runs in a
 training step, modules saved before the move still load, and registration hooks watch only what regions read."""
 
+import copy
 import os
 import sys
 
@@ -77,3 +78,32 @@ def test_layers_built_elsewhere_do_not_make_regions_rebind():
     assert region_modules._registrations[0] == before + 1
     expected = step(model, x)
     assert_close(step(optimized, x), expected, rtol=1e-9, atol=1e-12)
+
+
+class _TracedBatchNorm(nn.BatchNorm2d):
+    """Traced through, as timm's BatchNormAct2d is: its running statistics are get_attr nodes of the bodies."""
+
+    def forward(self, x):
+        return torch.relu(nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                   True, 0.1, 1e-5))
+
+
+def _traced_batchnorm_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _TracedBatchNorm(8),
+                         *[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _TracedBatchNorm(8)) for _ in range(3)],
+                         nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+
+
+def test_a_float32_model_with_traced_buffers_passes_the_float64_check_and_converts():
+    """``.double()`` replaces buffers without registering them: the float64 gradient check of a float32 model
+    crashed ("expected scalar type Double but found Float", timm's mobilenetv3 at its defaults), and so did a
+    step of ``optimized.double()``."""
+    torch.manual_seed(0)
+    model = _traced_batchnorm_net().train()
+    x = torch.randn(2, 3, 8, 8)
+    optimized = invfx.optimize(model, x)  # (the check runs in float64)
+    assert {str(r.mode) for r in optimized.plan.rows} - {"keep"}
+    plain = copy.deepcopy(model).double()
+    optimized.double()
+    assert_close(step(optimized, x.double()), step(plain, x.double()), rtol=1e-9, atol=1e-12)
+    assert all(b.dtype == torch.float64 for b in model.buffers() if b.is_floating_point())

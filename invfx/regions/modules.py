@@ -128,6 +128,14 @@ class BodyRegion(nn.Module):
             return self.forward_body(*inputs)
         return run_region(self._region(), inputs)
 
+    def _apply(self, fn, recurse=True):
+        # ``.to(dtype)``, ``.double()``, ``.cuda()`` put new buffer tensors into their modules' ``_buffers`` without
+        # a registration (parameters are converted in place): the next call rebinds the bodies to them, else a
+        # region traced through a BatchNorm (timm's BatchNormAct2d) reads the old float32 running statistics
+        result = super()._apply(fn, recurse)
+        object.__setattr__(self, "_epoch", None)
+        return result
+
     def _region(self) -> Region:
         if self.mode == Mode.SELECTIVE:
             # the outputs of its convolutions, matrix products and attention are kept for the recomputation,
