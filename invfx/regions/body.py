@@ -16,7 +16,7 @@ from ..runtime.branches import close_scope
 from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
-           "marked_body"]
+           "marked_body", "updated_buffers"]
 
 # What a selective checkpoint keeps the outputs of: the calls that run convolutions, matrix products and
 # attention (invfx.runtime.stash.EXPENSIVE_OPS are the aten ops they run)
@@ -43,6 +43,47 @@ def keeps_output(root: nn.Module, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _EXPENSIVE_METHODS
     return False
+
+
+# Functions that update running statistics passed to them (positions of those arguments) when training: a
+# BatchNorm traced through (timm's BatchNormAct2d, a model calling F.batch_norm on its own buffers)
+_UPDATES_ARGUMENTS = {F.batch_norm: (1, 2), torch.batch_norm: (3, 4), F.instance_norm: (1, 2),
+                      torch.instance_norm: (3, 4)}
+
+
+def updated_buffers(body: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``body``'s attributes (buffers read by ``get_attr``) that its calls update in place: passed
+    as running statistics to a batch or instance norm, or written by an in-place method or an op whose schema
+    writes that argument. A recomputation must not update them a second time, and a kernel's own update bumps
+    no version counter, so the graph says which they are."""
+    found: dict[int, torch.Tensor] = {}
+
+    def note(value: object) -> None:
+        if isinstance(value, fx.Node) and value.op == "get_attr":
+            tensor = _fetch(body, value.target)
+            if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter):
+                found.setdefault(id(tensor), tensor)
+
+    for node in body.graph.nodes:
+        if node.op == "call_function" and node.target in _UPDATES_ARGUMENTS:
+            for position in _UPDATES_ARGUMENTS[node.target]:
+                note(node.args[position] if position < len(node.args) else None)
+            note(node.kwargs.get("running_mean"))
+            note(node.kwargs.get("running_var"))
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__") and node.args:
+            note(node.args[0])
+        elif node.op == "call_function" and getattr(node.target, "_schema", None) is not None:
+            for argument, value in zip(node.target._schema.arguments, node.args):
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    note(value)
+    return tuple(found.values())
+
+
+def _fetch(body: nn.Module, target: str) -> object:
+    value: object = body
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 def marked_body(body: fx.GraphModule, calls: Collection[str] | None = None) -> fx.GraphModule:

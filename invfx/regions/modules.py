@@ -23,7 +23,7 @@ from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
 from ..runtime.stash import EXPENSIVE_OPS
-from .body import is_rng_mark, marked_body, named_objects, portable_graph
+from .body import is_rng_mark, marked_body, named_objects, portable_graph, updated_buffers
 from .fused import FusedReplay
 
 __all__ = ["OptimizedModule", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain",
@@ -142,10 +142,11 @@ class BodyRegion(nn.Module):
             # which runs only the cheap ops between them (invfx.runtime.stash)
             return self._cached_region((CHECKPOINT, Mode.SELECTIVE, self.__dict__.get("kept_calls")), lambda: Region(
                 function=self._selective_body(), mode=CHECKPOINT, discovery=self.discovery,
-                buffers=self._modules_used, name=self._label, keep_ops=EXPENSIVE_OPS, keep_marked=True))
+                buffers=self._modules_used, updated=self._updated_buffers, name=self._label, keep_ops=EXPENSIVE_OPS,
+                keep_marked=True))
         return self._cached_region(CHECKPOINT, lambda: Region(
             function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            name=self._label))
+            updated=self._updated_buffers, name=self._label))
 
     def _selective_body(self) -> fx.GraphModule:
         """The forward body with the calls whose outputs it keeps marked (made once per choice of calls)."""
@@ -175,6 +176,7 @@ class BodyRegion(nn.Module):
                 if isinstance(value, torch.Tensor):
                     candidates[id(value)] = value
         object.__setattr__(self, "discovery", Discovery(list(candidates.values())))
+        object.__setattr__(self, "_updated_buffers", updated_buffers(self.forward_body))
         self.__dict__.pop("_marked", None)  # (made again from the bodies as they are now)
         object.__setattr__(self, "_parameter_ids", self._current_parameter_ids())
         watch_registrations(m for used in self._modules_used for m in used.modules())
@@ -204,6 +206,7 @@ class BodyRegion(nn.Module):
         state.pop("discovery", None)
         state.pop("_regions", None)
         state.pop("_marked", None)
+        state.pop("_updated_buffers", None)  # (found again from the bodies on loading)
         for key in self._BODIES:
             body = state.pop(key)
             state[key + "_graph"] = (portable_graph(body.graph, self._CARRIED_META), named_objects(body),
@@ -300,6 +303,7 @@ class InvertibleRegion(BodyRegion):
                            discovery=self.discovery,
                            replay=self.fused_replay if self.fused and self.fused_replay is not None else None,
                            free=frozenset(free), keep=frozenset(self.kept), buffers=self._modules_used,
+                           updated=self._updated_buffers,
                            name=self._label))
 
     def _rebuild(self, ctx: ReplayContext) -> None:

@@ -141,6 +141,9 @@ class Region:
     rebuild: Callable[["ReplayContext"], None] | None = None
     discovery: "Discovery | None" = None
     buffers: tuple[torch.Tensor | torch.nn.Module, ...] = ()
+    # buffers the function updates in place whatever their version counters say (BatchNorm's running statistics
+    # where its F.batch_norm is called directly): kept from a second update by the recomputation, always
+    updated: tuple[torch.Tensor, ...] = ()
     preserve_rng_state: bool = True
     name: str = "region"
     keep_ops: frozenset[Any] = frozenset()
@@ -260,7 +263,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     args = tuple(args)
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     inputs = [args[i] for i in positions]
-    buffer_state = BufferState(region.buffers)
+    buffer_state = BufferState(region.buffers, region.updated)
     rng = RngState(inputs + [b for group in buffer_state.groups for b in group]) \
         if region.preserve_rng_state else None
     autocast = AutocastState()

@@ -122,19 +122,25 @@ class BufferState:
 
     Buffers come in groups (the direct buffers of one module). A group counts as mutated when any member's
     version counter moved: BatchNorm updates its running mean and variance inside the kernel without a version
-    bump, but bumps ``num_batches_tracked`` beside them. Only mutated groups pay for a snapshot.
+    bump, but bumps ``num_batches_tracked`` beside them. Only mutated groups pay for a snapshot. ``updated``:
+    buffers known to be updated whatever their versions say (a BatchNorm traced through, whose running
+    statistics ``F.batch_norm`` updates with no counter beside them): always snapshot.
     """
 
-    __slots__ = ("groups", "versions")
+    __slots__ = ("groups", "versions", "updated")
 
-    def __init__(self, owners: Iterable[torch.Tensor | torch.nn.Module]):
+    def __init__(self, owners: Iterable[torch.Tensor | torch.nn.Module], updated: Iterable[torch.Tensor] = ()):
         self.groups = list(_buffer_groups(owners))
         self.versions = [[b._version for b in group] for group in self.groups]
+        self.updated = list(updated)
 
     def mutated(self) -> list[torch.Tensor]:
-        """Buffers of the groups whose versions moved since construction (call right after the forward)."""
-        return [b for group, versions in zip(self.groups, self.versions)
-                if any(b._version != v for b, v in zip(group, versions)) for b in group]
+        """Buffers of the groups whose versions moved since construction (call right after the forward), and
+        the buffers known to be updated."""
+        found = [b for group, versions in zip(self.groups, self.versions)
+                 if any(b._version != v for b, v in zip(group, versions)) for b in group]
+        seen = {id(b) for b in found}
+        return found + [b for b in self.updated if id(b) not in seen]
 
     @staticmethod
     def preserved(buffers: list[torch.Tensor]) -> contextlib.AbstractContextManager[None]:
