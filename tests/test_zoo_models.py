@@ -83,9 +83,12 @@ def test_vit_meets_half_the_plain_peak_with_the_gradients_of_plain():
     assert calibration["peak_bytes"] <= 0.5 * calibration["plain_bytes"]
 
 
-def test_batchnorm_statistics_update_once_per_step():
+@pytest.mark.parametrize("name", ["torchvision resnet18", "timm mobilenetv3_small_050"])
+def test_batchnorm_statistics_update_once_per_step(name):
+    """torchvision's BatchNorm2d is a module the regions call; timm's BatchNormAct2d is traced through (its
+    F.batch_norm updated the running statistics a second time in a recomputation)."""
     torch.manual_seed(0)
-    model = VISION["torchvision resnet18"]().double().train()
+    model = VISION[name]().double().train()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     optimized = invfx.optimize(model, x)
     assert set(_segments(optimized)) - {"keep"}

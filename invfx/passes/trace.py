@@ -37,6 +37,11 @@ for _switch in MODE_SWITCHES:
 class InvfxTracer(fx.Tracer):
     def __init__(self, leaf_modules: Iterable[type | nn.Module] = ()):
         super().__init__()
+        # Buffers read as attributes are traced as get_attr nodes, not used as the tensors they are: an in-place
+        # update of one (timm's BatchNormAct2d counts ``num_batches_tracked.add_(1)`` itself) ran once while
+        # tracing, on the model's own buffer, and was missing from the graph, so the optimized model never
+        # counted a batch and optimize had changed the model
+        self.proxy_buffer_attributes = True
         leaf_modules = tuple(leaf_modules)
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
