@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InvfxError
+from .errors import InvfxError, first_line
 from .modes import Mode
 from .regions.fused import tensors_in
 from .runtime.region import relative_error
@@ -88,10 +88,25 @@ def check_gradients(model: nn.Module, optimized: nn.Module, inputs: tuple, regio
                          len(differences))
 
 
+def _uncopyable(model: nn.Module) -> str:
+    """``module 'blocks.0' (AllInOneBlock) holds w_perm, a tensor computed with grad (not a parameter or buffer):
+    `` for the first module attribute that stops a deep copy, or ""."""
+    for name, module in model.named_modules():
+        for field, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                return (f"module {name or '(the model)'!r} ({type(module).__name__}) holds {field}, a tensor its "
+                        "forward computed with grad (not a parameter or buffer): ")
+    return ""
+
+
 def _twins(model: nn.Module, optimized: nn.Module, inputs: tuple, dtype: torch.dtype | None):
     """Deep copies of both modules (in ``dtype``, if given), the inputs to give them, the parameters that take a
     gradient, and the plain copy's step."""
-    twin_model, twin = copy.deepcopy((model, optimized))
+    try:
+        twin_model, twin = copy.deepcopy((model, optimized))
+    except RuntimeError as error:  # (torch refuses to copy a tensor computed with grad: not a graph leaf)
+        raise InvfxError(f"invfx.optimize: the gradient check cannot copy the model: {_uncopyable(model)}"
+                         f"{first_line(error)}; pass check_gradients=False to skip the check") from error
     if dtype is not None:
         twin_model.to(dtype)  # (twin shares twin_model's parameters: converted with them, in place)
         twin.to(dtype)  # (but buffers are replaced, not converted in place: twin's own references, its regions')

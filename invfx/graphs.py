@@ -27,10 +27,13 @@ def tuple_metas(node) -> list | None:
 
 
 def leaves(value, is_leaf) -> list:
-    """The items of ``value`` for which ``is_leaf`` holds, nested tuples, lists and dicts included, in order (a
-    leaf is tested before its container: TensorMetadata is a NamedTuple)."""
+    """The items of ``value`` for which ``is_leaf`` holds, nested tuples, lists, dicts and slices included, in
+    order (a leaf is tested before its container: TensorMetadata is a NamedTuple; a slice's bounds may be values:
+    ``a[:, :n]`` with ``n = x.shape[1]``)."""
     if is_leaf(value):
         return [value]
+    if isinstance(value, slice):
+        return leaves((value.start, value.stop, value.step), is_leaf)
     if isinstance(value, (tuple, list)):
         return [leaf for item in value for leaf in leaves(item, is_leaf)]
     if isinstance(value, dict):

@@ -85,13 +85,14 @@ class OpCall:
 
     def __init__(self, target, bound: dict[str, Any], *, module: nn.Module | None = None,
                  out_meta: tuple | None = None, metas: dict[str, tuple] | None = None,
-                 producers: dict[str, Any] | None = None):
+                 producers: dict[str, Any] | None = None, nonzero: Iterable[str] = ()):
         self.target = target
         self.bound = bound
         self.module = module
         self.out_meta = out_meta
         self._metas = metas or {}
         self._producers = producers or {}
+        self._nonzero = frozenset(nonzero)  # tensor arguments the graph proves non-zero (0.1 * softplus(a))
 
     @classmethod
     def of(cls, target, args: Sequence = (), kwargs: dict | None = None, *, module: nn.Module | None = None,
@@ -115,6 +116,11 @@ class OpCall:
 
     def producer(self, name: str) -> Any:
         return self._producers.get(name)
+
+    def proven_nonzero(self, name: str) -> bool:
+        """Whether the graph proves tensor argument ``name`` non-zero through more than its producer (a non-zero
+        number times the output of exp, sigmoid or softplus: see ``invfx.passes.solve``)."""
+        return name in self._nonzero
 
     def __repr__(self) -> str:
         what = type(self.module).__name__ if self.module is not None else _target_name(self.target)
@@ -374,15 +380,18 @@ NONZERO_PRODUCERS: set[Any] = {torch.exp, "exp", torch.sigmoid, "sigmoid", torch
 
 
 def provably_nonzero(call: OpCall, name: str) -> str | None:
-    """None when argument ``name`` is provably non-zero: a non-zero number, or a tensor made by a producer
-    that cannot give zero (exp, sigmoid, softplus); else why not."""
+    """None when argument ``name`` is provably non-zero: a non-zero number, a tensor made by a producer that
+    cannot give zero (exp, sigmoid, softplus), or one the graph proves non-zero (``0.1 * softplus(a)``,
+    ``-exp(s)``); else why not."""
     value = call.arg(name)
     if isinstance(value, bool):
         return f"{name} is a boolean"
     if isinstance(value, (int, float)):
         return None if value != 0 and math.isfinite(value) else f"{name} is {value}"
+    if call.proven_nonzero(name):
+        return None
     producer = call.producer(name)
     if producer is not None and (producer in NONZERO_PRODUCERS or
                                  (isinstance(producer, type) and issubclass(producer, (nn.Sigmoid, nn.Softplus)))):
         return None
-    return f"{name} may be zero (not a non-zero constant nor the output of exp/sigmoid/softplus)"
+    return f"{name} may be zero (not a non-zero constant nor made of the outputs of exp/sigmoid/softplus)"

@@ -57,8 +57,9 @@ def test_find_segments_makes_the_coupling_one_invertible_segment():
     assert not segment.kept
     rules = {s.rule.name for s in segment.rebuild.steps if s.rule is not None}
     assert "add_solve_input" in rules
-    # what follows rebuilds the halves the coupling hands on: the cat, undone by cat_inverse
-    assert any(n.name == "cat" for s in invertible[1:] for n in s.nodes)
+    # the cat after the block (ops outside any module) joins it, where one value is live instead of the two halves;
+    # the segment undoes it with cat_inverse
+    assert names[-1] == "cat" and "cat_inverse" in rules and [n.name for n in segment.outputs] == ["sum_1", "cat"]
     # every compute node belongs to exactly one segment, in graph order
     compute = [n for n in module.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     assert [n for s in segments for n in s.nodes] == compute

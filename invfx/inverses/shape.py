@@ -175,6 +175,49 @@ def tuple_item_inverse(out, index):
     return TupleItem(index, out)
 
 
+# a fixed permutation by indexing: ``x[:, perm]`` with ``perm`` a buffer (FrEIA's PermuteRandom)
+
+
+def _fixed_permutation(call):
+    """``(dim, perm)`` when the index is full slices then a fixed integer tensor that permutes that dimension;
+    else the reason it is not."""
+    index = call.arg("index")
+    items = index if isinstance(index, tuple) else (index,)
+    tensors = [i for i, item in enumerate(items) if isinstance(item, torch.Tensor)]
+    if len(tensors) != 1:
+        return "the index is not one fixed tensor (an attribute) among slices"
+    dim = tensors[0]
+    if any(item != slice(None) for i, item in enumerate(items) if i != dim):
+        return "the index slices more than one dimension"
+    perm, shape = items[dim], call.shape("input")
+    if shape is None or dim >= len(shape):
+        return "the input's shape is unknown"
+    if perm.dtype not in (torch.int64, torch.int32) or perm.dim() != 1 or perm.numel() != shape[dim]:
+        return f"index is a {tuple(perm.shape)} {perm.dtype} tensor, not a permutation of dimension {dim}"
+    if not torch.equal(torch.sort(perm.detach().cpu()).values, torch.arange(shape[dim], dtype=perm.dtype)):
+        return "the index tensor is not a permutation (a value repeats or is missing)"
+    return dim, perm
+
+
+def _permutation_condition(call):
+    found = _fixed_permutation(call)
+    return found if isinstance(found, str) else None
+
+
+def _permutation_bind(call):
+    index = call.arg("index")
+    items = index if isinstance(index, tuple) else (index,)
+    dim = next(i for i, item in enumerate(items) if not isinstance(item, slice))
+    return (dim, items[dim]), {}
+
+
+@register_inverse(operator.getitem, params=("input", "index"), bind=_permutation_bind, needs=(),
+                  condition=_permutation_condition, cost=0)
+def index_permutation_inverse(out, dim, perm):
+    """x from ``out = x[:, perm]`` (``perm`` a permutation of the indexed dimension): ``x[:, perm] = out``."""
+    return out.new_empty(out.shape).index_copy_(dim, perm.to(out.device), out)
+
+
 def assemble_tuple(items, length: int) -> tuple:
     """The tuple whose items ``TupleItem``s give; every index in ``range(length)`` must be present."""
     values = {item.index % length: item.value for item in items}
@@ -210,4 +253,5 @@ def pixel_unshuffle_module_inverse(module, out):
 
 __all__ = ["reshape_inverse", "identity_inverse", "flip_inverse", "roll_inverse", "permute_inverse",
            "transpose_inverse", "t_inverse", "cat_inverse", "stack_inverse", "split_inverse", "unbind_inverse",
-           "TupleItem", "tuple_item_inverse", "assemble_tuple", "pixel_shuffle_inverse", "pixel_unshuffle_inverse"]
+           "TupleItem", "tuple_item_inverse", "index_permutation_inverse", "assemble_tuple", "pixel_shuffle_inverse",
+           "pixel_unshuffle_inverse"]

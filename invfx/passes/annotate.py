@@ -37,6 +37,11 @@ class _ExampleRun(fx.Interpreter):
         try:
             result = super().run_node(node)
         except Exception as error:  # noqa: BLE001 - the user's model: report which node failed and why
+            if not torch.is_grad_enabled() and _runs_with_grad(self, node):
+                raise InvfxError(f"invfx.optimize: {_where(node, self.module)} differentiates inside its forward "
+                                 f"(torch.autograd.grad: without grad it raises {type(error).__name__}: "
+                                 f"{first_line(error)}); invfx runs parts of a model without grad (a checkpoint's "
+                                 "forward, the analysis), so it cannot optimize this model") from error
             raise InvfxError(f"invfx.optimize: the model does not run on example_inputs: {_where(node, self.module)} "
                              f"raised {type(error).__name__}: {first_line(error)}") from error
         tensors = []
@@ -53,6 +58,18 @@ class _ExampleRun(fx.Interpreter):
         node.meta["type"] = type(result)
         node.meta["storages"] = frozenset(_storage_keys(tensors))
         return result
+
+
+def _runs_with_grad(run: fx.Interpreter, node: fx.Node) -> bool:
+    """Whether ``node``, which failed under no_grad, runs with grad on (on copies of its tensor arguments)."""
+    args, kwargs = run.fetch_args_kwargs_from_env(node)
+    args, kwargs = map_aggregate((args, kwargs), lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v)
+    try:
+        with torch.enable_grad():
+            getattr(run, node.op)(node.target, args, kwargs)
+    except Exception:  # noqa: BLE001 - it fails either way
+        return False
+    return True
 
 
 def _storage_keys(tensors):
@@ -80,11 +97,39 @@ def _where(node: fx.Node, root: nn.Module) -> str:
 
 def annotate(module: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
     _check_arity(module, example_inputs)
+    fingerprints = _fingerprints(module)
     with example_run(module, example_inputs) as inputs, torch.no_grad():
         _ExampleRun(module).run(*inputs)
+    _check_parameters_unwritten(module, fingerprints)
     for node in module.graph.nodes:
         node.meta["bytes"] = node_bytes(node)
         node.meta["producer"] = producer_of(module, node)
+
+
+def _fingerprints(module: nn.Module) -> dict[str, tuple]:
+    """Each parameter's version and the sums of its values and of their squares: a write through ``.data``
+    (FrEIA's ``ActNorm`` initialises itself so) moves no version counter, but changes the sums."""
+    def sums(p: torch.Tensor) -> torch.Tensor:
+        values = (torch.view_as_real(p) if p.is_complex() else p).double()
+        return torch.stack([values.sum(), values.square().sum()])
+
+    with torch.no_grad():
+        return {name: (p._version, sums(p)) for name, p in module.named_parameters()}
+
+
+def _check_parameters_unwritten(module: fx.GraphModule, fingerprints: dict[str, tuple]) -> None:
+    """A forward that writes into a parameter (a data-dependent initialisation on the first batch: FrEIA's
+    ``ActNorm``) trains differently once invfx has run it on the example: refused, naming the module."""
+    now = _fingerprints(module)
+    for name, (version, sums) in now.items():
+        before = fingerprints.get(name)
+        if before is not None and (version != before[0] or
+                                   not torch.allclose(sums, before[1], rtol=0, atol=0, equal_nan=True)):
+            owner, _, field = name.rpartition(".")
+            kind = type(module.get_submodule(owner)).__name__ if owner else type(module).__name__
+            raise InvfxError(f"invfx.optimize: module {owner or '(the model)'!r} ({kind}) writes into its parameter "
+                             f"{field!r} in its forward (a data-dependent initialisation?), which invfx's run on "
+                             "example_inputs has now done; run the model on data once, then optimize it")
 
 
 def _check_arity(module: fx.GraphModule, example_inputs: Sequence) -> None:

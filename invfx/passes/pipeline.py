@@ -47,8 +47,7 @@ class Trace(CompilationPass):
     name = "trace"
 
     def call(self, state: Compilation) -> None:
-        state.traced, state.opaque, state.constants = trace(state.model, state.leaf_modules,
-                                                            num_inputs=len(state.inputs), example_inputs=state.inputs)
+        state.traced, state.opaque, state.constants = trace(state.model, state.leaf_modules, inputs=state.inputs)
 
     def ensures(self, state: Compilation) -> None:
         self.need(state.traced is not None, "no traced module")

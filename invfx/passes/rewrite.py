@@ -132,8 +132,11 @@ def _watched(root: fx.GraphModule, segment: Segment) -> tuple[nn.Module, ...]:
 
 
 def region_name(root: nn.Module, nodes: Sequence[fx.Node], index: int, taken: set[str], prefix: str = "inv_") -> str:
-    """``prefix`` and the innermost module all ``nodes`` were traced in (``inv_blocks_3``), unique."""
+    """``prefix`` and the innermost module all ``nodes`` were traced in (``inv_blocks_3``), unique. Ops outside
+    every module (a flow's ``logdet = j + logdet`` after its block) do not count where the others share one."""
     paths = [module_path(n) for n in nodes]
+    if any(paths):
+        paths = [path for path in paths if path]
     common = paths[0]
     for path in paths[1:]:
         n = 0
@@ -272,7 +275,8 @@ def build_invertible_region(root: fx.GraphModule, segment: Segment, name: str) -
             for arg in step.node.all_input_nodes:
                 if arg.op == "get_attr":
                     _get_attr(rebuild_graph, renv, arg)
-            renv[step.node] = _tag(rebuild_graph.node_copy(step.node, lambda n: renv[n]), step.node)
+            renv[step.node] = _tag(rebuild_graph.node_copy(
+                step.node, lambda n, substitute=step.substitute: renv[substitute.get(n, n)]), step.node)
             renv[step.node].meta["invfx_recompute"] = True
             if step.node in marked:
                 _end_mark(rebuild_graph, step.node, helpers)

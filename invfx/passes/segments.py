@@ -177,8 +177,19 @@ def _is_view(module: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _VIEW_METHODS
     if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS or getattr(node.target, "__name__", "") == "getitem"
+        if getattr(node.target, "__name__", "") == "getitem":
+            return not _advanced_index(node)
+        return node.target in _VIEW_FUNCTIONS
     return False
+
+
+def _advanced_index(node: fx.Node) -> bool:
+    """``x[:, perm]``, ``x[mask]``: indexing a tensor with a tensor copies (basic indexing, ``x[:, :n]``, views)."""
+    if len(node.args) < 2 or not isinstance(node.args[0], fx.Node) or tuple_metas(node.args[0]) is not None:
+        return False
+    index = node.args[1]
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    return any(isinstance(item, fx.Node) and is_tensor_meta(item.meta.get("tensor_meta")) for item in items)
 
 
 def _why_not_freeable(module: fx.GraphModule, node: fx.Node) -> str | None:
@@ -440,15 +451,23 @@ def _ordered(values: set[fx.Node]) -> list[fx.Node]:
 
 def _find_from(module, compute, live, p, cache, max_nodes: int = MAX_NODES, max_attempts: int = MAX_ATTEMPTS):
     """The first segment starting at ``p`` that is invertible, frees an input, keeps none and hands the next
-    segment outputs it can free (not views); failing that, the first invertible one that frees something."""
+    segment outputs it can free (not views); failing that, the first invertible one that frees something.
+
+    Such a segment goes on through the glue after it (ops outside any module, where it started) to a later cut
+    that is clean too and where fewer values are live: a flow's running log-det, ``logdet = j + logdet`` after
+    each block, belongs to the block. Cut before it, the block would hand on both its output and ``j``, the add
+    between two blocks would read the running sum beside them, and no two blocks would be consecutive links of
+    one chain (the planner would see every block keep its output: the next segment, the add, does not free it)."""
     fallback = None
+    found = None  # (q, segment): the first clean segment ending where a module does, or a later one past glue
     attempts = 0
     first = compute[p]
-    if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem":
+    if first.op == "call_function" and getattr(first.target, "__name__", "") == "getitem" and \
+            first.args and isinstance(first.args[0], fx.Node) and tuple_metas(first.args[0]) is not None:
         return None  # never start inside a tuple
     scope = _scope(compute, p)
     for q in range(p + 1, min(len(compute), p + max_nodes) + 1):
-        if stands_alone(compute[q - 1]):
+        if stands_alone(compute[q - 1]) or found is not None and not _glue(compute[q - 1], scope):
             break
         nodes = compute[p:q]
         if module_path(nodes[-1])[:len(scope)] != scope:
@@ -486,13 +505,24 @@ def _find_from(module, compute, live, p, cache, max_nodes: int = MAX_NODES, max_
         segment = _invertible(nodes, inputs, outputs, kept, freeable, rebuild)
         clean = not kept and not any(_why_not_freeable(module, o) for o in outputs)
         if clean and (q == len(compute) or not _inside(compute[q], nodes)):
-            return q, segment
+            if found is None or len(live[q]) < len(live[found[0]]):
+                found = (q, segment)
+            continue
+        if found is not None:
+            continue
         # a clean cut inside a module (between a coupling and its cat) is second best: the whole module reads
         # better as one region, and costs nothing more if it is invertible too
         rank = 1 if clean else 2
         if fallback is None or rank < fallback[0]:
             fallback = (rank, q, segment)
+    if found is not None:
+        return found
     return fallback[1:] if fallback else None
+
+
+def _glue(node: fx.Node, scope: tuple[str, ...]) -> bool:
+    """An op between modules, at the level a segment started at (``logdet = j + logdet`` after a block)."""
+    return node.op in ("call_function", "call_method") and _parent_path(node) == scope
 
 
 def _scope(compute: list[fx.Node], p: int) -> tuple[str, ...]:

@@ -4,12 +4,20 @@ invfx.nn modules and the user's ``leaf_modules`` are leaves (called as a whole, 
 layers are leaves as fx makes them. A submodule whose forward cannot be traced (data-dependent control flow,
 unsupported Python) is rolled back and kept as an opaque leaf; the reason is recorded, and the plan reports it.
 Only when the root's own forward cannot be traced is it an error.
+
+While tracing, ``torch.is_tensor`` answers for fx's proxies too (a proxy is never a tensor to Python): True for a
+proxy of a tensor, False for one of a size, a number or a tuple, from what made it (:func:`proxy_kind`).
+Models branch on it to wrap a tensor in a tuple (FrEIA's ``SequenceINN``: ``if torch.is_tensor(x): x = (x,)``);
+answered False, the traced graph would index the tensor where the model indexes the tuple.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
+import operator
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -25,7 +33,7 @@ from ..nn.module import Module as InvertibleModule
 from ..runtime.grad_mode import enter_grad_mode, exit_grad_mode
 from .exported import is_hugging_face_model, trace_exported
 
-__all__ = ["trace", "InvfxTracer", "MODE_SWITCHES"]
+__all__ = ["trace", "InvfxTracer", "MODE_SWITCHES", "proxy_kind"]
 
 #: the calls a traced graph switches grad mode or autocast with (never inside a region: see segments.py)
 MODE_SWITCHES = frozenset({enter_grad_mode, exit_grad_mode, grad_mode._enter_inference_mode,
@@ -46,6 +54,24 @@ class InvfxTracer(fx.Tracer):
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_instances = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self.opaque: dict[str, str] = {}  # qualified name -> why it could not be traced
+
+    def create_arg(self, a):
+        # A NumPy scalar (FrEIA's ``np.prod(dims) * scale``) is no argument fx can record, and its repr
+        # (``np.float64(0.0)``) is no code the graph can run: it is recorded as the Python number it holds.
+        numpy = sys.modules.get("numpy")  # (not a dependency: without it imported there is no NumPy scalar)
+        if numpy is not None and isinstance(a, numpy.generic):
+            a = a.item()
+        return super().create_arg(a)
+
+    def iter(self, obj):
+        # A loop over a parameter or buffer (``for v in self.vectors``: FrEIA's Householder reflections) runs over
+        # its rows, as many as it has now: its shape is the module's, not the data's.
+        node = obj.node
+        if node.op == "get_attr":
+            value = _attribute(self.root, str(node.target))
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return iter([obj[i] for i in range(value.shape[0])])
+        return super().iter(obj)
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         # (a region of a model optimized before, inside this one, runs as it was planned)
@@ -138,6 +164,199 @@ def _recording_mode_switches(tracer: fx.Tracer):
             setattr(cls, name, original)
 
 
+# --- torch.is_tensor on proxies ----------------------------------------------------------------------------
+
+TENSOR, TENSORS, OTHER = "tensor", "tensors", "other"  # what a proxy stands for; None: unknown
+
+#: Tensor methods (and torch functions of the same name) that give no tensor: sizes, numbers, flags
+_OTHER_CALLS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "tolist", "item", "stride", "element_size", "is_contiguous",
+    "is_floating_point", "is_complex", "is_nonzero", "data_ptr", "get_device", "storage_offset", "equal",
+    "is_same_size", "has_names", "__len__", "__bool__", "__int__", "__float__", "__index__", "allclose",
+    "is_tensor", "is_storage", "result_type", "can_cast", "promote_types"})
+#: calls that give a tuple (or list) of tensors whatever their arguments
+_TUPLE_CALLS = frozenset({
+    "split", "chunk", "unbind", "tensor_split", "split_with_sizes", "unsafe_split", "unsafe_chunk", "hsplit",
+    "vsplit", "dsplit", "sort", "topk", "kthvalue", "var_mean", "std_mean", "aminmax", "frexp", "cummax", "cummin",
+    "slogdet", "qr", "svd", "eig", "eigh", "lu", "mode", "broadcast_tensors", "meshgrid", "lstsq", "lobpcg",
+    "lu_factor", "geqrf", "histogram"})
+#: calls that give a tuple when given a dimension (``x.max(1)``), else a tensor (``x.max()``, ``max(x, y)``)
+_TUPLE_WITH_DIM = frozenset({"max", "min", "median", "nanmedian"})
+#: calls that give a tuple when asked for more than the values (``return_inverse``, ``return_counts``)
+_TUPLE_WITH_FLAGS = frozenset({"unique", "unique_consecutive"})
+#: Tensor attributes that are not tensors
+_OTHER_ATTRIBUTES = frozenset({
+    "shape", "ndim", "dtype", "device", "layout", "is_cuda", "is_cpu", "is_meta", "is_sparse", "is_quantized",
+    "is_leaf", "requires_grad", "names", "itemsize", "nbytes", "is_mkldnn", "is_nested", "output_nr", "_version"})
+#: builtins and operators whose result is never a tensor
+_OTHER_FUNCTIONS = frozenset({builtins.len, builtins.int, builtins.float, builtins.bool, builtins.str,
+                              builtins.isinstance, builtins.hasattr, builtins.type, operator.not_, operator.is_,
+                              operator.is_not, operator.contains, operator.truth})
+
+
+def _attribute(root: nn.Module, target: str):
+    """The parameter, buffer or plain attribute ``target`` names (``blocks.0.scale``), read past fx's patched
+    ``Module.__getattr__``, which answers proxies while tracing; None if there is none."""
+    *path, name = target.split(".")
+    module = root
+    for atom in path:
+        module = module._modules.get(atom) if isinstance(module, nn.Module) else None
+        if module is None:
+            return None
+    for store in (module._parameters, module._buffers, module.__dict__):
+        if name in store:
+            return store[name]
+    return None
+
+
+def _call_name(target) -> str | None:
+    """A torch function's or Tensor method's name; None for anything else (a user's function, a builtin)."""
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None) or ""
+    if module == "torch" or module.startswith("torch.") or \
+            getattr(target, "__self__", None) is torch._C._VariableFunctions:
+        return getattr(target, "__name__", None)
+    return None
+
+
+def _module_kind(module: nn.Module) -> str | None:
+    """What a leaf module's call gives: torch.nn's layers a tensor, but for those that return tuples."""
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return None  # (a tuple, nested for an LSTM; attention's second item may be None)
+    if getattr(module, "return_indices", False):  # max pools and unpools asked for their indices
+        return TENSORS
+    if type(module).__module__.startswith("torch.nn."):
+        return TENSOR
+    return None  # a user's leaf, an invfx.nn module, an opaque submodule: unknown
+
+
+def proxy_kind(node: fx.Node, root: nn.Module, inputs: Sequence | None = None,
+               cache: dict | None = None) -> str | None:
+    """Whether the value ``node`` stands for while tracing is a tensor (TENSOR), a tuple or list of tensors
+    (TENSORS) or something else (OTHER: a size, a number, a flag), from what made it; None where that cannot be
+    told without running it (a user's leaf module, a user's function)."""
+    cache = {} if cache is None else cache
+    if node in cache:
+        return cache[node]
+    kind = _kind(node, root, inputs, cache)
+    cache[node] = kind
+    return kind
+
+
+def _kind(node: fx.Node, root: nn.Module, inputs, cache) -> str | None:
+    def of(value) -> str | None:
+        if isinstance(value, fx.Node):
+            return proxy_kind(value, root, inputs, cache)
+        if isinstance(value, torch.Tensor):
+            return TENSOR
+        if isinstance(value, (tuple, list)) and value and all(of(v) == TENSOR for v in value):
+            return TENSORS
+        return OTHER
+
+    if node.op == "placeholder":
+        if inputs is None:
+            return None
+        index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
+        return of(inputs[index]) if index < len(inputs) else None
+    if node.op == "get_attr":
+        return TENSOR if isinstance(_attribute(root, str(node.target)), torch.Tensor) else None
+    if node.op == "call_module":
+        return _module_kind(root.get_submodule(node.target))
+    target, args, kwargs = node.target, node.args, node.kwargs
+    if node.op == "call_function":
+        if target is getattr:
+            base, name = args[0], args[1]
+            if name in _OTHER_ATTRIBUTES:
+                return OTHER
+            return TENSOR if of(base) == TENSOR and name in ("T", "mT", "H", "mH", "data", "grad", "real",
+                                                              "imag") else None
+        if target is operator.getitem:
+            container, index = of(args[0]), args[1]
+            if container == TENSOR:
+                return TENSOR
+            if container == TENSORS:
+                return TENSORS if isinstance(index, slice) else TENSOR
+            return container  # (an item of a size is a number; unknown stays unknown)
+        if target in _OTHER_FUNCTIONS:
+            return OTHER
+        if getattr(target, "__module__", None) in ("_operator", "operator"):  # arithmetic, comparisons
+            kinds = [of(a) for a in (*args, *kwargs.values()) if isinstance(a, fx.Node)]
+            if TENSOR in kinds:
+                return TENSOR
+            if kinds and all(k == OTHER for k in kinds):
+                return OTHER
+            if kinds and all(k == TENSORS for k in kinds) and target is operator.add:
+                return TENSORS  # (tuple concatenation)
+            return None
+    name = _call_name(target)
+    if name is None:
+        return None
+    if name in _OTHER_CALLS:
+        return OTHER
+    if name in _TUPLE_CALLS:
+        return TENSORS
+    if name in _TUPLE_WITH_DIM:
+        tensor_args = sum(1 for a in args if of(a) == TENSOR)
+        has_dim = "dim" in kwargs or len(args) > 1 and tensor_args == 1
+        return TENSORS if has_dim else TENSOR
+    if name in _TUPLE_WITH_FLAGS:
+        flags = ("return_inverse", "return_counts")
+        return TENSORS if any(kwargs.get(f) for f in flags) or len(args) > 2 else TENSOR
+    return TENSOR  # (any other torch function or Tensor method gives a tensor)
+
+
+@contextlib.contextmanager
+def _answering_is_tensor(tracer: "InvfxTracer", inputs: Sequence | None):
+    """``torch.is_tensor`` answers for proxies while tracing (see the module's docstring); where what a proxy
+    stands for cannot be told, it raises, naming the value: an answer could trace the wrong branch."""
+    original = torch.is_tensor
+    cache: dict = {}
+
+    def is_tensor(obj) -> bool:
+        if not isinstance(obj, fx.Proxy):
+            return original(obj)
+        kind = proxy_kind(obj.node, tracer.root, inputs, cache)
+        if kind is None:
+            raise TraceError(f"torch.is_tensor({obj.node.name}): whether {_made_by(obj.node)} gives a tensor "
+                             "cannot be told while tracing")
+        return kind == TENSOR
+
+    torch.is_tensor = is_tensor
+    try:
+        yield
+    finally:
+        torch.is_tensor = original
+
+
+def _made_by(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    return f"{target!r}"
+
+
+@contextlib.contextmanager
+def _refusing_traced_attributes():
+    """A module that stores what its forward computes on itself (``self.w_perm = ...``, FrEIA's AllInOneBlock with
+    ``learned_householder_permutation``) would keep fx's proxy there, and the traced graph would not record the
+    store: tracing such a forward is refused (the module is kept as an opaque leaf, named in the plan), before
+    anything is stored."""
+    original = nn.Module.__setattr__
+
+    def setattr_(module, name, value):
+        if isinstance(value, fx.Proxy):
+            raise TraceError(f"{type(module).__name__}.forward stores a value it computes as self.{name} (a "
+                             "module attribute the traced graph cannot write)")
+        original(module, name, value)
+
+    nn.Module.__setattr__ = setattr_
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original
+
+
 def _defaults_not_given(model: nn.Module, num_inputs: int | None) -> dict[str, object]:
     """The forward's parameters after the ``num_inputs`` given that have defaults: traced as those constants
     (``forward(x, mask=None)`` with only ``x``: ``x * mask`` would be traced as a product of two inputs and fail
@@ -155,20 +374,23 @@ def _defaults_not_given(model: nn.Module, num_inputs: int | None) -> dict[str, o
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module] = (), num_inputs: int | None = None,
-          example_inputs: Sequence[object] | None = None) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
+          inputs: Sequence | None = None) -> tuple[fx.GraphModule, dict[str, str], dict[str, object]]:
     """``model`` as a GraphModule sharing its parameters, the opaque submodules with the reasons, and the
-    forward's parameters traced as constants (those with defaults after the ``num_inputs`` given). A Hugging
-    Face model (``transformers.PreTrainedModel``), which torch.fx cannot trace, is exported instead
-    (``exported.py``; that needs ``example_inputs``)."""
+    forward's parameters traced as constants (those with defaults after the ``num_inputs`` given). ``inputs``
+    (the example inputs) tell ``torch.is_tensor`` which inputs are tensors; without them it cannot tell. A
+    Hugging Face model (``transformers.PreTrainedModel``), which torch.fx cannot trace, is exported instead
+    (``exported.py``; that needs ``inputs``)."""
+    if inputs is not None and num_inputs is None:
+        num_inputs = len(inputs)
     if not isinstance(model, nn.Module):
         raise TraceError(f"invfx.optimize needs an nn.Module, got {type(model).__name__}")
-    if is_hugging_face_model(model) and example_inputs is not None:
-        return _trace_hugging_face(model, tuple(leaf_modules), example_inputs)
+    if is_hugging_face_model(model) and inputs is not None:
+        return _trace_hugging_face(model, tuple(leaf_modules), inputs)
     tracer = InvfxTracer(leaf_modules)
     attributes = set(vars(model))
     constants = _defaults_not_given(model, num_inputs)
     try:
-        with _recording_mode_switches(tracer):
+        with _recording_mode_switches(tracer), _answering_is_tensor(tracer, inputs), _refusing_traced_attributes():
             graph = tracer.trace(model, concrete_args=constants or None)
         module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001

@@ -53,6 +53,7 @@ class _Analysis:
         forward_nodes = {_value(n): n for n in forward_body.graph.nodes if _value(n) is not None}
         self.recomputed = {v for v in recomputed if v in forward_nodes}
         self.forward_nodes = forward_nodes
+        self.recomputed -= self._joins(forward_nodes)
         self.components = self._components(forward_nodes)
         self.component_of = {v: c for c in self.components for v in c.values}
         # values only read inside their sub-network's graph (never published to the sweep)
@@ -62,6 +63,34 @@ class _Analysis:
         for component in self.components:
             for v in component.external:
                 self.stand_in_readers[v] = self.stand_in_readers.get(v, 0) + 1
+
+    def _joins(self, forward_nodes: dict[str, fx.Node]) -> set[str]:
+        """Recomputed adds and subs of values of two different sub-networks (a coupling's log-det ``j1 + j2``,
+        ``sum(s1)`` of ``F`` and ``sum(s2)`` of ``G``): rebuilt as plain values and differentiated as nodes of
+        their own (their backward needs no values), so that the two sub-networks stay apart. Joined into one, the
+        sub-network would both feed and read the ops between them (``y1 = exp(s2) * x1 + t2``, read by ``F``),
+        and the region would have no fused backward at all."""
+        candidates = {v for v in self.recomputed if _plumbing_kind(forward_nodes[v]) in ("add", "sub")}
+        if not candidates:
+            return set()
+        parent = {v: v for v in self.recomputed - candidates}
+
+        def find(v):
+            while parent[v] != v:
+                parent[v] = parent[parent[v]]
+                v = parent[v]
+            return v
+
+        for value in parent:
+            for arg in forward_nodes[value].all_input_nodes:
+                if _value(arg) in parent:
+                    parent[find(_value(arg))] = find(value)
+        joins = set()
+        for value in candidates:
+            roots = {find(_value(a)) for a in forward_nodes[value].all_input_nodes if _value(a) in parent}
+            if len(roots) > 1:
+                joins.add(value)
+        return joins
 
     def _components(self, forward_nodes: dict[str, fx.Node]) -> list[_Component]:
         parent = {v: v for v in self.recomputed}
@@ -824,6 +853,8 @@ class _Sweep:
                 self._send(arg, piece)
             return
         for arg, sign, source in pieces:
+            if source[0] == "value" and not isinstance(self.values[source[1]], torch.Tensor):
+                continue  # a number (``n_pixels * 0.0``): nothing to send it
             shape = self._shape(source, grad)
             piece = grad if sign == 1 else -grad
             self._send(arg, piece if tuple(piece.shape) == shape else piece.sum_to_size(shape))
