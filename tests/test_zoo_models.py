@@ -83,6 +83,23 @@ def test_vit_meets_half_the_plain_peak_with_the_gradients_of_plain():
     assert calibration["peak_bytes"] <= 0.5 * calibration["plain_bytes"]
 
 
+@pytest.mark.slow
+def test_resnet18_meets_a_budget_it_can_reach_measured():
+    """resnet18's least peak is ~0.77 of plain (its stem's backward holds four full-resolution tensors: budget 0.5
+    is a BudgetError, benchmarks/zoo.py); 0.8 is met, measured on the example, at a size where activations, not
+    a CPU convolution backward's weight-sized workspace, make the peak (measured 0.799), with the float64 gradient
+    check passed."""
+    torch.manual_seed(0)
+    model = VISION["torchvision resnet18"]().train()
+    x = torch.randn(16, 3, 112, 112)
+    optimized = invfx.optimize(model, x, memory_budget=0.8)
+    calibration = optimized.plan.calibration
+    assert calibration["peak_bytes"] <= 0.8 * calibration["plain_bytes"], calibration
+    assert "matches plain autograd" in str(optimized.plan.gradient_check)
+    with pytest.raises(invfx.BudgetError, match="cannot be met"):
+        invfx.optimize(model, x, memory_budget=0.5, check_gradients=False)
+
+
 @pytest.mark.parametrize("name", ["torchvision resnet18", "timm mobilenetv3_small_050"])
 def test_batchnorm_statistics_update_once_per_step(name):
     """torchvision's BatchNorm2d is a module the regions call; timm's BatchNormAct2d is traced through (its
