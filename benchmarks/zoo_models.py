@@ -15,27 +15,22 @@ says which one and how to install it).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # (the benchmarks import each other)
+from model_libraries import import_library  # noqa: E402
+
 __all__ = ["freia_glow", "freia_allinone", "freia_nll"]
 
 
 def _library(name: str):
-    """``name`` imported as benchmarks/model_libraries.py imports it (one copy of that module per process, shared
-    with tests/helpers.py)."""
-    libraries = sys.modules.get("_invfx_model_libraries")
-    if libraries is None:
-        path = Path(__file__).resolve().parent / "model_libraries.py"
-        spec = importlib.util.spec_from_file_location("_invfx_model_libraries", path)
-        libraries = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(libraries)
-        sys.modules["_invfx_model_libraries"] = libraries
-    module = libraries.import_library(name)
+    """``name`` imported as benchmarks/model_libraries.py imports it (torchvision made importable on CPU torch)."""
+    module = import_library(name)
     if module is None:
         raise ModuleNotFoundError(f"{name} is not installed (pip install -c constraints.txt -e '.[models]')")
     return module

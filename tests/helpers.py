@@ -1,7 +1,6 @@
 """What tests share: comparisons of tensors and gradients. (Fixtures are in conftest.py; the multi-process
 watchdog is ranks.py.)"""
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,14 +14,12 @@ def model_library(name):
     """The optional model library ``name`` (e.g. "timm", "FrEIA.framework"), imported the way benchmarks/zoo.py
     imports it (torchvision made importable on CPU torch: benchmarks/model_libraries.py); the test is skipped
     where it is not installed (`make test` installs them: the models extra)."""
-    libraries = sys.modules.get("_invfx_model_libraries")
-    if libraries is None:  # (loaded once: it declares torchvision's operators at most once per process)
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "model_libraries.py"
-        spec = importlib.util.spec_from_file_location("_invfx_model_libraries", path)
-        libraries = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(libraries)
-        sys.modules["_invfx_model_libraries"] = libraries
-    module = libraries.import_library(name)
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:  # (as benchmarks/zoo.py imports it: one module, whoever imports it first)
+        sys.path.insert(0, benchmarks)
+    import model_libraries
+
+    module = model_libraries.import_library(name)
     if module is None:
         pytest.skip(f"{name} is not installed (pip install -c constraints.txt -e '.[models]')")
     return module

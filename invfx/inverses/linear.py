@@ -109,13 +109,16 @@ def _is(value, *accepted) -> bool:
     return any(value == a for a in accepted)
 
 
-def _square_1x1(call: OpCall) -> str | None:
+def _conv_arguments(call: OpCall) -> tuple:
+    """A convolution call's weight shape, stride, padding, dilation and groups, from its module or its arguments."""
     if call.module is not None:
         m = call.module
-        shape, stride, padding, dilation, groups = tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups
-    else:
-        shape = _shape_of(call, "weight")
-        stride, padding, dilation, groups = (call.arg(n) for n in ("stride", "padding", "dilation", "groups"))
+        return tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups
+    return (_shape_of(call, "weight"), *(call.arg(n) for n in ("stride", "padding", "dilation", "groups")))
+
+
+def _square_1x1(call: OpCall) -> str | None:
+    shape, stride, padding, dilation, groups = _conv_arguments(call)
     if shape is None or len(shape) != 4:
         return f"weight shape {shape} unknown or not 4-D"
     if shape[0] != shape[1] or tuple(shape[2:]) != (1, 1):
@@ -182,14 +185,9 @@ def _pair(value) -> tuple:
 
 
 def _patch_conv(call: OpCall) -> str | None:
-    if call.module is not None:
-        m = call.module
-        if m.padding_mode != "zeros":
-            return f"padding_mode {m.padding_mode!r}"
-        shape, stride, padding, dilation, groups = tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups
-    else:
-        shape = _shape_of(call, "weight")
-        stride, padding, dilation, groups = (call.arg(n) for n in ("stride", "padding", "dilation", "groups"))
+    if call.module is not None and call.module.padding_mode != "zeros":
+        return f"padding_mode {call.module.padding_mode!r}"
+    shape, stride, padding, dilation, groups = _conv_arguments(call)
     if shape is None or len(shape) != 4:
         return f"weight shape {shape} unknown or not 4-D"
     kernel = tuple(shape[2:])

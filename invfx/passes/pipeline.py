@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..modes import Mode
-from ..planner import ChainPlan, plain_peak, plan_chain, timed
+from ..planner import ChainPlan, SegmentCost, StashLevel, plain_peak, plan_chain, timed
 from ..regions.fused import tensors_in
 from ..regions.modules import BodyRegion, InvertibleRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
@@ -29,7 +29,7 @@ from .annotate import annotate
 from .chain import region_units
 from .cost import RegionCosts, measure_costs
 from .example import example_run
-from .groups import coarsen, group_cost
+from .groups import coarsen
 from .infra import Compilation, CompilationPass, graph_signature
 from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
 from .segments import COMPUTE, find_segments, graph_boundaries, plain_segment, why_not_checkpoint
@@ -311,11 +311,11 @@ class Calibrate(CompilationPass):
                                                           "measures on the example inputs")
             chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
             try:
-                groups, chain = _plan_grouped(state, chain_budget)
+                planned = _plan_grouped(state, chain_budget)
             except BudgetError:  # nothing fits the lowered budget: the plan of least memory is the last to try
-                groups, chain = _plan_grouped(state, None)
-                least = chain
-            _take(state, groups, chain)
+                planned = _plan_grouped(state, None)
+                least = planned[1]
+            _take(state, *planned)
             GroupRegions()(state)
             WriteModule()(state)
 
@@ -349,17 +349,16 @@ PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, Fi
 
 # --- planning within a budget -------------------------------------------------------------------------------
 
-def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan) -> None:
+def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan, coarse: list[SegmentCost]) -> None:
     """The plan, on the state: each segment's mode (its group's), and the calls a selective one keeps (its
-    group's stash level: the calls of all its members that level keeps)."""
+    group's stash level, from the group's cost the chain was planned on: the calls of all its members)."""
     state.groups, state.chain = groups, chain
     state.chosen = {name: Mode(mode) for group, mode in zip(groups, chain.modes) for name in group}
-    costs = {c.name: c for c in state.costs.costs}
     state.kept_calls = {}
-    for index, (group, mode) in enumerate(zip(groups, chain.modes)):
+    for index, (group, mode, cost) in enumerate(zip(groups, chain.modes, coarse)):
         if mode == Mode.SELECTIVE:
-            levels, chosen = group_cost([costs[name] for name in group]).stash_levels, chain.level(index)
-            level = levels[-1 if chosen is None else chosen]
+            chosen = chain.level(index)
+            level = cost.stash_levels[-1 if chosen is None else chosen]
             for name in group:
                 state.kept_calls[name] = level.calls
 
@@ -368,11 +367,13 @@ def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan) -
 GROUP_SIZES = tuple(range(1, 9))
 
 
-def _plan_grouped(state: Compilation, chain_budget: int | None) -> tuple[list[tuple[str, ...]], ChainPlan]:
+def _plan_grouped(state: Compilation, chain_budget: int | None
+                  ) -> tuple[list[tuple[str, ...]], ChainPlan, list[SegmentCost]]:
     """The plan of the finest chain that meets the budget: each segment alone if that fits, else segments
     checkpointed two at a time, and so on up to GROUP_SIZES (groups.coarsen). Coarser chains are a way down to
     lower budgets, not a better plan where the finer one fits: their costs are derived, not measured, and a
-    group recomputes all its members at once. Raises BudgetError, with the least peak of any, if none fits."""
+    group recomputes all its members at once. Returns the groups, the plan and the groups' costs it was made on.
+    Raises BudgetError, with the least peak of any, if none fits."""
     costs = state.costs
     may_join = _joinable(state)
     least = None
@@ -393,7 +394,7 @@ def _plan_grouped(state: Compilation, chain_budget: int | None) -> tuple[list[tu
             least = lowest if least is None else min(least, lowest)
             continue
         # (the plain peak the report compares with is the segments' own, not the coarse chain's estimate)
-        return list(names), dataclasses.replace(plan, plain_peak=plain_peak(costs.costs))
+        return list(names), dataclasses.replace(plan, plain_peak=plain_peak(costs.costs)), coarse
     total = (least or 0) + costs.outside_bytes
     plain = plain_peak(costs.costs) + costs.outside_bytes
     raise BudgetError(f"invfx.optimize: memory budget {_budget(state.budget)} cannot be met: the least achievable "
@@ -515,22 +516,16 @@ def _rows(state: Compilation) -> list[PlanRow]:
             risk = str(segment.rebuild.risk) + (f", err {error:.1g}" if error is not None else "")
         region = runs_in.get(name)
         kept, recompute = 0, 0.0
+        own = _own_stash(state, name) if mode == Mode.SELECTIVE and cost is not None else None
         if cost is not None:
             # what it holds besides its input, and its input where it keeps it (a group keeps only its first
             # member's)
             keeps_input = cost.saves_input if mode == Mode.KEEP else \
                 mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and not (region and name != first_of[region])
-            kept = cost.held_bytes(mode) + cost.input_bytes * keeps_input
-            recompute = cost.recompute_flops(mode)
-        kept_ops, recomputed_ops = [], []
-        if mode == Mode.SELECTIVE and cost is not None:
-            # its own calls of the stash level its group keeps: their bytes and FLOPs, not the whole level's
-            calls = state.costs.stash_calls.get(name, {})
-            chosen = [calls[c] for c in state.kept_calls.get(name, ()) if c in calls]
-            kept_ops = [c.calls[0] for c in chosen]
-            recomputed_ops = [n.name for n in segment.nodes if n.name not in kept_ops]
-            kept = sum(c.nbytes for c in chosen) + cost.input_bytes * keeps_input
-            recompute = max(cost.flops - sum(c.flops for c in chosen), 0.0)
+            kept = (own.nbytes if own else cost.held_bytes(mode)) + cost.input_bytes * keeps_input
+            recompute = max(cost.flops - own.flops, 0.0) if own else cost.recompute_flops(mode)
+        kept_ops = list(own.calls) if own else []
+        recomputed_ops = [n.name for n in segment.nodes if n.name not in kept_ops] if own else []
         rows.append(PlanRow(
             name=own_name[name] if region else f"({name.split('_', 1)[-1]})", region=region,
             nodes=len(segment.nodes), mode=mode, kept_bytes=kept, recompute_flops=recompute, risk=risk,
@@ -553,6 +548,15 @@ def _names(names: list[str], most: int = 3) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _own_stash(state: Compilation, name: str) -> StashLevel:
+    """What a selective segment keeps of its own: its calls in the stash level its group keeps, their bytes and
+    the FLOPs they skip (a group's level spans its members)."""
+    calls = state.costs.stash_calls.get(name, {})
+    chosen = [calls[c] for c in state.kept_calls.get(name, ()) if c in calls]
+    return StashLevel(sum(c.nbytes for c in chosen), sum(c.flops for c in chosen),
+                      sum(c.seconds for c in chosen), tuple(c.calls[0] for c in chosen))
+
+
 def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], recomputed_ops: list[str]) -> str:
     segment = state.segment(name)
     if name in state.blocked:
@@ -569,12 +573,10 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
         return inverse_note
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
-        calls = state.costs.stash_calls.get(name, {})
-        stash = sum(calls[c].nbytes for c in kept_ops if c in calls)
-        skipped = sum(calls[c].flops for c in kept_ops if c in calls)
+        own = _own_stash(state, name)
         return (f"keeps its input and the outputs of {_names(kept_ops) or 'none of its calls'} "
-                f"({format_bytes(stash)}), recomputes {_names(recomputed_ops)} for "
-                f"+{format_flops(max(cost.flops - skipped, 0.0))} FLOPs (a "
+                f"({format_bytes(own.nbytes)}), recomputes {_names(recomputed_ops)} for "
+                f"+{format_flops(max(cost.flops - own.flops, 0.0))} FLOPs (a "
                 f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
     if mode == Mode.INVERTIBLE:
         extra = (f"; checkpoint would keep {format_bytes(cost.input_bytes)} for +{format_flops(cost.flops)}"

@@ -247,6 +247,7 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), ma
     """The chain of segments covering every compute node, invertible where the solver succeeds."""
     compute, live = graph_boundaries(module)  # live[i]: the values live at the boundary before compute[i]
     invertible_allowed = Mode.INVERTIBLE in modes
+    flowing = _differentiable(module.graph)  # (once: every run of plain nodes is cut by it)
 
     segments: list[Segment] = []
     plain: list[fx.Node] = []
@@ -254,7 +255,7 @@ def find_segments(module: fx.GraphModule, modes=(Mode.KEEP, Mode.INVERTIBLE), ma
     def flush_plain(end: int):
         if plain:
             start = end - len(plain)
-            cuts = _plain_cuts(module, compute, live, start, end)
+            cuts = _plain_cuts(module, compute, live, start, end, flowing)
             for a, b in zip([start] + cuts, cuts + [end]):
                 segments.append(_make(module, compute[a:b], live, compute, a, b, Mode.KEEP))
             plain.clear()
@@ -341,17 +342,15 @@ def _span(compute: list[fx.Node], nodes: list[fx.Node]) -> tuple[int, int] | str
     return p, q
 
 
-def _plain_cuts(module: fx.GraphModule, compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int
-                ) -> list[int]:
+def _plain_cuts(module: fx.GraphModule, compute: list[fx.Node], live: list[set[fx.Node]], start: int, end: int,
+                flowing: set[fx.Node]) -> list[int]:
     """Where a run of plain nodes may be cut into segments that the planner can checkpoint one by one: where
     a single tensor that carries gradient flows on, and nothing writes into it later (the output of a residual
     block, not its inside where the skip is live too), at a module's end or start (or after a layer the model's
     own forward calls) if there is any such place in the run, else anywhere. Values no
     gradient flows through (a transformer's attention mask, made once from the input ids and read by every
     block) may be live there too: each region takes them as one more input, which it neither frees nor
-    recomputes."""
-    graph = compute[0].graph if compute else None
-    flowing = _differentiable(graph) if graph is not None else set()
+    recomputes. ``flowing``: the values gradient flows through (:func:`_differentiable`)."""
     single = []
     for p in range(start + 1, end):
         carried = [v for v in live[p] if v in flowing]

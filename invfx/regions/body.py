@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..graphs import fetch_attr
 from ..runtime import rng_mark
 from ..runtime.branches import close_scope
 from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
@@ -60,7 +61,7 @@ def updated_buffers(body: fx.GraphModule) -> tuple[torch.Tensor, ...]:
 
     def note(value: object) -> None:
         if isinstance(value, fx.Node) and value.op == "get_attr":
-            tensor = _fetch(body, value.target)
+            tensor = fetch_attr(body, value.target)
             if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.Parameter):
                 found.setdefault(id(tensor), tensor)
 
@@ -77,13 +78,6 @@ def updated_buffers(body: fx.GraphModule) -> tuple[torch.Tensor, ...]:
                 if argument.alias_info is not None and argument.alias_info.is_write:
                     note(value)
     return tuple(found.values())
-
-
-def _fetch(body: nn.Module, target: str) -> object:
-    value: object = body
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def marked_body(body: fx.GraphModule, calls: Collection[str] | None = None) -> fx.GraphModule:
