@@ -126,7 +126,9 @@ def test_square_linear_chain_between_checkpoint_and_invertible():
              for b in (0.5, 0.7, 0.9)}
     flops = [plans[b].plan.extra_flops for b in sorted(plans)]
     assert flops == sorted(flops, reverse=True) and flops[0] < least.plan.extra_flops
-    checkpointed = [r for p in plans.values() for r in p.plan.rows if r["mode"] == "checkpoint"]
+    # (the stem has no inverse: checkpointed, possibly in one group with the first layers, it says so instead)
+    checkpointed = [r for p in plans.values() for r in p.plan.rows
+                    if r["mode"] == "checkpoint" and "no inverse found" not in r["why"]]
     assert checkpointed and all("invertible would keep nothing" in r["why"] for r in checkpointed)
 
     params = list(model.parameters())
