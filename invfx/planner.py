@@ -110,7 +110,7 @@ import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import cast
+from typing import cast, overload
 
 from .errors import BudgetError
 from .units import format_bytes
@@ -457,9 +457,9 @@ def timed(costs: Iterable[SegmentCost]) -> bool:
     return all(cost.seconds is not None for cost in costs)
 
 
-def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, ...]]:
+def _exact_compute(costs: tuple[SegmentCost, ...]) -> tuple[list[tuple[int, ...]], int]:
     """Extra compute of each segment in each of its options (``SegmentCost.options``; time where :func:`timed`,
-    else FLOPs) as exact integers, on one common scale.
+    else FLOPs) as exact integers, on one common scale, and that scale (integers per second or per FLOP).
 
     Every finite float is p / 2**k; multiplying by the largest 2**k makes them all integers, so sums and
     comparisons are exact (two plans of equal compute tie, whatever order their floats would be added in)."""
@@ -478,7 +478,7 @@ def _exact_compute(costs: tuple[SegmentCost, ...]) -> list[tuple[int, ...]]:
         numerator, denominator = float(v).as_integer_ratio()
         return numerator * (scale // denominator)
 
-    return [tuple(exact(v) for v in row) for row in table_values]
+    return [tuple(exact(v) for v in row) for row in table_values], scale
 
 
 def _budget_error(budget: int, least: int) -> BudgetError:
@@ -518,7 +518,7 @@ class _Chain:
                                  f"inverse_flops={cost.inverse_flops}")
         self.allowed: list[tuple[int, ...]] = [tuple(range(len(options))) for options in self.options]
         self.rank = [tuple(_RANK[mode] for mode, _ in options) for options in self.options]
-        self.compute = _exact_compute(costs)
+        self.compute, self.scale = _exact_compute(costs)
         # b_{i-1} as counted on top of A_i: 0 for the first segment, whose input B_0 is already inside A_i.
         self.before = [0] + [cost.output_bytes for cost in costs[:-1]]
         self.after = [cost.output_bytes for cost in costs]
@@ -810,30 +810,45 @@ def _frontier_pass(chain: _Chain, budget: int, prefixes: _PrefixBounds, frontier
 
 
 def _least_compute(chain: _Chain, budget: int, suffix_peaks: list[dict[_State, int]],
-                   frontier_limit: int) -> tuple[tuple[int, ...], bool]:
+                   frontier_limit: int, bound: int | None = None) -> tuple[tuple[int, ...], bool] | None:
     """Modes of least (compute, peak, mode order) among plans of peak <= budget (one must exist), and whether
-    the answer is exact.
+    the answer is exact; with ``bound`` (exact compute), None if no plan computes at most that.
 
     Passes with growing frontier limits, up to ``frontier_limit``: the first is exact when no frontier needs
     thinning (most chains); otherwise the best plan so far bounds the compute of the optimum, so the next pass
-    drops every suffix that cannot beat it, and its frontiers are smaller. It stops at the first exact pass."""
+    drops every suffix that cannot beat it, and its frontiers are smaller. It stops at the first exact pass.
+    A ``bound`` prunes the first pass so too."""
     prefixes = _PrefixBounds(chain, budget, suffix_peaks, _multipliers(chain))
     best = None
     limits = sorted({max(1, frontier_limit // shrink) for shrink in _PASS_SHRINK})
     for limit in limits:
-        found, exact = _frontier_pass(chain, budget, prefixes, limit, None if best is None else best[0])
+        found, exact = _frontier_pass(chain, budget, prefixes, limit, bound if best is None else best[0])
         if exact and found is not None:
             return found[1], True
+        if exact and bound is not None and best is None:
+            return None  # (an exact pass found nothing within the bound)
         # A pass's order ranks are its own: across passes, compare the modes themselves.
         if found is not None and (best is None or (found[0][0], found[0][1], found[1]) < best):
             best = (found[0][0], found[0][1], found[1])
-        if best is None:
+        if best is None and bound is None:
             raise AssertionError("no plan within a budget the least peak fits; the planner has a bug")
-    return best[2], False  # type: ignore[index]  # (limits is never empty, and a pass that leaves best None raises)
+    if best is None:
+        return None  # (only with a bound: every pass pruned every plan)
+    return best[2], False
+
+
+@overload
+def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
+               frontier_limit: int = FRONTIER_LIMIT, compute_bound: None = None) -> ChainPlan: ...
+
+
+@overload
+def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
+               frontier_limit: int = FRONTIER_LIMIT, compute_bound: float) -> ChainPlan | None: ...
 
 
 def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
-               frontier_limit: int = FRONTIER_LIMIT) -> ChainPlan:
+               frontier_limit: int = FRONTIER_LIMIT, compute_bound: float | None = None) -> ChainPlan | None:
     """The modes of a chain of segments: of least peak (``budget=None``), or of least extra compute with a peak
     of at most ``budget`` bytes. Ties and the model: see the module docstring.
 
@@ -841,6 +856,11 @@ def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
     raises ValueError. Raises :class:`~invfx.errors.BudgetError` if no plan fits ``budget``, stating the least
     achievable peak. ``frontier_limit`` caps the planner's frontiers (see the module docstring); a plan made
     with a thinned frontier fits the budget but says ``exact=False``.
+
+    ``compute_bound``: only a plan of at most this extra compute (seconds where :func:`timed`, else FLOPs) is
+    wanted, as when another chain's plan is known: the search drops every suffix that cannot come within it
+    (which can be much faster), and the result is None if no plan within the budget does. Never None without
+    a bound.
     """
     costs = _check_chain(costs)
     budget = _check_budget(budget)
@@ -853,13 +873,28 @@ def plan_chain(costs: Iterable[SegmentCost], budget: int | None = None, *,
         raise _budget_error(budget, least)
     # With no budget, the least peak is the budget: then least compute among the least-peak plans.
     limit = least if budget is None else budget
-    choice, exact = _least_compute(chain, limit, suffix_peaks, frontier_limit)
+    bound = None
+    if compute_bound is not None:
+        if not (isinstance(compute_bound, (int, float)) and math.isfinite(compute_bound) and compute_bound >= 0):
+            raise ValueError(f"compute_bound must be a finite number >= 0, not {compute_bound!r}")
+        numerator, denominator = float(compute_bound).as_integer_ratio()
+        # (exact compute is value * scale; one unit up keeps the plans whose rounded sum is the bound)
+        bound = -(-numerator * chain.scale // denominator) + 1
+    found = _least_compute(chain, limit, suffix_peaks, frontier_limit, bound)
+    if found is None:
+        return None
+    choice, exact = found
     modes, levels = chain.plan(choice)
     peak = chain_peak(costs, modes, levels)
     if peak > limit:
         raise AssertionError(f"planned peak {peak} B over the budget {limit} B; the planner has a bug")
-    return ChainPlan(modes, peak, chain_extra_flops(costs, modes, levels), plain_peak(costs), exact,
+    plan = ChainPlan(modes, peak, chain_extra_flops(costs, modes, levels), plain_peak(costs), exact,
                      chain_extra_seconds(costs, modes, levels), levels)
+    # (the search keeps a little slack above the bound: the plan's compute, as reported, is checked against it)
+    if compute_bound is not None and \
+            (plan.extra_seconds if plan.extra_seconds is not None else plan.extra_flops) > compute_bound:
+        return None
+    return plan
 
 
 def exhaustive(costs: Iterable[SegmentCost], budget: int | None = None) -> ChainPlan:

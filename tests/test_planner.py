@@ -272,6 +272,28 @@ def test_thinned_frontiers_still_fit_the_budget(costs, limit, data):
     assert plan_chain(costs, frontier_limit=limit).peak == least
 
 
+@settings(SETTINGS, max_examples=200)
+@given(costs=chains(max_segments=8), limit=st.sampled_from([2, 2048]), data=st.data())
+def test_a_compute_bound_gives_the_same_plan_or_none(costs, limit, data):
+    """compute_bound (pipeline: the best plan of another granularity) only prunes: the plan is the unbounded
+    one where that one computes at most the bound, else None; with tiny frontiers too."""
+    plans = every_plan(costs)
+    least = min(plan[0] for plan in plans)
+    budget = data.draw(st.integers(least, max(plan[0] for plan in plans)))
+    expected = best(plans, budget)
+    optimum = float(expected[1])
+    for bound in (optimum, optimum + 0.5, max(optimum - 0.5, 0.0), data.draw(st.floats(0, 2 * optimum + 1))):
+        plan = plan_chain(costs, budget, frontier_limit=limit, compute_bound=bound)
+        if optimum > bound:
+            assert plan is None
+        elif limit == 2048:
+            assert_is(plan, expected, costs)
+        else:  # (thinned: some plan within the bound and the budget, or None)
+            assert plan is None or (plan.peak <= budget and plan.extra_flops <= bound)
+    with pytest.raises(ValueError, match="compute_bound"):
+        plan_chain(costs, budget, compute_bound=-1.0)
+
+
 # --- particular chains ----------------------------------------------------------------------------------------
 
 def test_budget_error_states_the_least_peak_in_bytes():

@@ -383,31 +383,41 @@ def _plan_grouped(state: Compilation, chain_budget: int | None
     costs = state.costs
     may_join = _joinable(state)
     least = None
-    best: tuple | None = None
+    best: tuple | None = None  # ((compute, order), names, plan, coarse)
+    fallback: tuple | None = None  # the first coarser plan that recomputes no group
     tried: set[tuple[tuple[str, ...], ...]] = set()
-    for order, size in enumerate(GROUP_SIZES):
+    # Coarsest first: coarse chains are short and quick to plan, and the best plan so far bounds the compute of
+    # the next, whose search then drops what cannot beat it (ResNet depth 140, budget 0.6, both rounds of planning:
+    # 6.7 s finest first, 0.7 s coarsest first). No budget: the finest chain alone.
+    order_of = {size: order for order, size in enumerate(GROUP_SIZES)}
+    sizes = sorted(GROUP_SIZES, reverse=True) if chain_budget is not None else [min(GROUP_SIZES)]
+    for size in sizes:
         grouping = coarsen(costs.costs, size, may_join)
         names = tuple(g for g, _ in grouping)
         if names in tried:
-            continue  # (nothing more joins)
+            continue  # (no more joins at this size than at a larger one)
         tried.add(names)
         coarse = [c for _, c in grouping]
         try:
             if chain_budget is not None and chain_budget < 0:
                 raise BudgetError("what is kept outside the regions exceeds the budget")
-            plan = plan_chain(coarse, chain_budget)
+            found = plan_chain(coarse, chain_budget, compute_bound=None if best is None else best[0][0])
         except BudgetError:
             lowest = plan_chain(coarse, None).peak
             least = lowest if least is None else min(least, lowest)
             continue
-        if best is not None and not any(len(group) > 1 and mode != Mode.KEEP
-                                        for group, mode in zip(names, plan.modes)):
-            continue  # (it recomputes no group: a plan of a finer chain, seen through a coarser model)
-        compute = plan.extra_seconds if plan.extra_seconds is not None else plan.extra_flops
-        if best is None or (compute, order) < best[0]:
-            best = ((compute, order), names, plan, coarse)
-        if chain_budget is None:
-            break  # (no budget: the finest chain's plan of least peak)
+        if found is None:
+            continue  # (nothing within the best plan's compute)
+        grouped = any(len(group) > 1 for group in names)
+        if grouped and not any(len(group) > 1 and mode != Mode.KEEP for group, mode in zip(names, found.modes)):
+            # it recomputes no group: a plan of a finer chain, seen through the coarser chain's derived costs
+            fallback = fallback or ((0.0, order_of[size]), names, found, coarse)
+            continue
+        compute = found.extra_seconds if found.extra_seconds is not None else found.extra_flops
+        key = (compute, order_of[size])
+        if best is None or key < best[0]:
+            best = (key, names, found, coarse)
+    best = best or fallback
     if best is not None:
         _, names, plan, coarse = best
         # (the plain peak the report compares with is the segments' own, not the coarse chain's estimate)
