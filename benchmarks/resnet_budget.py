@@ -44,8 +44,10 @@ above weights, gradients and data (:func:`invfx.measure`: allocator replay of on
 * ``invfx``: ``invfx.optimize(model, x, memory_budget=budget)``. Where it raises ``InvfxError`` (no planner
   yet, or a budget it cannot meet) the cell says ``n/a: <message>``; it fills in by itself once it works.
 
-Each column gets: its peak and peak / plain; its median step time / plain, timed interleaved with plain
-(:func:`invfx.timing.interleaved_medians`, inside :func:`invfx.measure`); the largest relative error
+Each column gets: its peak and peak / plain; its step time / plain, the median over rounds of its step's time
+over plain's in the same round, every method of the budget and plain timed together in one round-robin
+(:func:`invfx.timing.interleaved_times`; timing each method beside plain alone let the machine's drift between
+pairs decide which of two close methods looked faster); the largest relative error
 ``|g - g_plain| / |g_plain|`` over the parameter gradients of one step, checked against
 ``max(1e-4, 2 x plain's own float32 error)``, that error measured against the same step in float64 (a deep
 BatchNorm network's float32 gradients are nowhere near 1e-4 of exact, and fused kernels round differently);
@@ -83,6 +85,7 @@ import copy
 import datetime
 import platform
 import re
+import statistics
 import sys
 import time
 import traceback
@@ -100,6 +103,7 @@ import invfx
 from invfx.argtypes import apply_profile, positive, write_report
 from invfx.examples import ResNet, Transformer
 from invfx.memory import cpu_peak_memory, mib
+from invfx.timing import interleaved_times
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (1.0, 0.75, 0.5, 0.33, 0.25)
@@ -284,6 +288,27 @@ def peak_of_step(module: nn.Module, x, loss) -> int:
     return cpu_peak_memory(step)[0]
 
 
+def time_together(model: nn.Module, modules: list, x, loss, repeats: int) -> tuple[list[float], list[float]]:
+    """Each of ``modules``' median step seconds and its median ratio to plain's step, all of them and ``model``
+    timed in one round-robin (:func:`invfx.timing.interleaved_times`, ``.grad`` zeroed in place before each
+    step): a ratio is taken within a round, where the machine ran both at the same speed."""
+    contenders = {"plain": model, **{f"method {i}": module for i, module in enumerate(modules)}}
+    params = list(model.parameters())
+
+    def zero_grads(name: str) -> None:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    steps = {name: (lambda module=module: loss(module(x)).backward()) for name, module in contenders.items()}
+    times = interleaved_times(steps, repeats, prepare=zero_grads)
+    seconds = [statistics.median(times[f"method {i}"]) for i in range(len(modules))]
+    ratios = [statistics.median(t / p for t, p in zip(times[f"method {i}"], times["plain"]))
+              for i in range(len(modules))]
+    return seconds, ratios
+
+
 def relative_error(grads, reference) -> float:
     """The largest ``|g - r| / |r|`` over pairs of gradients (Frobenius norms)."""
     return max(float((g - r).norm() / r.norm().clamp_min(1e-30)) for g, r in zip(grads, reference))
@@ -401,7 +426,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=budgets, default=BUDGETS,
                         help="comma-separated fractions of plain activation memory (default "
                         + ",".join(map(str, BUDGETS)) + ")")
-    parser.add_argument("--repeats", type=positive, help=f"timed steps per pair, median (default {d['repeats']})")
+    parser.add_argument("--repeats", type=positive, help=f"timed rounds per budget, median (default {d['repeats']})")
     parser.add_argument("--compile-backend", help="torch.compile backend (default inductor, falling back to "
                         "aot_eager where inductor fails; --quick: aot_eager)")
     parser.add_argument("--threads", type=positive, help="torch threads for the run, restored afterwards "
@@ -558,17 +583,19 @@ def run_model(work: Workload, args: argparse.Namespace, backend: CompileBackend,
     rows = [["-", "plain", "autograd", mib(plain.peak_bytes), "1.000", "-", f"{plain.step_seconds * 1e3:.1f}",
              "1.00", "reference", "reference" if work.has_batchnorm else "no BN"]]
     failures: list[str] = []
-    cached: dict[tuple[str, int], tuple] = {}  # (method, k or n) -> (measurement, check)
+    cached: dict[tuple[str, int], tuple] = {}  # (method, k or n) -> (module, peak, check)
     compile_peaks: dict[float, int] = {}  # budget -> peak, to say whether the budget acted at all
 
-    def run_column(budget, method, setting, make, fatal):
-        """Measure one method beside plain; a failure becomes the row's text (and a failure if ``fatal``)."""
+    def run_column(budget, method, setting, make, fatal, timed):
+        """Measure one method's peak and check it against plain; its row waits in ``timed`` for the budget's
+        step times. A failure becomes the row's text (and a failure if ``fatal``)."""
         try:
-            module = make()
-            if isinstance(module, tuple):  # cached: (measurement, check)
-                measured, check = module
+            made = make()
+            if isinstance(made, tuple):  # cached: (module, peak, check)
+                module, peak, check = made
             else:
-                measured = invfx.measure(module, x, steps=args.repeats, baseline=model, loss=loss)
+                module = made
+                peak = peak_of_step(module, x, loss)
                 check = check_against_plain(model, module, x, loss, initial_state, tolerance)
         except Exception as error:  # a method that fails is a finding, not the end of the run
             if method == "invfx" and isinstance(error, invfx.InvfxError):  # its documented "not (yet) possible"
@@ -579,33 +606,34 @@ def run_model(work: Workload, args: argparse.Namespace, backend: CompileBackend,
             if fatal:
                 failures.append(f"{work.name} budget {budget} {method}: {traceback.format_exc()}")
             return None
-        within = measured.peak_bytes <= budget * plain.peak_bytes
-        rows.append([budget, method, setting, mib(measured.peak_bytes), f"{measured.peak_ratio:.3f}",
-                     "yes" if within else "no", f"{measured.step_seconds * 1e3:.1f}", f"{measured.time_ratio:.2f}",
-                     f"{check.grad_error:.1e}" + ("" if check.grads_ok else " (over tolerance)"), check.bn_report])
-        work.points.setdefault(method, []).append((budget, measured.time_ratio, measured.peak_ratio, within))
+        within = peak <= budget * plain.peak_bytes
+        row = [budget, method, setting, mib(peak), f"{peak / plain.peak_bytes:.3f}", "yes" if within else "no",
+               "", "", f"{check.grad_error:.1e}" + ("" if check.grads_ok else " (over tolerance)"), check.bn_report]
+        rows.append(row)
+        timed.append((row, module, method, peak, within))
         if fatal and not check.grads_ok:
             failures.append(f"{work.name} budget {budget} {method}: gradient relative error "
                             f"{check.grad_error:.2e}")
-        return measured, check
+        return module, peak, check
 
-    def run_checkpoint(budget, method, peaks, key, unit, make):
-        """A checkpoint column: the setting of ``peaks`` best within the budget, measured once per setting."""
+    def run_checkpoint(budget, method, peaks, key, unit, make, timed):
+        """A checkpoint column: the setting of ``peaks`` best within the budget, checked once per setting."""
         k, fits = best_setting(peaks, budget * plain.peak_bytes)
         setting = f"{key}={k} {unit}" + ("" if fits else " (smallest peak; none within budget)")
         if (method, k) in cached:
-            run_column(budget, method, setting, lambda: cached[method, k], fatal=True)
+            run_column(budget, method, setting, lambda: cached[method, k], fatal=True, timed=timed)
         else:
-            result = run_column(budget, method, setting, lambda: make(k), fatal=True)
+            result = run_column(budget, method, setting, lambda: make(k), fatal=True, timed=timed)
             if result is not None:
                 cached[method, k] = result
         say(f"budget {budget}: {method} {key}={k}")
 
     for budget in args.budgets:
+        timed: list[tuple] = []  # (row, module, method, peak, within) of the methods that ran at this budget
         run_checkpoint(budget, "checkpoint", segment_peaks, "k", "segments",
-                       lambda k: Checkpointed.of(model, segments=k))
+                       lambda k: Checkpointed.of(model, segments=k), timed)
         run_checkpoint(budget, "per-block checkpoint", block_peaks, "n", "blocks checkpointed",
-                       lambda n: Checkpointed.of(model, per_block=n))
+                       lambda n: Checkpointed.of(model, per_block=n), timed)
 
         def compile_now(budget=budget):
             try:
@@ -621,17 +649,25 @@ def run_model(work: Workload, args: argparse.Namespace, backend: CompileBackend,
 
         labelled = backend.name
         result = run_column(budget, "torch.compile", f"{labelled}, activation_memory_budget={budget}", compile_now,
-                            fatal=False)
+                            fatal=False, timed=timed)
         if result is not None:
-            compile_peaks[budget] = result[0].peak_bytes
+            compile_peaks[budget] = result[1]
         if backend.name != labelled:  # the row was labelled before the fallback
             rows[-1][2] = f"{backend.name}, activation_memory_budget={budget}"
-        torch._dynamo.reset()
         say(f"budget {budget}: torch.compile")
 
         run_column(budget, "invfx", f"optimize(memory_budget={budget})",
-                   lambda budget=budget: invfx.optimize(model, x, memory_budget=budget), fatal=True)
+                   lambda budget=budget: invfx.optimize(model, x, memory_budget=budget), fatal=True, timed=timed)
         say(f"budget {budget}: invfx")
+
+        # every method of this budget and plain in one round-robin: their ratios to plain compare within a round,
+        # and the methods compare with each other under the same machine load
+        steps, ratios = time_together(model, [entry[1] for entry in timed], x, loss, args.repeats)
+        for (row, _, method, peak, within), seconds, ratio in zip(timed, steps, ratios):
+            row[6], row[7] = f"{seconds * 1e3:.1f}", f"{ratio:.2f}"
+            work.points.setdefault(method, []).append((budget, ratio, peak / plain.peak_bytes, within))
+        torch._dynamo.reset()  # the compiled graph of this budget is not needed any more
+        say(f"budget {budget}: timed together")
 
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
     notes = [
@@ -693,7 +729,8 @@ def main(argv=None) -> int:
     titles = {"resnet": "a ResNet", "transformer": "a transformer"}
     common = (f"float32, train mode; step = `cross_entropy(model(x), labels).backward()`; peak = exact CPU peak of "
               f"one step above weights, grads and data (`invfx.measure`: allocator replay after a warm-up step); "
-              f"time = median of {args.repeats} steps interleaved with plain; torch {torch.__version__}, "
+              f"time / plain = median over {args.repeats} rounds of a step's time over plain's, every method at "
+              f"a budget and plain timed in one round-robin; torch {torch.__version__}, "
               f"{used_threads} thread{'s' if used_threads > 1 else ''}, {platform.machine()}; "
               f"invfx {invfx.__version__}")
     notes = [

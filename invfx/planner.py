@@ -26,9 +26,11 @@ The memory model
 ----------------
 Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m_i`` is segment ``i``'s mode.
 
-* ``K_i = saved_bytes_i`` if ``m_i`` is keep, ``stash_bytes_i`` if selective, ``branch_bytes_i`` if invertible
-  (what its sub-networks' branches take, recorded so that their recomputation on rebuilt inputs takes the
-  forward's), else 0: what the segment holds from forward to backward besides boundary values.
+* ``K_i = saved_bytes_i`` if ``m_i`` is keep, ``stash_bytes_i + mask_bytes_i`` if selective, ``branch_bytes_i``
+  if invertible (what its sub-networks' branches take, recorded so that their recomputation on rebuilt inputs
+  takes the forward's), ``mask_bytes_i`` if checkpoint (its dropouts' masks, 1 bit per element, so that the
+  recomputation need not draw them again): what the segment holds from forward to backward besides boundary
+  values.
 * For ``1 <= i <= n-1``, boundary ``b_i`` is kept from forward to backward iff it is *needed* and not *freed*:
 
   - ``self_saves = m_i == keep and saves_output_i``;
@@ -56,8 +58,10 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
 Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
 ``max(flops_i - stash_flops_i, 0)`` per selective one (its chosen level's FLOPs). Where every segment of the
 chain has a measured time (``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds
-(``seconds_i``, ``stash_seconds_i``; an inverse's time is its FLOPs at the segment's own measured rate): FLOPs count a
-convolution's arithmetic, not BatchNorm's and ReLU's memory traffic, which on a CPU take as long.
+(``seconds_i``, ``stash_seconds_i``, less ``mask_seconds_i`` in checkpoint and selective modes: the time its
+recorded dropout masks save the recomputation; an inverse's time is its FLOPs at the segment's own measured
+rate): FLOPs count a convolution's arithmetic, not BatchNorm's and ReLU's memory traffic, which on a CPU take as
+long.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
 peak. Remaining ties go to the plan whose options, read from the first segment, come first in the order keep <
@@ -188,6 +192,11 @@ class SegmentCost:
     stash_flops: float = 0.0
     # invertible mode: the branches its sub-networks' relu / clamp / max pooling took, kept for their recomputation
     branch_bytes: int = 0
+    # checkpoint and selective modes: its dropouts' masks, kept so that the recomputation multiplies by them instead
+    # of drawing again (invfx.runtime.dropout_masks), and the time that saves the recomputation (its dropouts'
+    # forward time less their replay's, less what recording the masks adds to the forward)
+    mask_bytes: int = 0
+    mask_seconds: float = 0.0
     # measured wall time of its forward, and of the ops a selective checkpoint keeps the outputs of; None: not
     # measured (the planner then weighs FLOPs)
     seconds: float | None = None
@@ -200,7 +209,7 @@ class SegmentCost:
 
     def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
-                           "forward_transient_bytes", "branch_bytes"):
+                           "forward_transient_bytes", "branch_bytes", "mask_bytes"):
             value = getattr(self, field_name)
             try:
                 value = operator.index(value)
@@ -216,7 +225,7 @@ class SegmentCost:
                 if value < 0:
                     raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
                 object.__setattr__(self, field_name, value)
-        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds"):
+        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds", "mask_seconds"):
             value = getattr(self, field_name)
             if value is None and field_name in ("inverse_flops", "seconds"):
                 continue
@@ -275,10 +284,10 @@ class SegmentCost:
         if mode == KEEP:
             return self.saved_bytes
         if mode == SELECTIVE:
-            return self._level(level).nbytes
+            return self._level(level).nbytes + self.mask_bytes
         if mode == INVERTIBLE:
             return self.branch_bytes
-        return 0
+        return self.mask_bytes
 
     def recompute_flops(self, mode: str, level: int | None = None) -> float:
         """Its extra compute in ``mode`` (selective: at stash ``level``, None for the last)."""
@@ -302,11 +311,11 @@ class SegmentCost:
         if self.seconds is None:
             return None
         if mode == CHECKPOINT:
-            return self.seconds
+            return max(self.seconds - self.mask_seconds, 0.0)
         if mode == INVERTIBLE:
             return self.seconds + self.inverse_seconds()
         if mode == SELECTIVE:
-            return max(self.seconds - self._level(level).seconds, 0.0)
+            return max(self.seconds - self._level(level).seconds - self.mask_seconds, 0.0)
         return 0.0
 
 

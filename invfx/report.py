@@ -40,6 +40,8 @@ class PlanRow:
     # invertible: what its sub-networks' branching ops took, kept for their recomputation on rebuilt inputs
     branch_bytes: int = 0
     branch_ops: dict[str, int] = field(default_factory=dict)  # those ops by kind: {"relu": 2}
+    # checkpoint and selective: its dropouts' masks, 1 bit per element, so that its recomputation draws nothing
+    mask_bytes: int = 0
 
     def __getitem__(self, key: str):
         if key not in self.__dataclass_fields__:

@@ -204,3 +204,28 @@ def test_transformer_peers_compute_the_plain_model(benchmarks_path):
     model = ReversibleTransformer(features=4, dim=8, depth=2, heads=2, hidden=8)
     x = torch.randn(2, 5, 4)
     torch.testing.assert_close(TwoStreamPeer(model, Plain(model))(x), model(x))
+
+
+def test_resnet_budget_times_a_budgets_methods_with_plain_round_by_round(benchmarks_path):
+    import time
+
+    from resnet_budget import time_together
+
+    model = nn.Linear(3, 1)
+    seen = []  # (who, every gradient zero when its step began)
+
+    class Slow(nn.Module):  # the model's forward after a sleep, on the model's parameters
+        def __init__(self, name, seconds):
+            super().__init__()
+            self.name, self.seconds, self.model = name, seconds, model
+
+        def forward(self, x):
+            seen.append((self.name, all(p.grad is None or not p.grad.any() for p in model.parameters())))
+            time.sleep(self.seconds)
+            return self.model(x)
+
+    plain, fast, slow = Slow("plain", 0.002), Slow("fast", 0.002), Slow("slow", 0.02)
+    seconds, ratios = time_together(plain, [fast, slow], torch.randn(4, 3), lambda out: out.sum(), repeats=3)
+    assert [name for name, _ in seen].count("plain") == 4 and len(seen) == 12  # a warm-up round, then 3
+    assert all(zeroed for _, zeroed in seen[1:])  # every step after the first starts from zeroed gradients
+    assert seconds[1] >= 0.02 and ratios[1] > 2 * ratios[0]

@@ -19,6 +19,9 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
   convolutions, matrix products and attention calls, measured by keeping each as the runtime does, with the
   FLOPs (and, timed, the seconds) each takes, which its recomputation then skips. Offered to the planner as the
   Pareto frontier of subsets (:mod:`invfx.stash_levels`): for each amount of memory, the calls that save most.
+* ``mask_bytes``: what a checkpoint of it keeps of its dropouts' masks (:mod:`invfx.runtime.dropout_masks`),
+  measured by recording them as the runtime does; timed, ``mask_seconds``: what that saves its recomputation
+  (each such dropout's forward time, less its replay's, less what recording adds to the forward).
 
 What is saved outside every measured segment (a head reading the last one's output) is the same in every plan: it
 comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
@@ -40,6 +43,7 @@ from ..modes import Mode
 from ..planner import SegmentCost, StashLevel
 from ..regions.body import keeps_output
 from ..regions.fused import tensors_in
+from ..runtime import dropout_masks
 from ..runtime.branches import BranchRecord, recording
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
@@ -101,6 +105,10 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["counter"].__enter__()
         if Mode.SELECTIVE in allowed[name]:  # (what each call's stash would hold: kept as the runtime keeps it)
             record["calls"] = {}
+        if allowed[name] & {Mode.CHECKPOINT, Mode.SELECTIVE}:  # (its dropouts' masks, kept as the runtime keeps them)
+            record["masks"] = dropout_masks.DropoutMasks(name)
+            record["masking"] = dropout_masks.recording(record["masks"])
+            record["masking"].__enter__()
         current[0] = name
 
     @contextlib.contextmanager
@@ -129,6 +137,9 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
                     items[call] = (stash.nbytes, float(counter.get_total_flops()))
                 stash.clear()
             record["stash_calls"] = items
+        if "masking" in record:
+            record.pop("masking").__exit__(None, None, None)
+            record["mask_bytes"] = record.pop("masks").nbytes
         record["counter"].__exit__(None, None, None)
         record["flops"] = record.pop("counter").get_total_flops()
         record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(outputs)}
@@ -142,6 +153,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
                         for name, args in recorded.items()}
     finally:
         for record in records.values():  # (the forward failed inside a segment)
+            if "masking" in record:
+                record.pop("masking").__exit__(None, None, None)
             if "counter" in record:
                 record.pop("counter").__exit__(None, None, None)
 
@@ -149,7 +162,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     recorded_bytes = {name: nbytes for name, (_, nbytes, _) in measured.items()}
     costs = []
     stash_calls: dict[str, dict[str, StashLevel]] = {}
-    seconds = node_seconds(module, example_inputs) if timed and order else {}
+    replays: dict[str, float] = {}
+    seconds = node_seconds(module, example_inputs, replays=replays) if timed and order else {}
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
         record, segment = records[name], segments[name]
@@ -180,6 +194,8 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             modes=allowed[name],
             branch_bytes=recorded_bytes.get(name, 0),
             seconds=sum(seconds.get(n.name, 0.0) for n in body) if seconds else None,
+            mask_bytes=record.get("mask_bytes", 0),
+            mask_seconds=max(sum(replays.get(n.name, 0.0) for n in body), 0.0) if record.get("mask_bytes") else 0.0,
             stash_levels=levels, stash_levels_whole=whole))
     for i, cost in enumerate(costs):
         if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
@@ -247,34 +263,65 @@ TIMED_RUNS = 5
 
 
 class _NodeTimer(fx.Interpreter):
-    """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it)."""
+    """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it).
+    A node that runs a dropout a checkpoint records the mask of runs twice more, recording the mask and then
+    replaying it, adding those times to ``replays[node.name]``."""
 
-    def __init__(self, module: fx.GraphModule, seconds: dict[str, list[float]], cuda: bool) -> None:
+    def __init__(self, module: fx.GraphModule, seconds: dict[str, list[float]], cuda: bool,
+                 replays: dict[str, list[tuple[float, float]]] | None = None) -> None:
         super().__init__(module)
         self.extra_traceback = False
-        self.seconds, self.cuda = seconds, cuda
+        self.seconds, self.cuda, self.replays = seconds, cuda, replays
+        self.dropping = {name for name, m in module.named_modules()
+                         if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in m.modules())}
 
-    def run_node(self, node: fx.Node):
-        if node.op in ("placeholder", "output", "get_attr"):
-            return super().run_node(node)
+    def _timed(self, node: fx.Node):
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         result = super().run_node(node)
         if self.cuda:
             torch.cuda.synchronize()
-        self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
+        return result, time.perf_counter() - start
+
+    def run_node(self, node: fx.Node):
+        if node.op in ("placeholder", "output", "get_attr"):
+            return super().run_node(node)
+        result, elapsed = self._timed(node)
+        self.seconds.setdefault(node.name, []).append(elapsed)
+        if self.replays is not None and not self.cuda and (
+                (node.op == "call_function" and node.target is torch.nn.functional.dropout)
+                or (node.op == "call_module" and node.target in self.dropping)):
+            masks = dropout_masks.DropoutMasks(node.name)
+            with dropout_masks.recording(masks):
+                _, recorded = self._timed(node)
+            if masks:
+                with dropout_masks.replaying(masks):
+                    _, replayed = self._timed(node)
+                self.replays.setdefault(node.name, []).append((recorded, replayed))
         return result
 
 
-def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = TIMED_RUNS) -> dict[str, float]:
+def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = TIMED_RUNS,
+                 replays: dict[str, float] | None = None) -> dict[str, float]:
     """Least wall seconds (of ``runs``) of each compute node of ``module`` in a forward with grad on
     ``example_inputs``, as a recomputation runs it (BatchNorm and the like: memory-bound ops that FLOPs
-    undercount by orders of magnitude on a CPU). The model is left as it was (:func:`example_run`)."""
+    undercount by orders of magnitude on a CPU). The model is left as it was (:func:`example_run`).
+
+    ``replays``, where given, gets for each node running a dropout whose mask a checkpoint records
+    (:mod:`invfx.runtime.dropout_masks`) the time that record saves a recomputation, from the least times of
+    the node run as it is (``t``), recording (``r``) and replaying (``p``): ``t - p - (r - t)`` (the
+    recomputation runs the replay instead of the node, and the forward pays the record's overhead)."""
     seconds: dict[str, list[float]] = {}
+    recorded: dict[str, list[tuple[float, float]]] = {}
     cuda = any(t.is_cuda for t in (*module.parameters(), *(x for x in example_inputs if isinstance(x, torch.Tensor))))
     with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad():
         for run in range(runs + 1):
             timed: dict[str, list[float]] = seconds if run else {}
-            _NodeTimer(module, timed, cuda).run(*inputs)
-    return {name: min(values) for name, values in seconds.items()}
+            _NodeTimer(module, timed, cuda, (recorded if run else {}) if replays is not None else None).run(*inputs)
+    least = {name: min(values) for name, values in seconds.items()}
+    if replays is not None:
+        for name, pairs in recorded.items():
+            record, replay = min(r for r, _ in pairs), min(p for _, p in pairs)
+            replays[name] = least[name] - replay - (record - least[name])
+    return least

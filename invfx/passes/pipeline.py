@@ -549,7 +549,7 @@ def _rows(state: Compilation) -> list[PlanRow]:
             # member's)
             keeps_input = cost.saves_input if mode == Mode.KEEP else \
                 mode in (Mode.CHECKPOINT, Mode.SELECTIVE) and not (region and name != first_of[region])
-            kept = (own.nbytes if own else cost.held_bytes(mode)) + cost.input_bytes * keeps_input
+            kept = (own.nbytes + cost.mask_bytes if own else cost.held_bytes(mode)) + cost.input_bytes * keeps_input
             recompute = max(cost.flops - own.flops, 0.0) if own else cost.recompute_flops(mode)
         kept_ops = list(own.calls) if own else []
         recomputed_ops = [n.name for n in segment.nodes if n.name not in kept_ops] if own else []
@@ -566,7 +566,8 @@ def _rows(state: Compilation) -> list[PlanRow]:
             freed=[n.name for n in segment.freeable] if mode == Mode.INVERTIBLE else [],
             kept_ops=kept_ops, recomputed_ops=recomputed_ops,
             branch_bytes=cost.branch_bytes if cost and mode == Mode.INVERTIBLE else 0,
-            branch_ops=dict(state.costs.branches.get(name, {})) if mode == Mode.INVERTIBLE else {}))
+            branch_ops=dict(state.costs.branches.get(name, {})) if mode == Mode.INVERTIBLE else {},
+            mask_bytes=cost.mask_bytes if cost and mode in (Mode.CHECKPOINT, Mode.SELECTIVE) else 0))
     return rows
 
 
@@ -582,6 +583,11 @@ def _own_stash(state: Compilation, name: str) -> StashLevel:
     chosen = [calls[c] for c in state.kept_calls.get(name, ()) if c in calls]
     return StashLevel(sum(c.nbytes for c in chosen), sum(c.flops for c in chosen),
                       sum(c.seconds for c in chosen), tuple(c.calls[0] for c in chosen))
+
+
+def _masks(cost) -> str:
+    """``, its dropouts' masks (64.0 KiB)`` where a checkpoint of it keeps them, else nothing."""
+    return f", its dropouts' masks ({format_bytes(cost.mask_bytes)})" if cost.mask_bytes else ""
 
 
 def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], recomputed_ops: list[str]) -> str:
@@ -601,7 +607,7 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
         own = _own_stash(state, name)
-        return (f"keeps its input and the outputs of {_names(kept_ops) or 'none of its calls'} "
+        return (f"keeps its input{_masks(cost)} and the outputs of {_names(kept_ops) or 'none of its calls'} "
                 f"({format_bytes(own.nbytes)}), recomputes {_names(recomputed_ops)} for "
                 f"+{format_flops(max(cost.flops - own.flops, 0.0))} FLOPs (a "
                 f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
@@ -619,7 +625,9 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
         if Mode.INVERTIBLE in allowed:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
                     f"+{format_flops(cost.flops + cost.inverse_flops)}")
-        return f"keeps its input only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
+        kept = f"its input and its dropouts' masks ({format_bytes(cost.mask_bytes)})" if cost.mask_bytes else \
+            "its input"
+        return f"keeps {kept} only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
     if tuple(allowed) == (Mode.KEEP,):
         return f"no other mode allowed ({inverse_note})"
     if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:

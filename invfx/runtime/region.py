@@ -54,6 +54,9 @@ import torch
 from ..errors import InverseError, RegionError
 from ..tolerances import tolerance_for
 from .branches import BranchRecord, branch_scope, recording, replaying, unscoped
+from .dropout_masks import DropoutMasks
+from .dropout_masks import recording as recording_masks
+from .dropout_masks import replaying as replaying_masks
 from .stash import OutputStash
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
@@ -129,7 +132,9 @@ class Region:
     ``stash_begin()`` and ``stash_end()``. ``record_branches`` (invertible mode): the forward records what the
     branching ops of its marked sub-networks (relu, clamp, max pooling...) branched on, and the backward replays
     them, so that a sub-network recomputed on rebuilt inputs takes the forward's branches (see
-    :mod:`invfx.runtime.branches`).
+    :mod:`invfx.runtime.branches`). ``dropout_masks`` (checkpoint mode): the forward keeps its CPU dropouts'
+    masks, 1 bit per element, and the recomputation multiplies by them instead of drawing again (the same values;
+    see :mod:`invfx.runtime.dropout_masks`).
     """
 
     function: Callable[..., Any]
@@ -149,6 +154,7 @@ class Region:
     keep_ops: frozenset[Any] = frozenset()
     keep_marked: bool = False
     record_branches: bool = True
+    dropout_masks: bool = True
     # the storages of the modules' parameters and buffers, which a stash tells calls apart by: found once, here,
     # not at every call (a pointer gone stale only makes the stash's check coarser, the same in both runs)
     stash_constants: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
@@ -275,9 +281,10 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     stash = OutputStash(region.keep_ops, region.stash_constants, region.name) if region.keep_ops else None
     stashing = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
     branches = BranchRecord(region.name) if region.mode == INVERTIBLE and region.record_branches else None
+    masks = DropoutMasks(region.name) if region.mode == CHECKPOINT and region.dropout_masks else None
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
-        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches):
+        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), recording_masks(masks):
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -288,7 +295,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
         with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
-                recording(branches):
+                recording(branches), recording_masks(masks):
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -323,6 +330,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     call.accumulators = accumulators
     call.stash = stash
     call.branches = branches if branches else None  # (nothing recorded: nothing to replay)
+    call.masks = masks if masks else None
     del result
     returned = cast("tuple[torch.Tensor, ...]",
                     RegionFunction.apply(call, *inputs, *params))  # type: ignore[no-untyped-call]
@@ -453,6 +461,7 @@ class _RegionCall:
     accumulators: list[torch.autograd.graph.Node]  # the parameters' AccumulateGrad nodes, set by run_region
     stash: OutputStash | None = None  # a selective checkpoint's kept op outputs, set by run_region
     branches: BranchRecord | None = None  # what its sub-networks' branching ops took, set by run_region
+    masks: DropoutMasks | None = None  # a checkpoint's dropout masks, set by run_region
 
     def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
                  params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
@@ -900,14 +909,19 @@ class ReplayContext:
 
 
 def _replay_checkpoint(context: ReplayContext) -> Any:
-    stash = context._call.stash
-    if stash is None:
-        return context.call_function()
+    call = context._call
+    stash, masks = call.stash, call.masks
+    stashing = _stash_scope(stash.replaying(), call.region.keep_marked) if stash is not None \
+        else contextlib.nullcontext()
     try:
-        with _stash_scope(stash.replaying(), context._call.region.keep_marked):
+        with stashing, replaying_masks(masks):
             return context.call_function()
     finally:
-        stash.clear()  # (a second backward recomputes everything)
+        # (a second backward recomputes everything, and draws its dropouts again from the restored generator)
+        if stash is not None:
+            stash.clear()
+        if masks is not None:
+            masks.clear()
 
 
 def _stash_scope(mode: Any, marked: bool) -> Any:
