@@ -50,10 +50,12 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
     forward_transient_bytes_i, plus stash_bytes_i if selective)``;
   - segment ``i``'s backward: ``A_i + [i>=2 and (kept(b_{i-1}) or m_i == invertible)] B_{i-1}
     + [i == n or kept(b_i) or m_{i+1} == invertible] B_i + B_i + W_i`` with ``W_i = saved_bytes_i +
-    transient_bytes_i``, or ``invertible_bytes_i + transient_bytes_i`` when invertible and that is given
-    (``b_{i-1}`` is there if kept or rebuilt by this segment's inverse; the value ``b_i`` if kept, the chain's
-    output, or rebuilt by the next segment's inverse; then the gradient of ``b_i``, the recomputed or kept
-    activations and the backward's working memory). ``b_0`` is inside ``A_i`` and is never counted twice.
+    transient_bytes_i``, or ``invertible_bytes_i + transient_bytes_i`` when invertible and that is given, plus
+    ``B_i`` when checkpoint or selective (``b_{i-1}`` is there if kept or rebuilt by this segment's inverse; the
+    value ``b_i`` if kept, the chain's output, or rebuilt by the next segment's inverse; then the gradient of
+    ``b_i``, the recomputed or kept activations and the backward's working memory; a recomputation's own output
+    is alive while it is differentiated, beside the forward's). ``b_0`` is inside ``A_i`` and is never counted
+    twice.
 
 Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
 ``max(flops_i - stash_flops_i, 0)`` per selective one (its chosen level's FLOPs). Where every segment of the
@@ -252,10 +254,12 @@ class SegmentCost:
 
     def backward_bytes(self, mode: str) -> int:
         """What its backward holds in ``mode`` besides boundary values: the saved (kept or recomputed)
-        activations and the working memory."""
+        activations and the working memory, and a recomputation's own output (checkpoint, selective: the
+        recomputed output is alive while it is differentiated, beside the forward's)."""
         held = self.invertible_bytes if mode == INVERTIBLE and self.invertible_bytes is not None \
             else self.saved_bytes
-        return held + self.transient_bytes
+        recomputed_output = self.output_bytes if mode in (CHECKPOINT, SELECTIVE) else 0
+        return held + self.transient_bytes + recomputed_output
 
     @property
     def allowed_modes(self) -> tuple[str, ...]:
