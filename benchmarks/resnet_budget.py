@@ -110,7 +110,7 @@ BUDGETS = (1.0, 0.75, 0.5, 0.33, 0.25)
 MODELS = ("resnet", "transformer")
 DEFAULTS = dict(depth=16, channels=32, input=(16, 32, 32, 32), transformer_depth=8, transformer_dim=128,
                 transformer_heads=4, transformer_hidden=512, transformer_input=(16, 128, 32), dropout=0.1,
-                repeats=5, compile_backend="inductor", threads=None)
+                repeats=9, compile_backend="inductor", threads=None)
 # aot_eager in --quick: inductor's C++ compile, cold, takes 10 to 20 s per budget on 2 cores, and --quick
 # must stay under a minute; aot_eager runs the same partitioner, so the budget still acts
 QUICK = dict(depth=4, channels=8, input=(4, 3, 16, 16), transformer_depth=4, transformer_dim=16,
