@@ -218,3 +218,16 @@ def test_optimize_keeps_masks_and_trains_as_plain(budget):
     assert counting.counts[torch.ops.aten.bernoulli_] == 2 * 4  # once per dropout: none drawn again
     for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
         assert torch.equal(g, e)
+
+
+def test_aten_dropout_from_exported_graphs_is_recorded_as_f_dropout():
+    x = torch.randn(5, 7)
+    torch.manual_seed(2)
+    expected = torch.ops.aten.dropout.default(x, 0.4, True)
+    masks = DropoutMasks("t")
+    torch.manual_seed(2)
+    with recording(masks):
+        recorded = torch.ops.aten.dropout.default(x, 0.4, True)
+    with replaying(masks):
+        replayed = torch.ops.aten.dropout.default(x, 0.4, True)
+    assert len(masks) == 1 and torch.equal(recorded, expected) and torch.equal(replayed, expected)

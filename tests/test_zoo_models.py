@@ -181,6 +181,8 @@ def test_gpt2_with_dropout_replays_its_masks():
     inputs = _text()
     optimized = _assert_trains_as_plain(model, inputs, 0.5, seed=7)
     assert set(_segments(optimized)) - {"keep"}
+    # the exported graph's aten.dropout calls keep their masks where recomputed (drawn once per step)
+    assert any(row.mask_bytes for row in optimized.plan.rows), str(optimized.plan)
     got, expected = _step(optimized, inputs, seed=8)[0], _step(model, inputs, seed=9)[0]
     assert not torch.equal(got[0], expected[0])  # (the masks do depend on the seed: the test above can fail)
 

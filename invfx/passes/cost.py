@@ -290,7 +290,7 @@ class _NodeTimer(fx.Interpreter):
         result, elapsed = self._timed(node)
         self.seconds.setdefault(node.name, []).append(elapsed)
         if self.replays is not None and not self.cuda and (
-                (node.op == "call_function" and node.target is torch.nn.functional.dropout)
+                (node.op == "call_function" and node.target in dropout_masks.DROPOUT_FUNCTIONS)
                 or (node.op == "call_module" and node.target in self.dropping)):
             masks = dropout_masks.DropoutMasks(node.name)
             with dropout_masks.recording(masks):

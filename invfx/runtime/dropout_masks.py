@@ -22,7 +22,8 @@ next one (or the end of the region's forward), the record keeps the CPU generato
 dropout (5 KB), and the replay sets it there; where none was (every random op of the region is a recorded
 dropout, the common case), no state is kept.
 
-Ops are matched at the torch-function level (``F.dropout``, which ``nn.Dropout`` calls), in call order: a
+Ops are matched at the torch-function level (``F.dropout``, which ``nn.Dropout`` calls, and ``aten.dropout``,
+which graphs from ``torch.export`` call; ``aten.dropout`` runs ATen's same CPU dropout), in call order: a
 region's recomputation runs the same function as its forward, so the same dropouts in the same order. A replay
 that meets a dropout of another shape, dtype or ``p`` than was recorded at that place raises
 :class:`~invfx.RegionError`; one that meets more dropouts than were recorded runs them as they are (drawing from
@@ -44,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import RegionError
 from .branches import pack_bits, unpack_bits
 
-__all__ = ["DropoutMasks", "recording", "replaying", "records"]
+__all__ = ["DropoutMasks", "DROPOUT_FUNCTIONS", "recording", "replaying", "records"]
 
 
 @dataclass
@@ -102,10 +103,17 @@ class _Active:
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("invfx_dropout_masks", default=None)
 
 
-def _arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+# the calls recorded: F.dropout (nn.Dropout's), and aten.dropout, which graphs exported by torch.export call
+DROPOUT_FUNCTIONS = (F.dropout, torch.ops.aten.dropout.default)
+
+
+def _arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(input, p, training, inplace) of a call of one of ``DROPOUT_FUNCTIONS``."""
     def get(position: int, name: str, default: Any) -> Any:
         return args[position] if len(args) > position else kwargs.get(name, default)
-    return get(0, "input", None), get(1, "p", 0.5), get(2, "training", True), get(3, "inplace", False)
+    if func is F.dropout:
+        return get(0, "input", None), get(1, "p", 0.5), get(2, "training", True), get(3, "inplace", False)
+    return get(0, "input", None), get(1, "p", None), get(2, "train", None), False
 
 
 class _DropoutMode(TorchFunctionMode):
@@ -118,9 +126,9 @@ class _DropoutMode(TorchFunctionMode):
         kwargs = kwargs or {}
         active = self.active
         # (a region nested inside this one's function records its own dropouts, or none)
-        if func is not F.dropout or _ACTIVE.get() is not active:
+        if func not in DROPOUT_FUNCTIONS or _ACTIVE.get() is not active:
             return func(*args, **kwargs)
-        x, p, training, inplace = _arguments(args, kwargs)
+        x, p, training, inplace = _arguments(func, args, kwargs)
         if not records(x, p, training):
             return func(*args, **kwargs)
         masks = active.masks
