@@ -6,8 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["assert_close", "grads_of", "model_library", "zero"]
+__all__ = ["CountOps", "assert_close", "grads_of", "model_library", "zero"]
+
+
+class CountOps(TorchDispatchMode):
+    """How many times each op packet runs (``counts[torch.ops.aten.convolution]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket] = self.counts.get(func.overloadpacket, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def model_library(name):

@@ -4,8 +4,8 @@ mask instead of drawing again. Bit for bit against plain autograd, and the gener
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CountOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import invfx
 from invfx.errors import RegionError
@@ -15,16 +15,6 @@ from invfx.runtime import Region, run_region
 from invfx.runtime.dropout_masks import DropoutMasks, recording, records, replaying
 
 DT = torch.float64
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket] = self.counts.get(func.overloadpacket, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def layouts():
@@ -112,11 +102,22 @@ def one_step(function, x, params, seed=5, retain=False):
     return out.detach(), x.grad, [p.grad.clone() for p in params]
 
 
-def test_a_checkpoint_replays_its_dropouts_without_drawing_and_trains_as_plain():
+def assert_same_step(got, expected):
+    """Output, input gradient and every parameter gradient of two steps (:func:`one_step`) bit for bit."""
+    for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]], strict=True):
+        assert torch.equal(g, e)
+
+
+@pytest.fixture
+def dropout_net():
+    """A :class:`DropoutNet` in training, its parameters and an input."""
     torch.manual_seed(0)
     net = DropoutNet().train()
-    params = list(net.parameters())
-    x = torch.randn(3, 5, 8, dtype=DT)
+    return net, list(net.parameters()), torch.randn(3, 5, 8, dtype=DT)
+
+
+def test_a_checkpoint_replays_its_dropouts_without_drawing_and_trains_as_plain(dropout_net):
+    net, params, x = dropout_net
     expected = one_step(net, x, params)
     region = Region(net, name="net", buffers=(net,))
     counting = CountOps()
@@ -125,33 +126,24 @@ def test_a_checkpoint_replays_its_dropouts_without_drawing_and_trains_as_plain()
     bernoulli = counting.counts[torch.ops.aten.bernoulli_]
     # forward: the 2 recorded and attention's own; the recomputation: attention's only (without masks: 6)
     assert bernoulli == 4, counting.counts
-    for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
-        assert torch.equal(g, e)
+    assert_same_step(got, expected)
 
 
-def test_without_masks_the_checkpoint_draws_again_and_trains_the_same():
-    torch.manual_seed(0)
-    net = DropoutNet().train()
-    params = list(net.parameters())
-    x = torch.randn(3, 5, 8, dtype=DT)
+def test_without_masks_the_checkpoint_draws_again_and_trains_the_same(dropout_net):
+    net, params, x = dropout_net
     with_masks = one_step(lambda t: run_region(Region(net, name="net"), (t,)), x, params)
     counting = CountOps()
     with counting:
         without = one_step(lambda t: run_region(Region(net, name="net", dropout_masks=False), (t,)), x, params)
     assert counting.counts[torch.ops.aten.bernoulli_] == 6
-    for g, e in zip([with_masks[0], with_masks[1], *with_masks[2]], [without[0], without[1], *without[2]]):
-        assert torch.equal(g, e)
+    assert_same_step(with_masks, without)
 
 
-def test_a_second_backward_draws_again_from_the_restored_generator():
-    torch.manual_seed(0)
-    net = DropoutNet().train()
-    params = list(net.parameters())
-    x = torch.randn(3, 5, 8, dtype=DT)
+def test_a_second_backward_draws_again_from_the_restored_generator(dropout_net):
+    net, params, x = dropout_net
     expected = one_step(net, x, params, retain=True)
     got = one_step(lambda t: run_region(Region(net, name="net"), (t,)), x, params, retain=True)
-    for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
-        assert torch.equal(g, e)
+    assert_same_step(got, expected)
 
 
 def test_nested_checkpoints_record_each_their_own_dropouts():
@@ -216,8 +208,7 @@ def test_optimize_keeps_masks_and_trains_as_plain(budget):
     with counting:
         got = one_step(optimized, x, params)
     assert counting.counts[torch.ops.aten.bernoulli_] == 2 * 4  # once per dropout: none drawn again
-    for g, e in zip([got[0], got[1], *got[2]], [expected[0], expected[1], *expected[2]]):
-        assert torch.equal(g, e)
+    assert_same_step(got, expected)
 
 
 def test_aten_dropout_from_exported_graphs_is_recorded_as_f_dropout():

@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import CountOps, assert_close
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import invfx
 from invfx.errors import RegionError
@@ -19,18 +18,6 @@ from invfx.runtime import Region, run_region
 from invfx.runtime.stash import EXPENSIVE_OPS, OutputStash
 
 DT = torch.float64
-
-
-class CountOps(TorchDispatchMode):
-    """How many times each op packet runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket] = self.counts.get(func.overloadpacket, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def block():
