@@ -10,7 +10,9 @@ thread, destroying a finished barrier's work, waits for the GIL). :func:`run_ran
   what the function returns is held until then (return the DDP module or the process group);
 * as soon as one rank fails (raises, exits with a code, dies of a signal) or the deadline passes, kills the others
   and raises :class:`RanksFailed` saying which rank failed and why: its traceback, its exit code or signal, or
-  for a rank still running at the deadline, where it was (a stack dump taken just before).
+  for a rank still running at the deadline, where it was (a stack dump it writes when the watchdog asks, by
+  ``SIGUSR1``, at the deadline: a dump timed by the rank itself came too late where spawning it, importing torch,
+  took seconds on a loaded machine).
 """
 
 from __future__ import annotations
@@ -36,10 +38,17 @@ class RanksFailed(AssertionError):
     """A rank failed, or did not finish in time; the message says which and why."""
 
 
+#: the signal a rank dumps its stack on (None where there is none: the rank times its own dump)
+DUMP_SIGNAL = getattr(signal, "SIGUSR1", None)
+
+
 def _entry(function, rank: int, world: int, args: tuple, report_dir: str, dump_after: float) -> None:
     with open(os.path.join(report_dir, f"stack_{rank}.txt"), "w") as stacks:
-        # where a hung rank is, written before the parent kills it
-        faulthandler.dump_traceback_later(dump_after, exit=False, file=stacks)
+        # where a hung rank is, written when the parent asks, before it kills it
+        if DUMP_SIGNAL is not None:
+            faulthandler.register(DUMP_SIGNAL, file=stacks, all_threads=True)
+        else:
+            faulthandler.dump_traceback_later(dump_after, exit=False, file=stacks)
         try:
             kept = function(rank, world, *args)  # noqa: F841 - held, never torn down (see the module docstring)
         except BaseException:  # noqa: BLE001 - reported to the parent, whatever it is
@@ -75,7 +84,7 @@ def run_ranks(function, world: int, args: tuple = (), timeout: float = RANK_TIME
                 return
             if time.monotonic() - start > timeout:
                 late = [rank for rank, code in enumerate(codes) if code is None]
-                time.sleep(min(3.0, max(0.0, timeout + 3 - (time.monotonic() - start))))  # (the stack dumps)
+                _ask_for_stacks([processes[rank] for rank in late], [_stack_path(rank, report_dir) for rank in late])
                 raise RanksFailed(f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} still running "
                                   f"after {timeout:g} s (killed); " +
                                   "; ".join(_stack(rank, report_dir) for rank in late))
@@ -105,7 +114,28 @@ def _others(processes, failed: list[int], elapsed: float) -> str:
            f"{', '.join(map(str, running))})" if running else f" (after {elapsed:.1f} s)"
 
 
+def _stack_path(rank: int, report_dir: str) -> str:
+    return os.path.join(report_dir, f"stack_{rank}.txt")
+
+
+def _ask_for_stacks(processes, paths: list[str], wait: float = 3.0) -> None:
+    """Have each of ``processes`` dump its stack into its file, and wait (at most ``wait`` seconds) until each
+    file holds one. Without a dump signal, wait for the dumps the ranks timed themselves."""
+    if DUMP_SIGNAL is not None:
+        for process in processes:
+            try:
+                os.kill(process.pid, DUMP_SIGNAL)
+            except OSError:  # (it ended meanwhile)
+                pass
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if all(os.path.exists(path) and os.path.getsize(path) for path in paths):
+            time.sleep(0.1)  # (the rest of a dump being written)
+            return
+        time.sleep(0.05)
+
+
 def _stack(rank: int, report_dir: str) -> str:
-    path = os.path.join(report_dir, f"stack_{rank}.txt")
+    path = _stack_path(rank, report_dir)
     text = open(path).read().strip() if os.path.exists(path) else ""
     return f"rank {rank} was at:\n{text}" if text else f"rank {rank}: no stack dump"
