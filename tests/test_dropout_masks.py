@@ -222,3 +222,30 @@ def test_aten_dropout_from_exported_graphs_is_recorded_as_f_dropout():
     with replaying(masks):
         replayed = torch.ops.aten.dropout.default(x, 0.4, True)
     assert len(masks) == 1 and torch.equal(recorded, expected) and torch.equal(replayed, expected)
+
+
+def test_only_regions_that_may_drop_record_masks():
+    """The record's torch-function mode costs a Python round trip per torch call: a checkpoint whose graph holds
+    no dropout (a ResNet block) runs without it; one with a dropout, or with code the tracer did not enter (a
+    leaf module of the user's, which may call F.dropout itself), runs with it."""
+    from invfx.examples import ResNet
+    from invfx.regions.modules import CheckpointRegion
+
+    class UserLeaf(nn.Module):  # calls F.dropout with no nn.Dropout to show for it
+        def forward(self, x):
+            return F.dropout(x, 0.5, self.training)
+
+    def regions(model, x, **options):
+        optimized = invfx.optimize(model, x, modes=("checkpoint",), check_gradients=False, **options)
+        found = [m._region() for m in optimized.modules() if isinstance(m, CheckpointRegion) and m.mode != Mode.KEEP]
+        assert found, str(optimized.plan)
+        return found
+
+    torch.manual_seed(0)
+    assert not any(r.dropout_masks for r in regions(ResNet(depth=2, channels=4, in_channels=3).train(),
+                                                     torch.randn(2, 3, 8, 8)))
+    transformer = Transformer(features=8, dim=16, depth=2, heads=2, hidden=32, dropout=0.2).train()
+    assert any(r.dropout_masks for r in regions(transformer, torch.randn(2, 6, 8)))
+    leaf = UserLeaf()
+    model = nn.Sequential(nn.Linear(8, 8), leaf, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).train()
+    assert any(r.dropout_masks for r in regions(model, torch.randn(4, 8), leaf_modules=[leaf]))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..modes import Mode
 from ..planner import SegmentCost, StashLevel
-from ..regions.body import keeps_output
+from ..regions.body import keeps_output, may_drop
 from ..regions.fused import tensors_in
 from ..runtime import dropout_masks
 from ..runtime.branches import BranchRecord, recording
@@ -264,16 +264,15 @@ TIMED_RUNS = 5
 
 class _NodeTimer(fx.Interpreter):
     """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it).
-    A node that runs a dropout a checkpoint records the mask of runs twice more, recording the mask and then
-    replaying it, adding those times to ``replays[node.name]``."""
+    Each of ``dropping`` (node names) that runs a dropout a checkpoint records the mask of runs twice more,
+    recording the mask and then replaying it, adding those times to ``replays[node.name]``."""
 
     def __init__(self, module: fx.GraphModule, seconds: dict[str, list[float]], cuda: bool,
-                 replays: dict[str, list[tuple[float, float]]] | None = None) -> None:
+                 dropping: Collection[str] = (), replays: dict[str, list[tuple[float, float]]] | None = None) -> None:
         super().__init__(module)
         self.extra_traceback = False
-        self.seconds, self.cuda, self.replays = seconds, cuda, replays
-        self.dropping = {name for name, m in module.named_modules()
-                         if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in m.modules())}
+        self.seconds, self.cuda, self.dropping = seconds, cuda, dropping
+        self.replays = {} if replays is None else replays
 
     def _timed(self, node: fx.Node):
         if self.cuda:
@@ -289,9 +288,7 @@ class _NodeTimer(fx.Interpreter):
             return super().run_node(node)
         result, elapsed = self._timed(node)
         self.seconds.setdefault(node.name, []).append(elapsed)
-        if self.replays is not None and not self.cuda and (
-                (node.op == "call_function" and node.target in dropout_masks.DROPOUT_FUNCTIONS)
-                or (node.op == "call_module" and node.target in self.dropping)):
+        if node.name in self.dropping:
             masks = dropout_masks.DropoutMasks(node.name)
             with dropout_masks.recording(masks):
                 _, recorded = self._timed(node)
@@ -315,10 +312,11 @@ def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = T
     seconds: dict[str, list[float]] = {}
     recorded: dict[str, list[tuple[float, float]]] = {}
     cuda = any(t.is_cuda for t in (*module.parameters(), *(x for x in example_inputs if isinstance(x, torch.Tensor))))
+    # (masks are recorded on CPU only)
+    dropping = set() if replays is None or cuda else {n.name for n in module.graph.nodes if may_drop(module, n)}
     with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad():
-        for run in range(runs + 1):
-            timed: dict[str, list[float]] = seconds if run else {}
-            _NodeTimer(module, timed, cuda, (recorded if run else {}) if replays is not None else None).run(*inputs)
+        for run in range(runs + 1):  # (run 0 is a warm-up: its times are dropped)
+            _NodeTimer(module, seconds if run else {}, cuda, dropping, recorded if run else {}).run(*inputs)
     least = {name: min(values) for name, values in seconds.items()}
     if replays is not None:
         for name, pairs in recorded.items():

@@ -585,9 +585,9 @@ def _own_stash(state: Compilation, name: str) -> StashLevel:
                       sum(c.seconds for c in chosen), tuple(c.calls[0] for c in chosen))
 
 
-def _masks(cost) -> str:
-    """``, its dropouts' masks (64.0 KiB)`` where a checkpoint of it keeps them, else nothing."""
-    return f", its dropouts' masks ({format_bytes(cost.mask_bytes)})" if cost.mask_bytes else ""
+def _input_kept(cost) -> str:
+    """``its input`` or ``its input and its dropouts' masks (64.0 KiB)``: what a checkpoint of it keeps."""
+    return f"its input and its dropouts' masks ({format_bytes(cost.mask_bytes)})" if cost.mask_bytes else "its input"
 
 
 def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], recomputed_ops: list[str]) -> str:
@@ -607,7 +607,7 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
     allowed = cost.allowed_modes
     if mode == Mode.SELECTIVE:
         own = _own_stash(state, name)
-        return (f"keeps its input{_masks(cost)} and the outputs of {_names(kept_ops) or 'none of its calls'} "
+        return (f"keeps {_input_kept(cost)} and the outputs of {_names(kept_ops) or 'none of its calls'} "
                 f"({format_bytes(own.nbytes)}), recomputes {_names(recomputed_ops)} for "
                 f"+{format_flops(max(cost.flops - own.flops, 0.0))} FLOPs (a "
                 f"checkpoint would recompute +{format_flops(cost.flops)}) ({inverse_note})")
@@ -625,9 +625,7 @@ def _why(state: Compilation, name: str, cost, mode: Mode, kept_ops: list[str], r
         if Mode.INVERTIBLE in allowed:
             return (f"within the budget for +{format_flops(cost.flops)} FLOPs; invertible would keep nothing for "
                     f"+{format_flops(cost.flops + cost.inverse_flops)}")
-        kept = f"its input and its dropouts' masks ({format_bytes(cost.mask_bytes)})" if cost.mask_bytes else \
-            "its input"
-        return f"keeps {kept} only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
+        return f"keeps {_input_kept(cost)} only, recomputed for +{format_flops(cost.flops)} FLOPs ({inverse_note})"
     if tuple(allowed) == (Mode.KEEP,):
         return f"no other mode allowed ({inverse_note})"
     if cost.saved_bytes + cost.input_bytes * cost.saves_input <= cost.input_bytes:

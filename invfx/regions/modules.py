@@ -23,7 +23,7 @@ from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
 from ..runtime.stash import EXPENSIVE_OPS
-from .body import is_rng_mark, marked_body, named_objects, portable_graph, updated_buffers
+from .body import is_rng_mark, marked_body, may_drop, named_objects, portable_graph, updated_buffers
 from .fused import FusedReplay
 
 __all__ = ["OptimizedModule", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain",
@@ -143,10 +143,14 @@ class BodyRegion(nn.Module):
             return self._cached_region((CHECKPOINT, Mode.SELECTIVE, self.__dict__.get("kept_calls")), lambda: Region(
                 function=self._selective_body(), mode=CHECKPOINT, discovery=self.discovery,
                 buffers=self._modules_used, updated=self._updated_buffers, name=self._label, keep_ops=EXPENSIVE_OPS,
-                keep_marked=True))
+                keep_marked=True, dropout_masks=self._may_drop()))
         return self._cached_region(CHECKPOINT, lambda: Region(
             function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            updated=self._updated_buffers, name=self._label))
+            updated=self._updated_buffers, name=self._label, dropout_masks=self._may_drop()))
+
+    def _may_drop(self) -> bool:
+        """Whether its forward may run a dropout whose mask a checkpoint keeps (else it records none)."""
+        return any(may_drop(self.forward_body, node) for node in self.forward_body.graph.nodes)
 
     def _selective_body(self) -> fx.GraphModule:
         """The forward body with the calls whose outputs it keeps marked (made once per choice of calls)."""

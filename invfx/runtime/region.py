@@ -53,10 +53,8 @@ import torch
 
 from ..errors import InverseError, RegionError
 from ..tolerances import tolerance_for
+from . import dropout_masks
 from .branches import BranchRecord, branch_scope, recording, replaying, unscoped
-from .dropout_masks import DropoutMasks
-from .dropout_masks import recording as recording_masks
-from .dropout_masks import replaying as replaying_masks
 from .stash import OutputStash
 from .state import AutocastState, BufferState, RngState, hooks_silenced
 from .storage import free_blocker, free_storage, is_freed, restore_storage, storage_key
@@ -281,10 +279,11 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     stash = OutputStash(region.keep_ops, region.stash_constants, region.name) if region.keep_ops else None
     stashing = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
     branches = BranchRecord(region.name) if region.mode == INVERTIBLE and region.record_branches else None
-    masks = DropoutMasks(region.name) if region.mode == CHECKPOINT and region.dropout_masks else None
+    masks = dropout_masks.DropoutMasks(region.name) if region.mode == CHECKPOINT and region.dropout_masks else None
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
-        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), recording_masks(masks):
+        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), \
+                dropout_masks.recording(masks):
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -295,7 +294,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
         with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
-                recording(branches), recording_masks(masks):
+                recording(branches), dropout_masks.recording(masks):
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -461,7 +460,7 @@ class _RegionCall:
     accumulators: list[torch.autograd.graph.Node]  # the parameters' AccumulateGrad nodes, set by run_region
     stash: OutputStash | None = None  # a selective checkpoint's kept op outputs, set by run_region
     branches: BranchRecord | None = None  # what its sub-networks' branching ops took, set by run_region
-    masks: DropoutMasks | None = None  # a checkpoint's dropout masks, set by run_region
+    masks: dropout_masks.DropoutMasks | None = None  # a checkpoint's dropout masks, set by run_region
 
     def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
                  params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
@@ -914,7 +913,7 @@ def _replay_checkpoint(context: ReplayContext) -> Any:
     stashing = _stash_scope(stash.replaying(), call.region.keep_marked) if stash is not None \
         else contextlib.nullcontext()
     try:
-        with stashing, replaying_masks(masks):
+        with stashing, dropout_masks.replaying(masks):
             return context.call_function()
     finally:
         # (a second backward recomputes everything, and draws its dropouts again from the restored generator)
