@@ -30,6 +30,28 @@ def test_bits_round_trip(shape):
     assert torch.equal(unpack_bits(pack_bits(strided.t()), strided.t().shape), strided.t())
 
 
+def bits_by_definition(mask: torch.Tensor) -> torch.Tensor:
+    """Byte j holds elements 8j..8j+7 of the flattened mask, element 8j+k as bit k."""
+    flat = mask.reshape(-1).tolist()
+    flat += [False] * (-len(flat) % 8)
+    return torch.tensor([sum(1 << k for k in range(8) if flat[8 * j + k]) for j in range(len(flat) // 8)],
+                        dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("little_endian", [True, False])
+def test_bits_are_packed_eight_to_a_byte_in_either_code_path(monkeypatch, little_endian):
+    monkeypatch.setattr(branches, "_LITTLE_ENDIAN", little_endian)
+    torch.manual_seed(1)
+    base = torch.rand(1001) > 0.3
+    cases = {"random": base, "all set": torch.ones(64, dtype=torch.bool), "none set": torch.zeros(9, dtype=torch.bool),
+             "empty": torch.zeros(0, dtype=torch.bool), "view at an odd offset": base[3:700],
+             "transposed": (torch.rand(9, 13) > 0.5).t()}
+    for what, mask in cases.items():
+        packed = pack_bits(mask)
+        assert torch.equal(packed, bits_by_definition(mask)), what
+        assert torch.equal(unpack_bits(packed, mask.shape), mask), what
+
+
 # -- each op: recorded on x, replayed on x moved across its thresholds: the replay's value is the original's up to
 # the move, its gradient exactly the original's at x
 

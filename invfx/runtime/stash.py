@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_map_only
 
 __all__ = ["OutputStash", "EXPENSIVE_OPS", "stash_begin", "stash_end"]
 
@@ -114,13 +114,15 @@ class OutputStash:
                 t.untyped_storage().data_ptr() in shared for t in _tensors(entry[1])))
 
     def _signature(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Signature:
-        leaves, _ = tree_flatten((args, kwargs))
         parts: list[Any] = [func]
-        for leaf in leaves:
+        constants = self._constants
+        for leaf in _leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
-                pointer = leaf.untyped_storage().data_ptr() if leaf.untyped_storage().nbytes() else 0
+                pointer = None
+                if constants and leaf.untyped_storage().nbytes():
+                    pointer = leaf.untyped_storage().data_ptr()
                 parts.append((tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device,
-                              pointer if pointer in self._constants else None))
+                              pointer if pointer in constants else None))
             else:
                 parts.append(leaf if isinstance(leaf, (int, float, bool, str, type(None), torch.dtype)) else
                              type(leaf))
@@ -130,9 +132,33 @@ class OutputStash:
         return getattr(func, "overloadpacket", None) in self.ops or func in self.ops
 
 
+def _leaves(value: Any) -> Iterator[Any]:
+    """The leaves of an op's arguments or outputs (tuples, lists and dicts of them), in order. An op's
+    arguments are flat or nearly so; pytree's general flatten cost more than the rest of a stashed call."""
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
 def _tensors(value: Any) -> list[torch.Tensor]:
-    leaves, _ = tree_flatten(value)
-    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [leaf for leaf in _leaves(value) if isinstance(leaf, torch.Tensor)]
+
+
+def _detached(value: Any) -> Any:
+    """``value`` (an op's output: a tensor, or a tuple or list of them and other things) with each tensor
+    detached: fresh aliases, so what the replay hands out never shares autograd metadata with the kept one."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if type(value) in (tuple, list):
+        return type(value)(_detached(item) for item in value)
+    return tree_map_only(torch.Tensor, torch.Tensor.detach, value)  # (a named tuple, anything else)
 
 
 class _StashMode(TorchDispatchMode):  # type: ignore[no-untyped-call]
@@ -162,7 +188,7 @@ class _Replaying(_StashMode):  # type: ignore[no-untyped-call]
         if entries and entries[0][0] == self.stash._signature(func, args, kwargs):
             _, kept, versions = entries.popleft()
             if [t._version for t in _tensors(kept)] == versions:
-                return tree_map_only(torch.Tensor, lambda t: t.detach(), kept)
+                return _detached(kept)
             # written in place after it was kept (an in-place op the graph did not show, inside a leaf module):
             # not the op's output any more, so the op runs again, as in a plain checkpoint
         return func(*args, **kwargs)
