@@ -1,6 +1,8 @@
 """Dropout masks kept by checkpoints (invfx.runtime.dropout_masks): the recomputation multiplies by the forward's
 mask instead of drawing again. Bit for bit against plain autograd, and the generator where a later op draws."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ import invfx
 from invfx.errors import RegionError
 from invfx.examples import Transformer
 from invfx.modes import Mode
-from invfx.runtime import Region, run_region
+from invfx.runtime import Region, dropout_masks, run_region
 from invfx.runtime.dropout_masks import DropoutMasks, recording, records, replaying
 
 DT = torch.float64
@@ -205,10 +207,70 @@ def test_optimize_keeps_masks_and_trains_as_plain(budget):
     params = list(model.parameters())
     expected = one_step(model, x, params)
     counting = CountOps()
-    with counting:
+    with counting, spying_on_the_mode() as mode_calls:
         got = one_step(optimized, x, params)
     assert counting.counts[torch.ops.aten.bernoulli_] == 2 * 4  # once per dropout: none drawn again
+    assert mode_calls == []  # (every dropout is in the graph: the bodies call the record themselves)
     assert_same_step(got, expected)
+
+
+@contextlib.contextmanager
+def spying_on_the_mode():
+    """The functions the record's torch-function mode saw meanwhile."""
+    seen = []
+    original = dropout_masks._DropoutMode.__torch_function__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(self, func, types, args, kwargs)
+
+    dropout_masks._DropoutMode.__torch_function__ = spy
+    try:
+        yield seen
+    finally:
+        dropout_masks._DropoutMode.__torch_function__ = original
+
+
+class Dropouts(nn.Module):
+    """The three ways a graph shows a dropout: an nn.Dropout, F.dropout, and aten.dropout with ``train`` by name
+    (as exported graphs may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = nn.Linear(8, 8), nn.Linear(8, 8), nn.Dropout(0.3)
+
+    def forward(self, x):
+        h = self.drop(torch.tanh(self.a(x)))
+        h = F.dropout(torch.tanh(self.b(h)), 0.4, self.training)
+        return torch.ops.aten.dropout.default(torch.sin(h), p=0.2, train=self.training)
+
+
+def test_bodies_call_the_record_for_every_dropout_they_show_and_train_as_plain():
+    from invfx.regions.body import dropouts_called_directly
+
+    torch.manual_seed(0)
+    net, x = Dropouts().to(DT).train(), torch.randn(6, 8, dtype=DT)
+    body = torch.fx.symbolic_trace(net)
+    direct = dropouts_called_directly(body)
+    assert "F.dropout" not in direct.code and "aten.dropout" not in direct.code
+    assert direct.code.count("dropout_masks_dropout(") == 2 and direct.code.count("module_dropout(") == 1
+    params = list(net.parameters())
+    expected = one_step(net, x, params)
+    counting = CountOps()
+    with counting, spying_on_the_mode() as mode_calls:
+        got = one_step(lambda t: run_region(Region(direct, name="net", dropouts_marked=True), (t,)), x, params)
+    assert counting.counts[torch.ops.aten.bernoulli_] == 3 and mode_calls == []
+    assert_same_step(got, expected)
+    # one module in eval within a training model: read at the call, so it drops nothing, as in plain
+    net.drop.eval()
+    expected = one_step(net, x, params)
+    got = one_step(lambda t: run_region(Region(direct, name="net", dropouts_marked=True), (t,)), x, params)
+    assert_same_step(got, expected)
+    # outside a region, the direct calls are the plain dropouts
+    torch.manual_seed(3)
+    plain = net(x)
+    torch.manual_seed(3)
+    assert torch.equal(direct(x), plain)
 
 
 def test_aten_dropout_from_exported_graphs_is_recorded_as_f_dropout():
@@ -245,7 +307,11 @@ def test_only_regions_that_may_drop_record_masks():
     assert not any(r.dropout_masks for r in regions(ResNet(depth=2, channels=4, in_channels=3).train(),
                                                      torch.randn(2, 3, 8, 8)))
     transformer = Transformer(features=8, dim=16, depth=2, heads=2, hidden=32, dropout=0.2).train()
-    assert any(r.dropout_masks for r in regions(transformer, torch.randn(2, 6, 8)))
+    found = regions(transformer, torch.randn(2, 6, 8))
+    assert any(r.dropout_masks for r in found)
+    assert all(r.dropouts_marked for r in found if r.dropout_masks)  # (the graph shows each of them)
     leaf = UserLeaf()
     model = nn.Sequential(nn.Linear(8, 8), leaf, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)).train()
-    assert any(r.dropout_masks for r in regions(model, torch.randn(4, 8), leaf_modules=[leaf]))
+    found = regions(model, torch.randn(4, 8), leaf_modules=[leaf])
+    assert any(r.dropout_masks for r in found)
+    assert not any(r.dropouts_marked for r in found)  # (only the mode sees the leaf's F.dropout)

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graphs import fetch_attr
-from ..runtime import rng_mark
+from ..runtime import dropout_masks, rng_mark
 from ..runtime.branches import close_scope
 from ..runtime.dropout_masks import DROPOUT_FUNCTIONS
 from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
-           "may_drop", "marked_body", "updated_buffers"]
+           "may_drop", "marked_body", "dropouts_called_directly", "updated_buffers"]
 
 # What a selective checkpoint keeps the outputs of: the calls that run convolutions, matrix products and
 # attention (invfx.runtime.stash.EXPENSIVE_OPS are the aten ops they run)
@@ -118,6 +118,47 @@ def marked_body(body: fx.GraphModule, calls: Collection[str] | None = None) -> f
         env[node] = graph.node_copy(node, env.__getitem__)
         if kept:
             graph.call_function(stash_end, (mode,))
+    return fx.GraphModule(body, graph, type(body).__name__)
+
+
+def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
+    """``body`` with each dropout it runs called through :func:`invfx.runtime.dropout_masks.dropout` (or
+    ``module_dropout`` for an ``nn.Dropout``), which records and replays its mask without a torch-function mode
+    around the whole body (``Region(dropouts_marked=True)``). None where some call may run a dropout the graph
+    does not show (:func:`may_drop`: a leaf module of the user's, a function the tracer did not enter): that
+    body needs the mode. ``body`` itself where it runs no dropout."""
+    rewrites: dict[fx.Node, tuple[object, tuple, dict]] = {}
+    for node in body.graph.nodes:
+        if not may_drop(body, node):
+            continue
+        args, kwargs = node.args, dict(node.kwargs)
+        if node.op == "call_function" and node.target is F.dropout:
+            rewrites[node] = (dropout_masks.dropout, args, kwargs)
+        elif node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
+            if "train" in kwargs:  # (aten's name for F.dropout's ``training``)
+                kwargs["training"] = kwargs.pop("train")
+            rewrites[node] = (dropout_masks.dropout, args, kwargs)
+        elif node.op == "call_module" and type(body.get_submodule(node.target)) is nn.Dropout \
+                and len(args) + len(kwargs) == 1:
+            rewrites[node] = (dropout_masks.module_dropout, ((node.target,) + tuple(args) + tuple(kwargs.values())),
+                              {})
+        else:
+            return None
+    if not rewrites:
+        return body
+    graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in body.graph.nodes:
+        if node not in rewrites:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        target, args, kwargs = rewrites[node]
+        args, kwargs = fx.map_arg(args, env.__getitem__), fx.map_arg(kwargs, env.__getitem__)
+        if target is dropout_masks.module_dropout:
+            # (the module itself: its p and training, read at the call)
+            args = (graph.create_node("get_attr", args[0], name=f"{node.name}_module"),) + args[1:]
+        env[node] = graph.create_node("call_function", target, args, kwargs, name=node.name)
+        env[node].meta = dict(node.meta)
     return fx.GraphModule(body, graph, type(body).__name__)
 
 

@@ -23,7 +23,15 @@ from ..modes import Mode
 from ..runtime import CHECKPOINT, INVERTIBLE, Region, ReplayContext, run_region
 from ..runtime.region import Discovery
 from ..runtime.stash import EXPENSIVE_OPS
-from .body import is_rng_mark, marked_body, may_drop, named_objects, portable_graph, updated_buffers
+from .body import (
+    dropouts_called_directly,
+    is_rng_mark,
+    marked_body,
+    may_drop,
+    named_objects,
+    portable_graph,
+    updated_buffers,
+)
 from .fused import FusedReplay
 
 __all__ = ["OptimizedModule", "BodyRegion", "CheckpointRegion", "InvertibleRegion", "regions_run_plain",
@@ -140,26 +148,33 @@ class BodyRegion(nn.Module):
         if self.mode == Mode.SELECTIVE:
             # the outputs of its convolutions, matrix products and attention are kept for the recomputation,
             # which runs only the cheap ops between them (invfx.runtime.stash)
-            return self._cached_region((CHECKPOINT, Mode.SELECTIVE, self.__dict__.get("kept_calls")), lambda: Region(
-                function=self._selective_body(), mode=CHECKPOINT, discovery=self.discovery,
+            calls = self.__dict__.get("kept_calls")  # (absent from a region pickled before it existed: every call)
+            body, direct = self._body(calls)
+            return self._cached_region((CHECKPOINT, Mode.SELECTIVE, calls), lambda: Region(
+                function=body, mode=CHECKPOINT, discovery=self.discovery,
                 buffers=self._modules_used, updated=self._updated_buffers, name=self._label, keep_ops=EXPENSIVE_OPS,
-                keep_marked=True, dropout_masks=self._may_drop()))
+                keep_marked=True, dropout_masks=self._may_drop(), dropouts_marked=direct))
+        body, direct = self._body(None, selective=False)
         return self._cached_region(CHECKPOINT, lambda: Region(
-            function=self.forward_body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            updated=self._updated_buffers, name=self._label, dropout_masks=self._may_drop()))
+            function=body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
+            updated=self._updated_buffers, name=self._label, dropout_masks=self._may_drop(), dropouts_marked=direct))
 
     def _may_drop(self) -> bool:
         """Whether its forward may run a dropout whose mask a checkpoint keeps (else it records none)."""
         return any(may_drop(self.forward_body, node) for node in self.forward_body.graph.nodes)
 
-    def _selective_body(self) -> fx.GraphModule:
-        """The forward body with the calls whose outputs it keeps marked (made once per choice of calls)."""
-        calls = self.__dict__.get("kept_calls")  # (absent from a region pickled before it existed: every call)
-        marked = self.__dict__.get("_marked")  # (dropped by _derive when the bodies change, never pickled)
-        if marked is None or marked[0] != calls:
-            marked = (calls, marked_body(self.forward_body, calls))
-            object.__setattr__(self, "_marked", marked)
-        return marked[1]
+    def _body(self, calls: frozenset[str] | None, selective: bool = True) -> tuple[fx.GraphModule, bool]:
+        """The body a checkpoint runs, and whether it calls its dropouts' record itself (made once per choice):
+        selective, with the calls whose outputs it keeps marked; its dropouts called directly where the graph
+        shows them all."""
+        key = (selective, calls)
+        made = self.__dict__.get("_marked")  # (dropped by _derive when the bodies change, never pickled)
+        if made is None or made[0] != key:
+            body = marked_body(self.forward_body, calls) if selective else self.forward_body
+            direct = dropouts_called_directly(body)
+            made = (key, (body, False) if direct is None else (direct, direct is not body))
+            object.__setattr__(self, "_marked", made)
+        return made[1]
 
     def _cached_region(self, key, make) -> Region:
         """The Region for this call, made once per configuration (a Region is immutable; making one and

@@ -3,8 +3,9 @@
 A checkpoint region recomputes its forward in backward; a dropout in it must drop the same elements as in the
 forward. Restoring the RNG state and drawing again does that (torch's checkpoint, and invfx's regions without
 this record), but on a CPU drawing is most of a dropout's time: ``bernoulli_`` over a 16x128x128 float32
-activation took 1.81 ms of the dropout's 1.91 (2-core VM, fastest of 30), where replaying a kept mask takes 0.35
-ms and recording it adds 0.47 ms to the forward. A :class:`DropoutMasks` keeps each
+activation took 1.81 ms of the dropout's 1.91 (2-core VM, fastest of 30), where replaying a kept mask takes 0.28
+ms (fastest of 30, with the 8-kernel bit packing of :func:`~invfx.runtime.branches.pack_bits`) and recording it
+costs what the dropout does (2.23 ms against 2.35, within the noise). A :class:`DropoutMasks` keeps each
 dropout's mask from the forward, packed 1 bit per element (1/32 of a float32 activation), and the recomputation
 rebuilds the dropout's scaled noise from it and multiplies, as the forward did.
 
@@ -22,6 +23,12 @@ see another state than in the forward. Where some random number was drawn betwee
 next one (or the end of the region's forward), the record keeps the CPU generator's state right after the
 dropout (5 KB), and the replay sets it there; where none was (every random op of the region is a recorded
 dropout, the common case), no state is kept.
+
+Where the calls are. A region's body whose every dropout is a call it shows (``F.dropout``, ``aten.dropout``,
+an ``nn.Dropout``) calls :func:`dropout` / :func:`module_dropout` instead (``Region(dropouts_marked=True)``),
+which record or replay themselves. Elsewhere (a body running code the tracer did not enter, which may call
+``F.dropout`` itself) a torch-function mode catches the calls; it costs a Python round trip for every torch call
+in the region (0.3 ms of a 10.5 ms transformer block's forward), in the forward and again in the recomputation.
 
 Ops are matched at the torch-function level (``F.dropout``, which ``nn.Dropout`` calls, and ``aten.dropout``,
 which graphs from ``torch.export`` call; ``aten.dropout`` runs ATen's same CPU dropout), in call order: a
@@ -46,7 +53,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import RegionError
 from .branches import pack_bits, unpack_bits
 
-__all__ = ["DropoutMasks", "DROPOUT_FUNCTIONS", "recording", "replaying", "records"]
+__all__ = ["DropoutMasks", "DROPOUT_FUNCTIONS", "recording", "replaying", "records", "dropout", "module_dropout"]
 
 
 @dataclass
@@ -101,10 +108,10 @@ def records(x: Any, p: Any, training: Any) -> bool:
 
 
 class _Active:
-    __slots__ = ("phase", "masks", "index")
+    __slots__ = ("phase", "masks", "index", "direct")
 
-    def __init__(self, phase: str, masks: DropoutMasks) -> None:
-        self.phase, self.masks, self.index = phase, masks, 0
+    def __init__(self, phase: str, masks: DropoutMasks, direct: bool) -> None:
+        self.phase, self.masks, self.index, self.direct = phase, masks, 0, direct
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("invfx_dropout_masks", default=None)
@@ -123,6 +130,52 @@ def _arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tupl
     return get(0, "input", None), get(1, "p", None), get(2, "train", None), False
 
 
+def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, unrecorded: Any) -> Any:
+    """A dropout that ``active`` records or replays (:func:`records` said so); ``unrecorded()`` runs it as it
+    is, for a replay that meets more dropouts than were recorded."""
+    masks = active.masks
+    if active.phase == "record":
+        masks.settle()
+        # ATen's CPU dropout, op for op: the same draws and the same values as F.dropout
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        noise.div_(1 - p)
+        out = x.mul_(noise) if inplace else x.mul(noise)
+        masks.add(x, p, noise)
+        return out
+    if active.index >= len(masks.masks):
+        return unrecorded()  # not recorded: drawn from the generator, as it is
+    mask = masks.masks[active.index]
+    if (mask.shape, mask.dtype, mask.p) != (x.shape, x.dtype, p):
+        raise RegionError(
+            f"{masks.name}: the recomputation ran dropout(p={p}) on {tuple(x.shape)} {x.dtype} where the "
+            f"forward ran dropout(p={mask.p}) on {tuple(mask.shape)} {mask.dtype} (dropout "
+            f"{active.index}); a region must run the same ops when recomputed")
+    active.index += 1
+    noise = torch.empty_like(x)
+    noise.copy_(unpack_bits(mask.bits, mask.shape).view(torch.uint8))  # (0 or 1: from uint8, 3x faster)
+    noise.div_(1 - p)
+    out = x.mul_(noise) if inplace else x.mul(noise)
+    if mask.after is not None:
+        torch.set_rng_state(mask.after)
+    return out
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """``F.dropout``, as the body of a region with ``dropouts_marked`` calls it: recorded or replayed by that
+    region (no torch-function mode needed); anywhere else, or in a region that records none, ``F.dropout``."""
+    active = _ACTIVE.get()
+    if active is None or not active.direct or not records(input, p, training):
+        return F.dropout(input, p, training, inplace)
+    out: torch.Tensor = _masked(active, input, p, inplace, lambda: F.dropout(input, p, training, inplace))
+    return out
+
+
+def module_dropout(module: torch.nn.Dropout, input: torch.Tensor) -> torch.Tensor:
+    """``module(input)`` for an ``nn.Dropout``, as :func:`dropout` (its ``p``, ``training`` and ``inplace`` read
+    at the call, so ``.eval()`` acts as on the module)."""
+    return dropout(input, module.p, module.training, module.inplace)
+
+
 class _DropoutMode(TorchFunctionMode):
     def __init__(self, active: _Active) -> None:
         super().__init__()
@@ -131,42 +184,17 @@ class _DropoutMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
                            kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
-        active = self.active
         # (a region nested inside this one's function records its own dropouts, or none)
-        if func not in DROPOUT_FUNCTIONS or _ACTIVE.get() is not active:
+        if func not in DROPOUT_FUNCTIONS or _ACTIVE.get() is not self.active:
             return func(*args, **kwargs)
         x, p, training, inplace = _arguments(func, args, kwargs)
         if not records(x, p, training):
             return func(*args, **kwargs)
-        masks = active.masks
-        if active.phase == "record":
-            masks.settle()
-            # ATen's CPU dropout, op for op: the same draws and the same values as F.dropout
-            noise = torch.empty_like(x).bernoulli_(1 - p)
-            noise.div_(1 - p)
-            out = x.mul_(noise) if inplace else x.mul(noise)
-            masks.add(x, p, noise)
-            return out
-        if active.index >= len(masks.masks):
-            return func(*args, **kwargs)  # not recorded: drawn from the generator, as it is
-        mask = masks.masks[active.index]
-        if (mask.shape, mask.dtype, mask.p) != (x.shape, x.dtype, p):
-            raise RegionError(
-                f"{masks.name}: the recomputation ran dropout(p={p}) on {tuple(x.shape)} {x.dtype} where the "
-                f"forward ran dropout(p={mask.p}) on {tuple(mask.shape)} {mask.dtype} (dropout "
-                f"{active.index}); a region must run the same ops when recomputed")
-        active.index += 1
-        noise = torch.empty_like(x)
-        noise.copy_(unpack_bits(mask.bits, mask.shape))
-        noise.div_(1 - p)
-        out = x.mul_(noise) if inplace else x.mul(noise)
-        if mask.after is not None:
-            torch.set_rng_state(mask.after)
-        return out
+        return _masked(self.active, x, p, inplace, lambda: func(*args, **kwargs))
 
 
 @contextlib.contextmanager
-def _active(phase: str, masks: DropoutMasks | None) -> Iterator[None]:
+def _active(phase: str, masks: DropoutMasks | None, direct: bool) -> Iterator[None]:
     if masks is None:
         # (a region that records none hides an enclosing region's record from the dropouts it runs)
         token = _ACTIVE.set(None)
@@ -175,10 +203,10 @@ def _active(phase: str, masks: DropoutMasks | None) -> Iterator[None]:
         finally:
             _ACTIVE.reset(token)
         return
-    active = _Active(phase, masks)
+    active = _Active(phase, masks, direct)
     token = _ACTIVE.set(active)
     try:
-        with _DropoutMode(active):
+        with contextlib.nullcontext() if direct else _DropoutMode(active):
             yield
     finally:
         _ACTIVE.reset(token)
@@ -186,12 +214,14 @@ def _active(phase: str, masks: DropoutMasks | None) -> Iterator[None]:
         masks.settle()
 
 
-def recording(masks: DropoutMasks | None) -> contextlib.AbstractContextManager[None]:
-    """Within the block, CPU dropouts in training add their masks to ``masks``. None: nothing is recorded
-    (an enclosing region's record included)."""
-    return _active("record", masks)
+def recording(masks: DropoutMasks | None, direct: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Within the block, CPU dropouts in training add their masks to ``masks``: every ``F.dropout`` /
+    ``aten.dropout`` call, or with ``direct`` only the calls of :func:`dropout` and :func:`module_dropout`. None:
+    nothing is recorded (an enclosing region's record included)."""
+    return _active("record", masks, direct)
 
 
-def replaying(masks: DropoutMasks | None) -> contextlib.AbstractContextManager[None]:
-    """Within the block, the dropouts take their masks from ``masks``, in order."""
-    return _active("replay", masks)
+def replaying(masks: DropoutMasks | None, direct: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the dropouts take their masks from ``masks``, in order (``direct``: as for
+    :func:`recording`)."""
+    return _active("replay", masks, direct)

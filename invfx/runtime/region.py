@@ -132,7 +132,8 @@ class Region:
     them, so that a sub-network recomputed on rebuilt inputs takes the forward's branches (see
     :mod:`invfx.runtime.branches`). ``dropout_masks`` (checkpoint mode): the forward keeps its CPU dropouts'
     masks, 1 bit per element, and the recomputation multiplies by them instead of drawing again (the same values;
-    see :mod:`invfx.runtime.dropout_masks`).
+    see :mod:`invfx.runtime.dropout_masks`); with ``dropouts_marked``, the function calls
+    ``dropout_masks.dropout`` for every dropout it runs, and no torch-function mode catches ``F.dropout``.
     """
 
     function: Callable[..., Any]
@@ -153,6 +154,7 @@ class Region:
     keep_marked: bool = False
     record_branches: bool = True
     dropout_masks: bool = True
+    dropouts_marked: bool = False
     # the storages of the modules' parameters and buffers, which a stash tells calls apart by: found once, here,
     # not at every call (a pointer gone stale only makes the stash's check coarser, the same in both runs)
     stash_constants: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
@@ -283,7 +285,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
         with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), \
-                dropout_masks.recording(masks):
+                dropout_masks.recording(masks, region.dropouts_marked):
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -294,7 +296,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
         with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
-                recording(branches), dropout_masks.recording(masks):
+                recording(branches), dropout_masks.recording(masks, region.dropouts_marked):
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -913,7 +915,7 @@ def _replay_checkpoint(context: ReplayContext) -> Any:
     stashing = _stash_scope(stash.replaying(), call.region.keep_marked) if stash is not None \
         else contextlib.nullcontext()
     try:
-        with stashing, dropout_masks.replaying(masks):
+        with stashing, dropout_masks.replaying(masks, call.region.dropouts_marked):
             return context.call_function()
     finally:
         # (a second backward recomputes everything, and draws its dropouts again from the restored generator)
