@@ -26,6 +26,10 @@ class OptimizeOptions:
     # ReLU coupling nets, depth 32: 2.37x plain's step with them, 2.05x without) for gradients exact only where
     # no such value flips
     exact_branches: bool = True
+    # each nn.Dropout the model calls saves its mask for backward, a byte an element, instead of its float noise
+    # (torch's CPU dropout saves the noise: 4 bytes an element in float32), with the same values and gradients
+    # (invfx.passes.lean_dropout); not done under memory_budget=1.0 or with keep the only mode
+    lean_dropout: bool = True
 
     def __post_init__(self):
         if self.compute not in ("time", "flops"):

@@ -73,7 +73,7 @@ class Plan:
     def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
                  budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
                  constants: dict | None = None, forward_seconds: float | None = None,
-                 thinned_stashes: list[str] | None = None):
+                 thinned_stashes: list[str] | None = None, lean_dropouts: dict[str, int] | None = None):
         self.rows = rows
         self.opaque = opaque
         self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
@@ -87,6 +87,8 @@ class Plan:
         self.exact = getattr(chain, "exact", True)
         # segments whose choices of calls to keep (selective) were thinned before planning (invfx.stash_levels)
         self.thinned_stashes = list(thinned_stashes or [])
+        # the LeanDropouts standing for the model's nn.Dropout modules, and what they save (invfx.passes.lean_dropout)
+        self.lean_dropouts = dict(lean_dropouts or {})
         self.measurements: list = []
         self.calibration = calibration  # the example step measured when planning under a budget
         self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
@@ -104,6 +106,7 @@ class Plan:
                 "estimated_peak_bytes": self.estimated_peak, "plain_peak_bytes": self.plain_peak,
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
                 "stash_levels_thinned": list(getattr(self, "thinned_stashes", [])),
+                "lean_dropouts": dict(getattr(self, "lean_dropouts", {})),
                 "extra_seconds": self.extra_seconds, "forward_seconds": self.forward_seconds,
                 "measured": measured, "calibration": self.calibration,
                 "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
@@ -145,6 +148,11 @@ class Plan:
                 text += (f"\nselective: the choices of calls to keep were thinned to {LEVEL_LIMIT} per segment in "
                          f"{len(thinned)} segments ({', '.join(thinned[:3])}{' ...' if len(thinned) > 3 else ''}): "
                          "optimal among those, maybe not among all")
+        lean = getattr(self, "lean_dropouts", {})  # (absent from a plan pickled before it existed)
+        if lean:
+            text += (f"\ndropouts: {len(lean)} nn.Dropout modules keep a 1-byte mask for backward instead of their "
+                     f"float noise ({format_bytes(sum(lean.values()))} less at the example's size; the same values "
+                     "and gradients)")
         if self.calibration:
             c = self.calibration
             text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "

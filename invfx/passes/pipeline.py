@@ -1,7 +1,7 @@
 """The passes of ``invfx.optimize``, in the order :data:`PIPELINE` runs them over a :class:`Compilation`:
 
-Trace -> Annotate -> SimplifyCats -> FindSegments -> BuildRegions -> CheckReconstruction -> MeasureCosts ->
-PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
+Trace -> Annotate -> SimplifyCats -> LeanDropouts -> FindSegments -> BuildRegions -> CheckReconstruction ->
+MeasureCosts -> PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
 
 Up to FindSegments the passes analyse (and simplify) the traced graph; from there on it is left as it is:
 regions are built beside it and measured on it segment by segment, the plan and its chains are decided on the
@@ -27,18 +27,19 @@ from ..report import Plan, PlanRow, _budget
 from ..units import format_bytes, format_flops
 from .annotate import annotate
 from .chain import region_units
-from .cost import RegionCosts, measure_costs
+from .cost import measure_costs
 from .example import example_run
 from .groups import coarsen
 from .infra import Compilation, CompilationPass, graph_signature
+from .lean_dropout import lean_dropouts
 from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
 from .segments import COMPUTE, find_segments, graph_boundaries, plain_segment, why_not_checkpoint
 from .simplify import split_through_cat
 from .trace import trace
 from .validate import check_reconstruction
 
-__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "FindSegments", "BuildRegions", "CheckReconstruction",
-           "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule", "Calibrate", "Report"]
+__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "LeanDropouts", "FindSegments", "BuildRegions",
+           "CheckReconstruction", "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule", "Calibrate", "Report"]
 
 
 class Trace(CompilationPass):
@@ -79,6 +80,23 @@ class SimplifyCats(CompilationPass):
 
     def call(self, state: Compilation) -> None:
         split_through_cat(state.traced)
+
+
+class LeanDropouts(CompilationPass):
+    """Each ``nn.Dropout`` called runs as a LeanDropout, which saves a byte an element for backward instead of
+    the float noise (``lean_dropout.py``). Not where the plan may keep everything anyway (a budget of 1.0, or
+    keep the only mode), nor with ``OptimizeOptions(lean_dropout=False)``."""
+
+    name = "lean_dropouts"
+
+    def requires(self, state: Compilation) -> None:
+        self.need(state.traced is not None and state.segments is None,
+                  "rewrites the traced graph before segments are found in it")
+
+    def call(self, state: Compilation) -> None:
+        plain_allowed = isinstance(state.budget, float) and state.budget >= 1.0
+        if state.options.lean_dropout and not plain_allowed and state.modes != {Mode.KEEP}:
+            state.lean_dropouts = lean_dropouts(state.traced)
 
 
 class FindSegments(CompilationPass):
@@ -201,7 +219,7 @@ class PlanModes(CompilationPass):
             _plain_within(state)
             state.chain, state.chosen = None, {}
             return
-        _take(state, *_plan_grouped(state, _chain_budget(state.budget, state.costs)))
+        _take(state, *_plan_grouped(state, _chain_budget(state)))
 
     def ensures(self, state: Compilation) -> None:
         self.need(set(state.chosen) <= set(state.candidates()), "gave a mode to a segment that is not a candidate")
@@ -293,10 +311,10 @@ class Calibrate(CompilationPass):
         state.calibration = None
         if state.budget is None or state.chain is None:
             return
-        budget, costs, rounds = state.budget, state.costs, state.options.calibration_rounds
+        budget, rounds = state.budget, state.options.calibration_rounds
         plain = _measure_step(state.model, state.inputs)
         target = budget * plain if isinstance(budget, float) else budget
-        chain_budget = _chain_budget(budget, costs)
+        chain_budget = _chain_budget(state)
         least = None
         for round_ in range(rounds + 1):
             peak = _measure_step(state.optimized, state.inputs)
@@ -336,13 +354,14 @@ class Report(CompilationPass):
             forward_flops=sum(c.flops for c in costs.costs), calibration=state.calibration,
             constants=state.constants,
             forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None,
-            thinned_stashes=[c.name for c in costs.costs if not c.stash_levels_whole and Mode.SELECTIVE in c.modes])
+            thinned_stashes=[c.name for c in costs.costs if not c.stash_levels_whole and Mode.SELECTIVE in c.modes],
+            lean_dropouts=state.lean_dropouts)
 
     def ensures(self, state: Compilation) -> None:
         self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
 
 
-PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, FindSegments, BuildRegions,
+PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, LeanDropouts, FindSegments, BuildRegions,
                                                CheckReconstruction, MeasureCosts, PlanModes, GroupRegions,
                                                WriteModule, Calibrate, Report)
 
@@ -421,9 +440,9 @@ def _plan_grouped(state: Compilation, chain_budget: int | None
     if best is not None:
         _, names, plan, coarse = best
         # (the plain peak the report compares with is the segments' own, not the coarse chain's estimate)
-        return list(names), dataclasses.replace(plan, plain_peak=plain_peak(costs.costs)), coarse
+        return list(names), dataclasses.replace(plan, plain_peak=_plain_chain_peak(state)), coarse
     total = (least or 0) + costs.outside_bytes
-    plain = plain_peak(costs.costs) + costs.outside_bytes
+    plain = _plain_chain_peak(state) + costs.outside_bytes
     raise BudgetError(f"invfx.optimize: memory budget {_budget(state.budget)} cannot be met: the least achievable "
                       f"peak is estimated at {format_bytes(total)} ({total} B, {total / plain:.3f} of plain "
                       f"{format_bytes(plain)}) at the example's size")
@@ -451,14 +470,22 @@ def _joinable(state: Compilation):
     return may_join
 
 
-def _chain_budget(budget, costs: RegionCosts) -> int | None:
+def _chain_budget(state: Compilation) -> int | None:
     """The budget in bytes of the chain of regions: what is saved outside them is the same in every plan."""
+    budget, costs = state.budget, state.costs
     if budget is None:
         return None
     if isinstance(budget, float):
-        plain = plain_peak(costs.costs) + costs.outside_bytes
+        plain = _plain_chain_peak(state) + costs.outside_bytes
         return int(budget * plain) - costs.outside_bytes
     return budget - costs.outside_bytes
+
+
+def _plain_chain_peak(state: Compilation) -> int:
+    """The chain's peak in plain training of the model as written: the segments' own, measured with
+    LeanDropouts, and the noise those save (alive at plain's peak, where backward starts) added back, so that a
+    fractional budget is one of the model's plain peak."""
+    return plain_peak(state.costs.costs) + sum(state.lean_dropouts.values())
 
 
 def _plain_within(state: Compilation) -> None:

@@ -138,6 +138,8 @@ def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
             if "train" in kwargs:  # (aten's name for F.dropout's ``training``)
                 kwargs["training"] = kwargs.pop("train")
             rewrites[node] = (dropout_masks.dropout, args, kwargs)
+        elif node.op == "call_module" and type(body.get_submodule(node.target)) is dropout_masks.LeanDropout:
+            continue  # (calls the record itself)
         elif node.op == "call_module" and type(body.get_submodule(node.target)) is nn.Dropout \
                 and len(args) + len(kwargs) == 1:
             rewrites[node] = (dropout_masks.module_dropout, ((node.target,) + tuple(args) + tuple(kwargs.values())),

@@ -172,7 +172,7 @@ class BodyRegion(nn.Module):
         if made is None or made[0] != key:
             body = marked_body(self.forward_body, calls) if selective else self.forward_body
             direct = dropouts_called_directly(body)
-            made = (key, (body, False) if direct is None else (direct, direct is not body))
+            made = (key, (body, False) if direct is None else (direct, self._may_drop()))
             object.__setattr__(self, "_marked", made)
         return made[1]
 

@@ -53,7 +53,8 @@ from torch.overrides import TorchFunctionMode
 from ..errors import RegionError
 from .branches import pack_bits, unpack_bits
 
-__all__ = ["DropoutMasks", "DROPOUT_FUNCTIONS", "recording", "replaying", "records", "dropout", "module_dropout"]
+__all__ = ["DropoutMasks", "DROPOUT_FUNCTIONS", "recording", "replaying", "records", "dropout", "module_dropout",
+           "LeanDropout"]
 
 
 @dataclass
@@ -130,16 +131,22 @@ def _arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tupl
     return get(0, "input", None), get(1, "p", None), get(2, "train", None), False
 
 
-def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, unrecorded: Any) -> Any:
+def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, lean: bool, unrecorded: Any) -> Any:
     """A dropout that ``active`` records or replays (:func:`records` said so); ``unrecorded()`` runs it as it
-    is, for a replay that meets more dropouts than were recorded."""
+    is, for a replay that meets more dropouts than were recorded. ``lean``: where the record runs with grad (the
+    cost model measuring what a segment keeps), autograd saves the 1-byte mask, as that dropout does outside a
+    record (:class:`LeanDropout`)."""
     masks = active.masks
     if active.phase == "record":
         masks.settle()
         # ATen's CPU dropout, op for op: the same draws and the same values as F.dropout
-        noise = torch.empty_like(x).bernoulli_(1 - p)
-        noise.div_(1 - p)
-        out = x.mul_(noise) if inplace else x.mul(noise)
+        noise = _noise_like(x, p)
+        if inplace:
+            out = x.mul_(noise)
+        elif lean and x.requires_grad and torch.is_grad_enabled():
+            out = _MaskSaved.apply(x, noise, p)  # type: ignore[no-untyped-call]
+        else:
+            out = x.mul(noise)
         masks.add(x, p, noise)
         return out
     if active.index >= len(masks.masks):
@@ -160,20 +167,75 @@ def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, unrecorde
     return out
 
 
-def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    """``F.dropout``, as the body of a region with ``dropouts_marked`` calls it: recorded or replayed by that
-    region (no torch-function mode needed); anywhere else, or in a region that records none, ``F.dropout``."""
-    active = _ACTIVE.get()
-    if active is None or not active.direct or not records(input, p, training):
+def _noise_like(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The scaled noise of ATen's CPU dropout (``_dropout``): the same draws from the same generator."""
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    return noise.div_(1 - p)
+
+
+class _MaskSaved(torch.autograd.Function):
+    """``x * noise`` (a CPU dropout's product), saving for backward the mask (1 byte an element) where autograd
+    saves ``noise`` itself (the element's size: 4 bytes in float32). The backward rebuilds the same ``noise``
+    from the mask and multiplies as autograd's ``MulBackward0`` does (0 and 1 are exact in every floating dtype,
+    and the division is the forward's), so the gradient is plain autograd's, bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, noise: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.p, ctx.dtype = p, noise.dtype
+        ctx.save_for_backward(noise != 0)
+        return x.mul(noise)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (kept,) = ctx.saved_tensors
+        noise = torch.empty_like(kept, dtype=ctx.dtype)  # (the mask's layout: the forward noise's)
+        noise.copy_(kept.view(torch.uint8))
+        noise.div_(1 - ctx.p)
+        return grad.mul(noise), None, None
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            lean: bool = False) -> torch.Tensor:
+    """``F.dropout``: the same draws and values. Run by a region that records masks, its mask is recorded or
+    replayed by that region (called directly: no torch-function mode needed). Elsewhere ``F.dropout``, or with
+    ``lean`` (:class:`LeanDropout`), where autograd would save the float noise for backward (a CPU dropout in
+    training, not in place, on a tensor that needs grad), a 1-byte mask instead (:class:`_MaskSaved`)."""
+    if not records(input, p, training):
         return F.dropout(input, p, training, inplace)
-    out: torch.Tensor = _masked(active, input, p, inplace, lambda: F.dropout(input, p, training, inplace))
-    return out
+    active = _ACTIVE.get()
+    if active is None:
+        return _unrecorded(input, p, inplace, lean)
+    masked: torch.Tensor = _masked(active, input, p, inplace, lean, lambda: _unrecorded(input, p, inplace, lean))
+    return masked
+
+
+def _unrecorded(x: torch.Tensor, p: float, inplace: bool, lean: bool) -> torch.Tensor:
+    """A training CPU dropout no record sees: ``F.dropout``, or with ``lean`` its mask saved in a byte."""
+    if lean and not inplace and x.requires_grad and torch.is_grad_enabled():
+        out: torch.Tensor = _MaskSaved.apply(x, _noise_like(x, p), p)  # type: ignore[no-untyped-call]
+        return out
+    return F.dropout(x, p, True, inplace)
 
 
 def module_dropout(module: torch.nn.Dropout, input: torch.Tensor) -> torch.Tensor:
     """``module(input)`` for an ``nn.Dropout``, as :func:`dropout` (its ``p``, ``training`` and ``inplace`` read
     at the call, so ``.eval()`` acts as on the module)."""
     return dropout(input, module.p, module.training, module.inplace)
+
+
+class LeanDropout(torch.nn.Module):
+    """An ``nn.Dropout`` as ``invfx.optimize`` runs it: :func:`dropout`, whose backward keeps a 1-byte mask
+    instead of the float noise (a quarter of the bytes in float32), and whose mask a checkpoint records. The
+    ``nn.Dropout`` it stands for is its child ``dropout`` and decides ``p``, ``inplace`` and train or eval at
+    each call, as before (``model.eval()`` reaches it)."""
+
+    def __init__(self, dropout: torch.nn.Dropout) -> None:
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        module = self.dropout
+        return dropout(input, module.p, module.training, module.inplace, lean=True)
 
 
 class _DropoutMode(TorchFunctionMode):
@@ -190,7 +252,7 @@ class _DropoutMode(TorchFunctionMode):
         x, p, training, inplace = _arguments(func, args, kwargs)
         if not records(x, p, training):
             return func(*args, **kwargs)
-        return _masked(self.active, x, p, inplace, lambda: func(*args, **kwargs))
+        return _masked(self.active, x, p, inplace, False, lambda: func(*args, **kwargs))
 
 
 @contextlib.contextmanager
