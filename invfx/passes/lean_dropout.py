@@ -27,17 +27,17 @@ __all__ = ["lean_dropouts"]
 
 
 def lean_dropouts(module: fx.GraphModule) -> dict[str, int]:
-    """Call a LeanDropout standing for each ``nn.Dropout`` (not in place) that ``module``'s graph calls;
-    returns, by the name of each LeanDropout, what its calls save at the example's size (bytes: the activation
-    less a byte an element). Needs ``tensor_meta`` on the nodes (``annotate``)."""
+    """Call a LeanDropout standing for each ``nn.Dropout`` (not in place, ``p`` in (0, 1)) that ``module``'s
+    graph calls; returns, by the name of each LeanDropout, what its calls save at the example's size (bytes: the
+    activation less a byte an element). Needs ``tensor_meta`` on the nodes (``annotate``)."""
     standing_for: dict[str, str] = {}
     saved: dict[str, int] = {}
     for node in module.graph.nodes:
         if node.op != "call_module":
             continue
         dropout = module.get_submodule(node.target)
-        if type(dropout) is not nn.Dropout or dropout.inplace:
-            continue
+        if type(dropout) is not nn.Dropout or dropout.inplace or not 0 < dropout.p < 1:
+            continue  # (p = 0 or 1: torch's dropout saves nothing, timm's Dropout(0.0) everywhere among them)
         name = standing_for.get(node.target)
         if name is None:
             name = "lean_" + node.target.replace(".", "_")
