@@ -67,6 +67,15 @@ def test_eval_in_place_no_grad_and_p_outside_the_open_interval_run_as_f_dropout(
         assert torch.equal(dropout(x, p, True, lean=True), F.dropout(x, p, True))
 
 
+def test_under_torch_func_transforms_it_is_f_dropout():
+    x = torch.randn(5, 4, dtype=DT)
+    grads = []
+    for run in (lambda t: F.dropout(t, 0.3, True), lambda t: dropout(t, 0.3, True, lean=True)):
+        torch.manual_seed(2)
+        grads.append(torch.func.grad(lambda t, run=run: run(t).pow(2).sum())(x))
+    assert torch.equal(*grads)
+
+
 def lean_modules(optimized):
     """The LeanDropouts an optimized module calls: its children's, and those its regions' bodies call."""
     found = [m for m in optimized.modules() if isinstance(m, LeanDropout)]

@@ -143,7 +143,7 @@ def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, lean: boo
         noise = _noise_like(x, p)
         if inplace:
             out = x.mul_(noise)
-        elif lean and x.requires_grad and torch.is_grad_enabled():
+        elif lean and _autograd_would_save(x):
             out = _MaskSaved.apply(x, noise, p)  # type: ignore[no-untyped-call]
         else:
             out = x.mul(noise)
@@ -165,6 +165,12 @@ def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, lean: boo
     if mask.after is not None:
         torch.set_rng_state(mask.after)
     return out
+
+
+def _autograd_would_save(x: torch.Tensor) -> bool:
+    """Whether autograd would save a dropout's noise for ``x``'s backward, where :class:`_MaskSaved` saves the
+    mask instead (not under torch.func's transforms, which need more of an autograd.Function than it has)."""
+    return x.requires_grad and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
 def _noise_like(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -211,7 +217,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
 
 def _unrecorded(x: torch.Tensor, p: float, inplace: bool, lean: bool) -> torch.Tensor:
     """A training CPU dropout no record sees: ``F.dropout``, or with ``lean`` its mask saved in a byte."""
-    if lean and not inplace and x.requires_grad and torch.is_grad_enabled():
+    if lean and not inplace and _autograd_would_save(x):
         out: torch.Tensor = _MaskSaved.apply(x, _noise_like(x, p), p)  # type: ignore[no-untyped-call]
         return out
     return F.dropout(x, p, True, inplace)
