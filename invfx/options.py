@@ -30,6 +30,10 @@ class OptimizeOptions:
     # (torch's CPU dropout saves the noise: 4 bytes an element in float32), with the same values and gradients
     # (invfx.passes.lean_dropout); not done under memory_budget=1.0 or with keep the only mode
     lean_dropout: bool = True
+    # a LayerNorm's or GELU's output that Linear calls save for backward is rebuilt from its input when backward
+    # needs it (invfx.passes.recompute_saved): on the benchmark transformer 6 of a block's 18 MiB for about 1 ms
+    # of its backward; not done where lean_dropout is not
+    recompute_saved: bool = True
 
     def __post_init__(self):
         if self.compute not in ("time", "flops"):

@@ -73,7 +73,8 @@ class Plan:
     def __init__(self, rows: list[PlanRow], opaque: dict[str, str], chain=None, outside_bytes: int = 0,
                  budget=None, forward_flops: float = 0.0, calibration: dict | None = None,
                  constants: dict | None = None, forward_seconds: float | None = None,
-                 thinned_stashes: list[str] | None = None, lean_dropouts: dict[str, int] | None = None):
+                 thinned_stashes: list[str] | None = None, lean_dropouts: dict[str, int] | None = None,
+                 recomputed_saved: dict[str, int] | None = None):
         self.rows = rows
         self.opaque = opaque
         self.constants = dict(constants or {})  # forward parameters traced as their defaults (not given)
@@ -89,6 +90,8 @@ class Plan:
         self.thinned_stashes = list(thinned_stashes or [])
         # the LeanDropouts standing for the model's nn.Dropout modules, and what they save (invfx.passes.lean_dropout)
         self.lean_dropouts = dict(lean_dropouts or {})
+        # the Linear calls that save their LayerNorm / GELU input as how to rebuild it (invfx.passes.recompute_saved)
+        self.recomputed_saved = dict(recomputed_saved or {})
         self.measurements: list = []
         self.calibration = calibration  # the example step measured when planning under a budget
         self.gradient_check = None  # what invfx.check compared (optimize's check_gradients)
@@ -107,6 +110,7 @@ class Plan:
                 "extra_flops": self.extra_flops, "forward_flops": self.forward_flops, "exact": self.exact,
                 "stash_levels_thinned": list(getattr(self, "thinned_stashes", [])),
                 "lean_dropouts": dict(getattr(self, "lean_dropouts", {})),
+                "recomputed_saved": dict(getattr(self, "recomputed_saved", {})),
                 "extra_seconds": self.extra_seconds, "forward_seconds": self.forward_seconds,
                 "measured": measured, "calibration": self.calibration,
                 "gradient_check": self.gradient_check.to_dict() if self.gradient_check else None}
@@ -153,6 +157,11 @@ class Plan:
             text += (f"\ndropouts: {len(lean)} nn.Dropout modules keep a 1-byte mask for backward instead of their "
                      f"float noise ({format_bytes(sum(lean.values()))} less at the example's size; the same values "
                      "and gradients)")
+        rebuilt = getattr(self, "recomputed_saved", {})
+        if rebuilt:
+            text += (f"\nsaved as recipes: {len(rebuilt)} Linear calls keep no copy of the LayerNorm or GELU output "
+                     f"they read, rebuilt from its input in backward ({format_bytes(sum(rebuilt.values()))} less at "
+                     "the example's size; the same values and gradients)")
         if self.calibration:
             c = self.calibration
             text += (f"\nchecked on the example: measured peak {format_bytes(c['peak_bytes'])} vs plain "

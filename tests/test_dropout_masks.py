@@ -194,7 +194,8 @@ def test_optimize_keeps_masks_and_trains_as_plain(budget):
     torch.manual_seed(0)
     model = Transformer(features=8, dim=16, depth=4, heads=2, hidden=32, dropout=0.2).to(DT).train()
     x = torch.randn(2, 6, 8, dtype=DT)
-    optimized = invfx.optimize(model, x, memory_budget=budget)
+    # (without recipes for LayerNorm and GELU outputs, 0.8 needs regions on this toy)
+    optimized = invfx.optimize(model, x, memory_budget=budget, options=invfx.OptimizeOptions(recompute_saved=False))
     rows = [r for r in optimized.plan.rows if r.mode in (Mode.CHECKPOINT, Mode.SELECTIVE)]
     assert rows, str(optimized.plan)
     dropouts_per_block = 2

@@ -43,7 +43,7 @@ from ..modes import Mode
 from ..planner import SegmentCost, StashLevel
 from ..regions.body import keeps_output, may_drop
 from ..regions.fused import tensors_in
-from ..runtime import dropout_masks
+from ..runtime import dropout_masks, recompute_saved
 from ..runtime.branches import BranchRecord, recording
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
@@ -145,9 +145,14 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
         record["outputs"] = {storage_key(o): o.untyped_storage().nbytes() for o in tensors_in(outputs)}
         current[0] = None
 
+    def released(value: torch.Tensor) -> None:
+        """A RecomputedInput would have let go of ``value`` here (the runtime rebuilds it in backward)."""
+        target = records[current[0]]["saved"] if current[0] is not None else outside
+        target.pop(storage_key(value), None)
+
     try:
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), recompute_saved.measuring(released):
             SegmentRun(module, segments, enter, leave, around).run(*inputs)
             measured = {name: _fused_working_bytes(regions[name], args, constant, branches)
                         for name, args in recorded.items()}

@@ -49,6 +49,8 @@ class Compilation:
     constants: dict[str, object] = field(default_factory=dict)  # forward parameters traced as their defaults
     # LeanDropouts: the LeanDropout children made, by name, and what their calls save at the example's size
     lean_dropouts: dict[str, int] = field(default_factory=dict)
+    # RecomputeSavedInputs: the RecomputedInput children made, by name, and the bytes each no longer keeps
+    recomputed_saved: dict[str, int] = field(default_factory=dict)
     # FindSegments: the graph cut into a chain of segments, each with a name (``inv_blocks_3``, ``seg_head``)
     segments: list[Segment] | None = None
     names: list[str] = field(default_factory=list)

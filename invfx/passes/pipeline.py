@@ -1,7 +1,7 @@
 """The passes of ``invfx.optimize``, in the order :data:`PIPELINE` runs them over a :class:`Compilation`:
 
-Trace -> Annotate -> SimplifyCats -> LeanDropouts -> FindSegments -> BuildRegions -> CheckReconstruction ->
-MeasureCosts -> PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
+Trace -> Annotate -> SimplifyCats -> LeanDropouts -> FindSegments -> RecomputeSavedInputs -> BuildRegions ->
+CheckReconstruction -> MeasureCosts -> PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
 
 Up to FindSegments the passes analyse (and simplify) the traced graph; from there on it is left as it is:
 regions are built beside it and measured on it segment by segment, the plan and its chains are decided on the
@@ -32,13 +32,15 @@ from .example import example_run
 from .groups import coarsen
 from .infra import Compilation, CompilationPass, graph_signature
 from .lean_dropout import lean_dropouts
+from .recompute_saved import recompute_saved_inputs
 from .rewrite import bind_attributes, build_checkpoint_region, build_invertible_region, region_name, write_graph
 from .segments import COMPUTE, find_segments, graph_boundaries, plain_segment, why_not_checkpoint
 from .simplify import split_through_cat
 from .trace import trace
 from .validate import check_reconstruction
 
-__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "LeanDropouts", "FindSegments", "BuildRegions",
+__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "LeanDropouts", "RecomputeSavedInputs", "FindSegments",
+           "BuildRegions",
            "CheckReconstruction", "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule", "Calibrate", "Report"]
 
 
@@ -94,9 +96,15 @@ class LeanDropouts(CompilationPass):
                   "rewrites the traced graph before segments are found in it")
 
     def call(self, state: Compilation) -> None:
-        plain_allowed = isinstance(state.budget, float) and state.budget >= 1.0
-        if state.options.lean_dropout and not plain_allowed and state.modes != {Mode.KEEP}:
+        if state.options.lean_dropout and _saving_wanted(state):
             state.lean_dropouts = lean_dropouts(state.traced)
+
+
+def _saving_wanted(state: Compilation) -> bool:
+    """Whether the plan may want memory saved beyond plain training's (not under a budget of 1.0, nor where
+    keep is the only mode)."""
+    plain_allowed = isinstance(state.budget, float) and state.budget >= 1.0
+    return not plain_allowed and state.modes != {Mode.KEEP}
 
 
 class FindSegments(CompilationPass):
@@ -141,6 +149,29 @@ class _AfterSegments(CompilationPass):
         self.need(state.segments is not None, "needs the segments (run 'find_segments' first)")
         self.need(graph_signature(state.traced.graph) == state.signature,
                   "the traced graph changed after its segments were found")
+
+
+class RecomputeSavedInputs(_AfterSegments):
+    """A LayerNorm's or GELU's output that only Linear calls in the same segment read, in a segment that is not
+    invertible, is saved by them as how to rebuild it from the op's input, which autograd keeps anyway
+    (``recompute_saved.py``). It changes those calls in place (the segments stay as found). Where LeanDropouts
+    is not done, nor this, nor with ``OptimizeOptions(recompute_saved=False)``."""
+
+    name = "recompute_saved_inputs"
+
+    def call(self, state: Compilation) -> None:
+        if not (state.options.recompute_saved and _saving_wanted(state)):
+            return
+        segment_of = {node: segment for segment in state.segments for node in segment.nodes}
+
+        def together(producer: fx.Node, reader: fx.Node) -> bool:
+            segment = segment_of.get(producer)
+            return segment is not None and segment is segment_of.get(reader) and segment.mode != Mode.INVERTIBLE
+
+        state.recomputed_saved = recompute_saved_inputs(state.traced, together)
+
+    def ensures(self, state: Compilation) -> None:
+        self.need(graph_signature(state.traced.graph) == state.signature, "a node was added, removed or moved")
 
 
 class BuildRegions(_AfterSegments):
@@ -355,13 +386,14 @@ class Report(CompilationPass):
             constants=state.constants,
             forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None,
             thinned_stashes=[c.name for c in costs.costs if not c.stash_levels_whole and Mode.SELECTIVE in c.modes],
-            lean_dropouts=state.lean_dropouts)
+            lean_dropouts=state.lean_dropouts, recomputed_saved=state.recomputed_saved)
 
     def ensures(self, state: Compilation) -> None:
         self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
 
 
-PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, LeanDropouts, FindSegments, BuildRegions,
+PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, LeanDropouts, FindSegments,
+                                               RecomputeSavedInputs, BuildRegions,
                                                CheckReconstruction, MeasureCosts, PlanModes, GroupRegions,
                                                WriteModule, Calibrate, Report)
 
@@ -485,7 +517,7 @@ def _plain_chain_peak(state: Compilation) -> int:
     """The chain's peak in plain training of the model as written: the segments' own, measured with
     LeanDropouts, and the noise those save (alive at plain's peak, where backward starts) added back, so that a
     fractional budget is one of the model's plain peak."""
-    return plain_peak(state.costs.costs) + sum(state.lean_dropouts.values())
+    return plain_peak(state.costs.costs) + sum(state.lean_dropouts.values()) + sum(state.recomputed_saved.values())
 
 
 def _plain_within(state: Compilation) -> None:

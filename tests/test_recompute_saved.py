@@ -1,0 +1,191 @@
+"""Inputs saved as how to rebuild them (invfx.passes.recompute_saved, invfx.runtime.recompute_saved): a Linear
+keeps no copy of the LayerNorm or GELU output it reads; backward rebuilds it from the op's input. Bit for bit
+against plain autograd, first and second order; the model's state_dict untouched; less memory, measured."""
+
+import gc
+import io
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import invfx
+from invfx.examples import Transformer
+from invfx.runtime.recompute_saved import RecomputedInput, release_saved
+
+DT = torch.float64
+
+
+def small_transformer(dropout=0.2):
+    torch.manual_seed(0)
+    model = Transformer(features=8, dim=16, depth=3, heads=2, hidden=32, dropout=dropout).to(DT).train()
+    return model, torch.randn(2, 6, 8, dtype=DT)
+
+
+def one_step(module, x, params, seed=11, second_order=False):
+    for p in params:
+        p.grad = None
+    torch.manual_seed(seed)
+    out = module(x)
+    loss = out.pow(2).sum()
+    if second_order:  # a gradient penalty: backward through the backward
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        loss = loss + sum(g.pow(2).sum() for g in grads)
+    loss.backward()
+    return [out.detach()] + [p.grad if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_same(got, expected):
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None and e is None) or torch.equal(g, e)
+
+
+def test_a_linear_lets_go_of_its_input_and_backward_rebuilds_it():
+    torch.manual_seed(0)
+    norm, linear = nn.LayerNorm(8).to(DT), nn.Linear(8, 5).to(DT)
+    x = torch.randn(3, 4, 8, dtype=DT, requires_grad=True)
+    params = [x, *norm.parameters(), *linear.parameters()]
+    value = norm(x)
+    out = linear(value)
+    assert release_saved(out, value, x, norm) == (1, 0)  # (AddmmBackward0's mat1, a view of value)
+    alive = weakref.ref(value)
+    del value
+    gc.collect()
+    assert alive() is None  # nothing keeps the output now
+    out.pow(2).sum().backward()
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    linear(norm(x)).pow(2).sum().backward()
+    assert_same(got, [p.grad for p in params])
+
+
+@pytest.mark.parametrize("budget", [None, 0.8])
+def test_optimize_trains_as_plain_with_the_models_state_dict(budget):
+    model, x = small_transformer()
+    optimized = invfx.optimize(model, x, memory_budget=budget)
+    if budget != 0.8:  # (and in regions: the recomputation's own saved inputs are let go of, too)
+        assert any(row.mode != "keep" for row in optimized.plan.rows), str(optimized.plan)
+    rebuilt = optimized.plan.recomputed_saved
+    # each block: ln1 -> qkv, ln2 -> fc1, gelu -> fc2
+    assert sorted(rebuilt) == sorted(f"recompute_blocks_{i}_{m}" for i in range(3)
+                                     for m in ("qkv", "mlp_0", "mlp_2"))
+    assert sum(rebuilt.values()) == 3 * (2 * 2 * 6 * 16 + 2 * 6 * 32) * 8
+    assert "9 Linear calls keep no copy" in str(optimized.plan)
+    assert list(optimized.state_dict()) == list(model.state_dict())
+    result = optimized.load_state_dict(model.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    params = list(model.parameters())
+    assert_same(one_step(optimized, x, params), one_step(model, x, params))
+
+
+class MLP(nn.Module):
+    """Pre-norm MLP blocks: LayerNorm -> Linear -> GELU -> Linear, with the residual (CPU attention has no
+    second derivative)."""
+
+    def __init__(self, dim=8, hidden=16, depth=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(),
+                                                  nn.Linear(hidden, dim)) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_second_order_gradients_are_plain_autograds():
+    torch.manual_seed(0)
+    model, x = MLP().to(DT), torch.randn(4, 5, 8, dtype=DT)
+    plain_peak = invfx.measure(model, x, steps=1).peak_bytes
+    optimized = invfx.optimize(model, x, memory_budget=10 * plain_peak, check_gradients=False)
+    assert len(optimized.plan.recomputed_saved) == 6 and all(r.mode == "keep" for r in optimized.plan.rows)
+    params = list(model.parameters())
+    assert_same(one_step(optimized, x, params, second_order=True), one_step(model, x, params, second_order=True))
+
+
+def test_saved_and_loaded_it_rebuilds_and_draws_the_same():
+    model, x = small_transformer()
+    optimized = invfx.optimize(model, x, memory_budget=0.8, check_gradients=False)
+    buffer = io.BytesIO()
+    torch.save(optimized, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert any(isinstance(m, RecomputedInput) for m in loaded.children())
+    params = list(model.parameters())
+    expected = one_step(optimized, x, params)
+    loaded_params = list(loaded.parameters())
+    got = one_step(loaded, x, loaded_params)
+    assert torch.equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize("how", ["autocast", "caller's hooks", "torch.func"])
+def test_where_the_saved_input_is_kept_as_it_is_the_step_is_plains(how):
+    model, x = small_transformer(dropout=0.0)
+    optimized = invfx.optimize(model, x, memory_budget=0.8, check_gradients=False)
+    assert optimized.plan.recomputed_saved
+    params = list(model.parameters())
+    if how == "torch.func":
+        names = [n for n, _ in model.named_parameters()]
+
+        def loss(module, values):
+            return torch.func.functional_call(module, dict(zip(names, values)), (x,)).pow(2).sum()
+
+        got = torch.func.grad(lambda v: loss(optimized, v))(tuple(params))
+        expected = torch.func.grad(lambda v: loss(model, v))(tuple(params))
+        assert_same(got, expected)
+        return
+    if how == "autocast":
+        x = x.float()
+        model.float()
+
+    def context():
+        if how == "autocast":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+    with context():
+        got = one_step(optimized, x, params)
+    with context():
+        expected = one_step(model, x, params)
+    assert_same(got, expected)
+
+
+class Reads(nn.Module):
+    """A LayerNorm output read by a Linear and also by something else, or written in place."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.norm, self.a, self.b = how, nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.norm(x)
+        if self.how == "also added":
+            return self.a(h) + h
+        if self.how == "written in place":
+            h.mul_(2)
+        return self.b(torch.tanh(self.a(h)))
+
+
+@pytest.mark.parametrize("how", ["also added", "written in place"])
+def test_outputs_read_otherwise_or_written_in_place_are_left_as_they_are(how):
+    torch.manual_seed(0)
+    model, x = Reads(how).to(DT), torch.randn(4, 8, dtype=DT)
+    optimized = invfx.optimize(model, x, check_gradients=True)
+    assert not optimized.plan.recomputed_saved
+    params = list(model.parameters())
+    assert_same(one_step(optimized, x, params), one_step(model, x, params))
+
+
+def test_kept_segments_measure_less_memory_by_what_the_plan_says():
+    torch.manual_seed(0)
+    model = Transformer(features=16, dim=64, depth=3, heads=2, hidden=128, dropout=0.0).train()
+    x = torch.randn(4, 32, 16)
+    plain = invfx.measure(model, x, steps=1).peak_bytes
+    optimized = invfx.optimize(model, x, memory_budget=10 * plain, check_gradients=False)
+    assert all(row.mode == "keep" for row in optimized.plan.rows)
+    saved = sum(optimized.plan.recomputed_saved.values())
+    assert saved == 3 * (2 * 4 * 32 * 64 + 4 * 32 * 128) * 4
+    measured = invfx.measure(optimized, x, steps=1).peak_bytes
+    assert 2 / 3 * saved <= plain - measured <= saved, (plain, measured, saved)
