@@ -1,6 +1,7 @@
 """What tests share: comparisons of tensors and gradients. (Fixtures are in conftest.py; the multi-process
 watchdog is ranks.py.)"""
 
+import io
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CountOps", "assert_close", "grads_of", "model_library", "zero"]
+__all__ = ["CountOps", "assert_close", "grads_of", "model_library", "saved_and_loaded", "zero"]
 
 
 class CountOps(TorchDispatchMode):
@@ -63,3 +64,11 @@ def assert_close(actual, expected, rtol=1e-10, atol=1e-12, what=""):
     assert actual is not None, f"{what}: expected a tensor, got None"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def saved_and_loaded(module):
+    """``module`` through ``torch.save`` and ``torch.load`` (in memory)."""
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

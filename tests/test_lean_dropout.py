@@ -2,11 +2,11 @@
 CPU dropout saves its float noise. The same draws, values and gradients as plain autograd, bit for bit; the
 model's own modules untouched; less memory, measured."""
 
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import saved_and_loaded
 from torch import nn
 
 import invfx
@@ -129,10 +129,7 @@ def test_optimize_runs_the_models_dropouts_lean_and_trains_as_plain(budget):
 def test_saved_and_loaded_it_stays_lean_and_draws_the_same():
     model, x = small_transformer()
     optimized = invfx.optimize(model, x, memory_budget=0.8, check_gradients=False)
-    buffer = io.BytesIO()
-    torch.save(optimized, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = saved_and_loaded(optimized)
     assert len({id(m) for m in lean_modules(loaded)}) == 3
     torch.manual_seed(4)
     expected = optimized(x)

@@ -3,11 +3,11 @@ keeps no copy of the LayerNorm or GELU output it reads; backward rebuilds it fro
 against plain autograd, first and second order; the model's state_dict untouched; less memory, measured."""
 
 import gc
-import io
 import weakref
 
 import pytest
 import torch
+from helpers import saved_and_loaded
 from torch import nn
 
 import invfx
@@ -108,10 +108,7 @@ def test_second_order_gradients_are_plain_autograds():
 def test_saved_and_loaded_it_rebuilds_and_draws_the_same():
     model, x = small_transformer()
     optimized = invfx.optimize(model, x, memory_budget=0.8, check_gradients=False)
-    buffer = io.BytesIO()
-    torch.save(optimized, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = saved_and_loaded(optimized)
     assert any(isinstance(m, RecomputedInput) for m in loaded.children())
     params = list(model.parameters())
     expected = one_step(optimized, x, params)

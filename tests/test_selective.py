@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CountOps, assert_close
+from helpers import CountOps, assert_close, saved_and_loaded
 from torch import nn
 
 import invfx
@@ -263,16 +263,12 @@ def test_selective_regions_under_bf16_autocast_give_plain_gradients(kind):
 
 def test_a_selective_module_saved_and_loaded_trains_as_before():
     """torch.save / torch.load: the marked body is made again on load (it is never pickled)."""
-    import io
 
     torch.manual_seed(0)
     model, x = ResNet(depth=3, channels=8).to(DT), torch.randn(2, 3, 8, 8, dtype=DT)
     optimized = invfx.optimize(model, x, modes=("keep", "selective"), check_gradients=False)
     optimized(x).sum().backward()  # (the marked body and the runtime's caches exist before saving)
-    buffer = io.BytesIO()
-    torch.save(optimized, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = saved_and_loaded(optimized)
     assert any(name.startswith("sac_") for name, _ in loaded.named_children())
     got = step(loaded, x, list(loaded.parameters()))
     expected = step(model, x, list(model.parameters()))
