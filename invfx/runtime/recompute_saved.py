@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,6 +51,7 @@ def measuring(released: Callable[[torch.Tensor], None]) -> Iterator[None]:
         yield
     finally:
         _measuring.reset(token)
+
 
 # the saved-tensor attributes of each autograd node type, found once per type
 _SAVED_NAMES: dict[type, tuple[str, ...]] = {}
@@ -87,10 +89,7 @@ class RecomputedInput(nn.Module):
         # (the model's modules, saved under their own names; positional arguments are torch's old signature)
         if args:
             destination = args[0]
-        if destination is None:
-            from collections import OrderedDict
-            destination = OrderedDict()
-        return destination
+        return OrderedDict() if destination is None else destination
 
 
 def _not_missing(module: nn.Module, incompatible: Any) -> None:
