@@ -24,6 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 
+from ..graphs import leaves
+
 __all__ = ["OutputStash", "EXPENSIVE_OPS", "stash_begin", "stash_end"]
 
 #: the ops a selective checkpoint keeps by default: where a forward's FLOPs are
@@ -116,7 +118,7 @@ class OutputStash:
     def _signature(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Signature:
         parts: list[Any] = [func]
         constants = self._constants
-        for leaf in _leaves((args, kwargs)):
+        for leaf in leaves((args, kwargs), _is_argument):
             if isinstance(leaf, torch.Tensor):
                 pointer = None
                 if constants and leaf.untyped_storage().nbytes():
@@ -132,23 +134,17 @@ class OutputStash:
         return getattr(func, "overloadpacket", None) in self.ops or func in self.ops
 
 
-def _leaves(value: Any) -> Iterator[Any]:
-    """The leaves of an op's arguments or outputs (tuples, lists and dicts of them), in order. An op's
-    arguments are flat or nearly so; pytree's general flatten cost more than the rest of a stashed call."""
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _leaves(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _leaves(item)
-    else:
-        yield value
-
-
 def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    return [leaf for leaf in _leaves(value) if isinstance(leaf, torch.Tensor)]
+    return [value] if isinstance(value, torch.Tensor) else leaves(value, _is_tensor)
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _is_argument(value: Any) -> bool:
+    """An op's argument, as a signature reads it: anything but a tuple, list or dict of them."""
+    return not isinstance(value, (tuple, list, dict))
 
 
 def _detached(value: Any) -> Any:
