@@ -109,10 +109,10 @@ def records(x: Any, p: Any, training: Any) -> bool:
 
 
 class _Active:
-    __slots__ = ("phase", "masks", "index", "direct")
+    __slots__ = ("phase", "masks", "index")
 
-    def __init__(self, phase: str, masks: DropoutMasks, direct: bool) -> None:
-        self.phase, self.masks, self.index, self.direct = phase, masks, 0, direct
+    def __init__(self, phase: str, masks: DropoutMasks) -> None:
+        self.phase, self.masks, self.index = phase, masks, 0
 
 
 _ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("invfx_dropout_masks", default=None)
@@ -158,9 +158,7 @@ def _masked(active: _Active, x: torch.Tensor, p: float, inplace: bool, lean: boo
             f"forward ran dropout(p={mask.p}) on {tuple(mask.shape)} {mask.dtype} (dropout "
             f"{active.index}); a region must run the same ops when recomputed")
     active.index += 1
-    noise = torch.empty_like(x)
-    noise.copy_(unpack_bits(mask.bits, mask.shape).view(torch.uint8))  # (0 or 1: from uint8, 3x faster)
-    noise.div_(1 - p)
+    noise = _noise_from(unpack_bits(mask.bits, mask.shape), torch.empty_like(x), p)
     out = x.mul_(noise) if inplace else x.mul(noise)
     if mask.after is not None:
         torch.set_rng_state(mask.after)
@@ -179,6 +177,13 @@ def _noise_like(x: torch.Tensor, p: float) -> torch.Tensor:
     return noise.div_(1 - p)
 
 
+def _noise_from(kept: torch.Tensor, noise: torch.Tensor, p: float) -> torch.Tensor:
+    """``noise`` (empty, laid out as the forward's) filled with the noise whose nonzero elements ``kept`` says
+    (bool): 0 and 1, then divided by ``1 - p`` as the forward divided, so bit for bit the forward's."""
+    noise.copy_(kept.view(torch.uint8))  # (0 or 1: from uint8, 3x faster than from bool)
+    return noise.div_(1 - p)
+
+
 class _MaskSaved(torch.autograd.Function):
     """``x * noise`` (a CPU dropout's product), saving for backward the mask (1 byte an element) where autograd
     saves ``noise`` itself (the element's size: 4 bytes in float32). The backward rebuilds the same ``noise``
@@ -194,10 +199,8 @@ class _MaskSaved(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (kept,) = ctx.saved_tensors
-        noise = torch.empty_like(kept, dtype=ctx.dtype)  # (the mask's layout: the forward noise's)
-        noise.copy_(kept.view(torch.uint8))
-        noise.div_(1 - ctx.p)
-        return grad.mul(noise), None, None
+        # (the mask's layout is the forward noise's)
+        return grad.mul(_noise_from(kept, torch.empty_like(kept, dtype=ctx.dtype), ctx.p)), None, None
 
 
 def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
@@ -223,10 +226,10 @@ def _unrecorded(x: torch.Tensor, p: float, inplace: bool, lean: bool) -> torch.T
     return F.dropout(x, p, True, inplace)
 
 
-def module_dropout(module: torch.nn.Dropout, input: torch.Tensor) -> torch.Tensor:
+def module_dropout(module: torch.nn.Dropout, input: torch.Tensor, lean: bool = False) -> torch.Tensor:
     """``module(input)`` for an ``nn.Dropout``, as :func:`dropout` (its ``p``, ``training`` and ``inplace`` read
     at the call, so ``.eval()`` acts as on the module)."""
-    return dropout(input, module.p, module.training, module.inplace)
+    return dropout(input, module.p, module.training, module.inplace, lean=lean)
 
 
 class LeanDropout(torch.nn.Module):
@@ -240,8 +243,7 @@ class LeanDropout(torch.nn.Module):
         self.dropout = dropout
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        module = self.dropout
-        return dropout(input, module.p, module.training, module.inplace, lean=True)
+        return module_dropout(self.dropout, input, lean=True)
 
 
 class _DropoutMode(TorchFunctionMode):
@@ -271,7 +273,7 @@ def _active(phase: str, masks: DropoutMasks | None, direct: bool) -> Iterator[No
         finally:
             _ACTIVE.reset(token)
         return
-    active = _Active(phase, masks, direct)
+    active = _Active(phase, masks)
     token = _ACTIVE.set(active)
     try:
         with contextlib.nullcontext() if direct else _DropoutMode(active):
