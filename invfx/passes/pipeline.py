@@ -3,7 +3,8 @@
 Trace -> Annotate -> SimplifyCats -> LeanDropouts -> FindSegments -> RecomputeSavedInputs -> BuildRegions ->
 CheckReconstruction -> MeasureCosts -> PlanModes -> GroupRegions -> WriteModule -> Calibrate -> Report
 
-Up to FindSegments the passes analyse (and simplify) the traced graph; from there on it is left as it is:
+Up to FindSegments the passes analyse (and simplify) the traced graph; from there on it is left as it is (but
+for RecomputeSavedInputs, which changes calls in place, no node added, removed or moved):
 regions are built beside it and measured on it segment by segment, the plan and its chains are decided on the
 segment list, and the module is written from the graph once (again, from the same graph, for each replan of a
 budget's calibration). optimize then runs ``invfx.check`` on the result.
@@ -39,9 +40,9 @@ from .simplify import split_through_cat
 from .trace import trace
 from .validate import check_reconstruction
 
-__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "LeanDropouts", "RecomputeSavedInputs", "FindSegments",
-           "BuildRegions",
-           "CheckReconstruction", "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule", "Calibrate", "Report"]
+__all__ = ["PIPELINE", "Trace", "Annotate", "SimplifyCats", "LeanDropouts", "FindSegments", "RecomputeSavedInputs",
+           "BuildRegions", "CheckReconstruction", "MeasureCosts", "PlanModes", "GroupRegions", "WriteModule",
+           "Calibrate", "Report"]
 
 
 class Trace(CompilationPass):
@@ -515,8 +516,9 @@ def _chain_budget(state: Compilation) -> int | None:
 
 def _plain_chain_peak(state: Compilation) -> int:
     """The chain's peak in plain training of the model as written: the segments' own, measured with
-    LeanDropouts, and the noise those save (alive at plain's peak, where backward starts) added back, so that a
-    fractional budget is one of the model's plain peak."""
+    LeanDropouts and RecomputedInputs, and what those save (dropouts' noise, LayerNorm and GELU outputs: alive at
+    plain's peak, where backward starts) added back, so that a fractional budget is one of the model's plain
+    peak."""
     return plain_peak(state.costs.costs) + sum(state.lean_dropouts.values()) + sum(state.recomputed_saved.values())
 
 
