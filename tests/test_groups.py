@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint_sequential
 
 import invfx
 from invfx.examples import ResNet
-from invfx.measure import measure
+from invfx.measure import cpu_peak_memory, measure
 from invfx.modes import Mode
 from invfx.passes import pipeline
 from invfx.passes.groups import coarsen, group_cost
@@ -39,22 +40,43 @@ def test_coarsen_takes_segments_size_at_a_time_where_they_may_join():
     assert [g for g, _ in apart] == [("a", "b"), ("c", "d", "e")]
 
 
+def _checkpoint_sequential_least(model, x) -> float:
+    """The least peak / plain of ``checkpoint_sequential(model.blocks, k)`` over k, measured here (it moves
+    with the machine: oneDNN's convolutions take other temporaries with other instruction sets)."""
+    def peak(step):
+        step()
+        model.zero_grad(set_to_none=True)
+        step()
+        return cpu_peak_memory(step)[0]
+
+    def sequential(k):
+        return lambda: model.head(checkpoint_sequential(model.blocks, k, model.stem(x), use_reentrant=False)).sum() \
+            .backward()
+
+    plain = peak(lambda: model(x).sum().backward())
+    return min(peak(sequential(k)) for k in range(2, len(model.blocks) + 1)) / plain
+
+
 @pytest.mark.slow
 def test_grouped_checkpoints_meet_budgets_one_checkpoint_per_block_cannot():
     """ResNet depth 16: a checkpoint per block keeps 16 inputs and reaches 0.39 of plain at best, measured;
-    checkpointing two or three blocks as one reaches under 0.3, as checkpoint_sequential does."""
+    checkpointing two or three blocks as one reaches what checkpoint_sequential reaches at best (0.29 to 0.32 of
+    plain, by machine)."""
     torch.manual_seed(0)
     model, x = ResNet(depth=16, channels=8), torch.randn(8, 3, 16, 16)
+    budget = round(_checkpoint_sequential_least(model, x), 3) + 0.005
+    assert budget < 0.36
     sizes = pipeline.GROUP_SIZES
     try:
         pipeline.GROUP_SIZES = (1,)
         with pytest.raises(invfx.BudgetError):
-            invfx.optimize(model, x, memory_budget=0.3, check_gradients=False)
+            invfx.optimize(model, x, memory_budget=budget, check_gradients=False)
     finally:
         pipeline.GROUP_SIZES = sizes
-    optimized = invfx.optimize(model, x, memory_budget=0.3)  # (the gradient check compares in float64)
+    optimized = invfx.optimize(model, x, memory_budget=budget)  # (the gradient check compares in float64)
     calibration = optimized.plan.calibration
-    assert measure(optimized, x, steps=1).peak_bytes == calibration["peak_bytes"] <= 0.3 * calibration["plain_bytes"]
+    assert measure(optimized, x, steps=1).peak_bytes == calibration["peak_bytes"] \
+        <= budget * calibration["plain_bytes"]
     groups = {r.region for r in optimized.plan.rows if r.region and r.region != r.name}
     assert groups and any(g.startswith("ckpt_") and "_to_" in g for g in groups)
     assert "only its input is kept" in str(optimized.plan)
