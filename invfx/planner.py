@@ -60,10 +60,10 @@ Sizes: ``B_0 = costs[0].input_bytes`` and ``B_i = costs[i-1].output_bytes``; ``m
 Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inverse_flops_i`` per invertible one,
 ``max(flops_i - stash_flops_i, 0)`` per selective one (its chosen level's FLOPs). Where every segment of the
 chain has a measured time (``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds
-(``seconds_i``, ``stash_seconds_i``, less ``mask_seconds_i`` in checkpoint and selective modes: the time its
-recorded dropout masks save the recomputation; an inverse's time is its FLOPs at the segment's own measured
-rate): FLOPs count a convolution's arithmetic, not BatchNorm's and ReLU's memory traffic, which on a CPU take as
-long.
+(``seconds_i``, ``stash_seconds_i``, less ``replay_seconds_i`` in checkpoint and selective modes: the time its
+recorded dropout masks and BatchNorm statistics save the recomputation; an inverse's time is its FLOPs at the
+segment's own measured rate): FLOPs count a convolution's arithmetic, not BatchNorm's and ReLU's memory traffic,
+which on a CPU take as long.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
 peak. Remaining ties go to the plan whose options, read from the first segment, come first in the order keep <
@@ -195,10 +195,11 @@ class SegmentCost:
     # invertible mode: the branches its sub-networks' relu / clamp / max pooling took, kept for their recomputation
     branch_bytes: int = 0
     # checkpoint and selective modes: its dropouts' masks, kept so that the recomputation multiplies by them instead
-    # of drawing again (invfx.runtime.dropout_masks), and the time that saves the recomputation (its dropouts'
-    # forward time less their replay's, less what recording the masks adds to the forward)
+    # of drawing again (invfx.runtime.dropout_masks), and the time its records save the recomputation (those
+    # dropouts' and its BatchNorms', invfx.runtime.norm_stats: their forward time less their replay's, less what
+    # recording adds to the forward)
     mask_bytes: int = 0
-    mask_seconds: float = 0.0
+    replay_seconds: float = 0.0
     # measured wall time of its forward, and of the ops a selective checkpoint keeps the outputs of; None: not
     # measured (the planner then weighs FLOPs)
     seconds: float | None = None
@@ -227,7 +228,7 @@ class SegmentCost:
                 if value < 0:
                     raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
                 object.__setattr__(self, field_name, value)
-        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds", "mask_seconds"):
+        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds", "replay_seconds"):
             value = getattr(self, field_name)
             if value is None and field_name in ("inverse_flops", "seconds"):
                 continue
@@ -315,11 +316,11 @@ class SegmentCost:
         if self.seconds is None:
             return None
         if mode == CHECKPOINT:
-            return max(self.seconds - self.mask_seconds, 0.0)
+            return max(self.seconds - self.replay_seconds, 0.0)
         if mode == INVERTIBLE:
             return self.seconds + self.inverse_seconds()
         if mode == SELECTIVE:
-            return max(self.seconds - self._level(level).seconds - self.mask_seconds, 0.0)
+            return max(self.seconds - self._level(level).seconds - self.replay_seconds, 0.0)
         return 0.0
 
 

@@ -410,11 +410,11 @@ def _seconds(cost, mode, level=None) -> Fraction:
     segment's own FLOP rate)."""
     if mode == "keep":
         return Fraction(0)
-    # (a checkpoint's recorded dropout masks save its recomputation mask_seconds)
+    # (a checkpoint's recorded dropout masks save its recomputation replay_seconds)
     if mode == "selective":
-        return Fraction(max(cost.seconds - cost.stash_levels[level].seconds - cost.mask_seconds, 0.0))
+        return Fraction(max(cost.seconds - cost.stash_levels[level].seconds - cost.replay_seconds, 0.0))
     if mode == "checkpoint":
-        return Fraction(max(cost.seconds - cost.mask_seconds, 0.0))
+        return Fraction(max(cost.seconds - cost.replay_seconds, 0.0))
     rate = cost.seconds / cost.flops if cost.flops else 0.0
     return Fraction(cost.seconds) + Fraction((cost.inverse_flops or 0.0) * rate)  # (each rounded once, as stated)
 
@@ -423,7 +423,7 @@ def _seconds(cost, mode, level=None) -> Fraction:
 @given(costs=chains(max_segments=8), data=st.data())
 def test_timed_plans_are_the_least_time_plans(costs, data):
     costs = tuple(dataclasses.replace(
-        c, seconds=data.draw(SECONDS), mask_seconds=data.draw(SECONDS), stash_levels=tuple(
+        c, seconds=data.draw(SECONDS), replay_seconds=data.draw(SECONDS), stash_levels=tuple(
             dataclasses.replace(level, seconds=data.draw(SECONDS)) for level in c.stash_levels)) for c in costs)
     assert timed(costs)
     plans = [(peak, sum(_seconds(c, m, k) for c, m, k in zip(costs, modes, levels)), order, modes, levels)

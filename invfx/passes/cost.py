@@ -20,8 +20,9 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
   FLOPs (and, timed, the seconds) each takes, which its recomputation then skips. Offered to the planner as the
   Pareto frontier of subsets (:mod:`invfx.stash_levels`): for each amount of memory, the calls that save most.
 * ``mask_bytes``: what a checkpoint of it keeps of its dropouts' masks (:mod:`invfx.runtime.dropout_masks`),
-  measured by recording them as the runtime does; timed, ``mask_seconds``: what that saves its recomputation
-  (each such dropout's forward time, less its replay's, less what recording adds to the forward).
+  measured by recording them as the runtime does; timed, ``replay_seconds``: what the records of a checkpoint
+  save its recomputation (each recorded dropout's, and each BatchNorm's whose batch statistics it keeps,
+  :mod:`invfx.runtime.norm_stats`: its forward time, less its replay's, less what recording adds to the forward).
 
 What is saved outside every measured segment (a head reading the last one's output) is the same in every plan: it
 comes back as ``outside_bytes``. The run leaves the model as it was: buffers and the RNG are restored.
@@ -43,7 +44,7 @@ from ..modes import Mode
 from ..planner import SegmentCost, StashLevel
 from ..regions.body import keeps_output, may_drop
 from ..regions.fused import tensors_in
-from ..runtime import dropout_masks, recompute_saved
+from ..runtime import dropout_masks, norm_stats, recompute_saved
 from ..runtime.branches import BranchRecord, recording
 from ..runtime.stash import EXPENSIVE_OPS, OutputStash
 from ..runtime.storage import storage_key
@@ -169,6 +170,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     stash_calls: dict[str, dict[str, StashLevel]] = {}
     replays: dict[str, float] = {}
     seconds = node_seconds(module, example_inputs, replays=replays) if timed and order else {}
+    normalising = {n.name for n in module.graph.nodes if _normalises(module, n)}
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
         record, segment = records[name], segments[name]
@@ -200,7 +202,9 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             branch_bytes=recorded_bytes.get(name, 0),
             seconds=sum(seconds.get(n.name, 0.0) for n in body) if seconds else None,
             mask_bytes=record.get("mask_bytes", 0),
-            mask_seconds=max(sum(replays.get(n.name, 0.0) for n in body), 0.0) if record.get("mask_bytes") else 0.0,
+            # (a dropout's replay only where its mask was recorded; a BatchNorm's wherever it is recomputed)
+            replay_seconds=max(sum(replays.get(n.name, 0.0) for n in body
+                                   if record.get("mask_bytes") or n.name in normalising), 0.0),
             stash_levels=levels, stash_levels_whole=whole))
     for i, cost in enumerate(costs):
         if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
@@ -267,23 +271,32 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set,
 TIMED_RUNS = 5
 
 
+def _normalises(module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a checkpoint's body calls ``node`` through :func:`invfx.runtime.norm_stats.module_batch_norm`
+    (:func:`invfx.regions.body.norms_called_directly`): a BatchNorm module call whose statistics it may keep."""
+    return node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
+        and type(module.get_submodule(node.target)) in norm_stats.RECORDED_MODULES
+
+
 class _NodeTimer(fx.Interpreter):
     """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it).
     Each of ``dropping`` (node names) that runs a dropout a checkpoint records the mask of runs twice more,
-    recording the mask and then replaying it, adding those times to ``replays[node.name]``."""
+    recording the mask and then replaying it, adding those times to ``replays[node.name]``; so does each of
+    ``normalising``, a BatchNorm whose batch statistics a checkpoint records (:mod:`invfx.runtime.norm_stats`)."""
 
     def __init__(self, module: fx.GraphModule, seconds: dict[str, list[float]], cuda: bool,
-                 dropping: Collection[str] = (), replays: dict[str, list[tuple[float, float]]] | None = None) -> None:
+                 dropping: Collection[str] = (), replays: dict[str, list[tuple[float, float]]] | None = None,
+                 normalising: Collection[str] = ()) -> None:
         super().__init__(module)
         self.extra_traceback = False
-        self.seconds, self.cuda, self.dropping = seconds, cuda, dropping
+        self.seconds, self.cuda, self.dropping, self.normalising = seconds, cuda, dropping, normalising
         self.replays = {} if replays is None else replays
 
-    def _timed(self, node: fx.Node):
+    def _timed(self, node: fx.Node, run=None):
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        result = super().run_node(node)
+        result = super().run_node(node) if run is None else run()
         if self.cuda:
             torch.cuda.synchronize()
         return result, time.perf_counter() - start
@@ -301,6 +314,15 @@ class _NodeTimer(fx.Interpreter):
                 with dropout_masks.replaying(masks):
                     _, replayed = self._timed(node)
                 self.replays.setdefault(node.name, []).append((recorded, replayed))
+        elif node.name in self.normalising:
+            bn, (x,) = self.fetch_attr(node.target), self.fetch_args_kwargs_from_env(node)[0]
+            statistics = norm_stats.NormStatistics(node.name)
+            with norm_stats.recording(statistics):  # (a second update of the running statistics: example_run
+                _, recorded = self._timed(node, lambda: norm_stats.module_batch_norm(bn, x))  # restores them)
+            if statistics:
+                with norm_stats.replaying(statistics):
+                    _, replayed = self._timed(node, lambda: norm_stats.module_batch_norm(bn, x))
+                self.replays.setdefault(node.name, []).append((recorded, replayed))
         return result
 
 
@@ -311,7 +333,8 @@ def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = T
     undercount by orders of magnitude on a CPU). The model is left as it was (:func:`example_run`).
 
     ``replays``, where given, gets for each node running a dropout whose mask a checkpoint records
-    (:mod:`invfx.runtime.dropout_masks`) the time that record saves a recomputation, from the least times of
+    (:mod:`invfx.runtime.dropout_masks`), and each BatchNorm whose batch statistics it records
+    (:mod:`invfx.runtime.norm_stats`), the time that record saves a recomputation, from the least times of
     the node run as it is (``t``), recording (``r``) and replaying (``p``): ``t - p - (r - t)`` (the
     recomputation runs the replay instead of the node, and the forward pays the record's overhead)."""
     seconds: dict[str, list[float]] = {}
@@ -319,9 +342,11 @@ def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = T
     cuda = any(t.is_cuda for t in (*module.parameters(), *(x for x in example_inputs if isinstance(x, torch.Tensor))))
     # (masks are recorded on CPU only)
     dropping = set() if replays is None or cuda else {n.name for n in module.graph.nodes if may_drop(module, n)}
+    normalising = set() if replays is None else {n.name for n in module.graph.nodes if _normalises(module, n)}
     with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad():
         for run in range(runs + 1):  # (run 0 is a warm-up: its times are dropped)
-            _NodeTimer(module, seconds if run else {}, cuda, dropping, recorded if run else {}).run(*inputs)
+            timer = _NodeTimer(module, seconds if run else {}, cuda, dropping, recorded if run else {}, normalising)
+            timer.run(*inputs)
     least = {name: min(values) for name, values in seconds.items()}
     if replays is not None:
         for name, pairs in recorded.items():

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graphs import fetch_attr
-from ..runtime import dropout_masks, rng_mark
+from ..runtime import dropout_masks, norm_stats, rng_mark
 from ..runtime.branches import close_scope
 from ..runtime.dropout_masks import DROPOUT_FUNCTIONS
 from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
-           "may_drop", "marked_body", "dropouts_called_directly", "updated_buffers"]
+           "may_drop", "marked_body", "dropouts_called_directly", "norms_called_directly", "updated_buffers"]
 
 # What a selective checkpoint keeps the outputs of: the calls that run convolutions, matrix products and
 # attention (invfx.runtime.stash.EXPENSIVE_OPS are the aten ops they run)
@@ -162,6 +162,29 @@ def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
         env[node] = graph.create_node("call_function", target, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     return fx.GraphModule(body, graph, type(body).__name__)
+
+
+def norms_called_directly(body: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
+    """``body`` with each ``nn.BatchNorm1d/2d/3d`` it calls (exactly those types, one argument) called through
+    :func:`invfx.runtime.norm_stats.module_batch_norm`, whose batch statistics a checkpoint keeps from its
+    forward for its recomputation (``Region(norms_marked=True)``); and whether it calls any. Other calls are left
+    as they are: a BatchNorm the graph does not show measures again when recomputed, as before."""
+    calls = [node for node in body.graph.nodes if node.op == "call_module" and len(node.args) == 1
+             and not node.kwargs and type(body.get_submodule(node.target)) in norm_stats.RECORDED_MODULES]
+    if not calls:
+        return body, False
+    graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    for node in body.graph.nodes:
+        if node not in calls:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        # (the module itself: its flags and statistics, read at the call)
+        module = graph.create_node("get_attr", node.target, name=f"{node.name}_module")
+        env[node] = graph.create_node("call_function", norm_stats.module_batch_norm,
+                                      (module, env[node.args[0]]), name=node.name)
+        env[node].meta = dict(node.meta)
+    return fx.GraphModule(body, graph, type(body).__name__), True
 
 
 class Inverse(nn.Module):

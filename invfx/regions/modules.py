@@ -29,6 +29,7 @@ from .body import (
     marked_body,
     may_drop,
     named_objects,
+    norms_called_directly,
     portable_graph,
     updated_buffers,
 )
@@ -149,30 +150,33 @@ class BodyRegion(nn.Module):
             # the outputs of its convolutions, matrix products and attention are kept for the recomputation,
             # which runs only the cheap ops between them (invfx.runtime.stash)
             calls = self.__dict__.get("kept_calls")  # (absent from a region pickled before it existed: every call)
-            body, direct = self._body(calls)
+            body, direct, norms = self._body(calls)
             return self._cached_region((CHECKPOINT, Mode.SELECTIVE, calls), lambda: Region(
                 function=body, mode=CHECKPOINT, discovery=self.discovery,
                 buffers=self._modules_used, updated=self._updated_buffers, name=self._label, keep_ops=EXPENSIVE_OPS,
-                keep_marked=True, dropout_masks=self._may_drop(), dropouts_marked=direct))
-        body, direct = self._body(None, selective=False)
+                keep_marked=True, dropout_masks=self._may_drop(), dropouts_marked=direct, norms_marked=norms))
+        body, direct, norms = self._body(None, selective=False)
         return self._cached_region(CHECKPOINT, lambda: Region(
             function=body, mode=CHECKPOINT, discovery=self.discovery, buffers=self._modules_used,
-            updated=self._updated_buffers, name=self._label, dropout_masks=self._may_drop(), dropouts_marked=direct))
+            updated=self._updated_buffers, name=self._label, dropout_masks=self._may_drop(), dropouts_marked=direct,
+            norms_marked=norms))
 
     def _may_drop(self) -> bool:
         """Whether its forward may run a dropout whose mask a checkpoint keeps (else it records none)."""
         return any(may_drop(self.forward_body, node) for node in self.forward_body.graph.nodes)
 
-    def _body(self, calls: frozenset[str] | None, selective: bool = True) -> tuple[fx.GraphModule, bool]:
-        """The body a checkpoint runs, and whether it calls its dropouts' record itself (made once per choice):
-        selective, with the calls whose outputs it keeps marked; its dropouts called directly where the graph
-        shows them all."""
+    def _body(self, calls: frozenset[str] | None, selective: bool = True) -> tuple[fx.GraphModule, bool, bool]:
+        """The body a checkpoint runs, whether it calls its dropouts' record itself and whether it calls its
+        BatchNorms' (made once per choice): selective, with the calls whose outputs it keeps marked; its
+        dropouts called directly where the graph shows them all; its BatchNorms through the statistics' record."""
         key = (selective, calls)
         made = self.__dict__.get("_marked")  # (dropped by _derive when the bodies change, never pickled)
         if made is None or made[0] != key:
             body = marked_body(self.forward_body, calls) if selective else self.forward_body
             direct = dropouts_called_directly(body)
-            made = (key, (body, False) if direct is None else (direct, self._may_drop()))
+            body, dropouts_marked = (body, False) if direct is None else (direct, self._may_drop())
+            body, norms_marked = norms_called_directly(body)
+            made = (key, (body, dropouts_marked, norms_marked))
             object.__setattr__(self, "_marked", made)
         return made[1]
 

@@ -53,7 +53,7 @@ import torch
 
 from ..errors import InverseError, RegionError
 from ..tolerances import tolerance_for
-from . import dropout_masks
+from . import dropout_masks, norm_stats
 from .branches import BranchRecord, branch_scope, recording, replaying, unscoped
 from .stash import OutputStash
 from .state import AutocastState, BufferState, RngState, hooks_silenced
@@ -134,6 +134,9 @@ class Region:
     masks, 1 bit per element, and the recomputation multiplies by them instead of drawing again (the same values;
     see :mod:`invfx.runtime.dropout_masks`); with ``dropouts_marked``, the function calls
     ``dropout_masks.dropout`` for every dropout it runs, and no torch-function mode catches ``F.dropout``.
+    ``norms_marked`` (checkpoint mode): the function calls ``norm_stats.module_batch_norm`` for its BatchNorms;
+    the forward keeps their batch statistics and the recomputation normalises with them instead of measuring
+    again (the same values; see :mod:`invfx.runtime.norm_stats`).
     """
 
     function: Callable[..., Any]
@@ -155,6 +158,7 @@ class Region:
     record_branches: bool = True
     dropout_masks: bool = True
     dropouts_marked: bool = False
+    norms_marked: bool = False
     # the storages of the modules' parameters and buffers, which a stash tells calls apart by: found once, here,
     # not at every call (a pointer gone stale only makes the stash's check coarser, the same in both runs)
     stash_constants: frozenset[int] = field(init=False, repr=False, compare=False, default=frozenset())
@@ -282,10 +286,12 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     stashing = _stash_scope(stash.recording(), region.keep_marked) if stash is not None else contextlib.nullcontext()
     branches = BranchRecord(region.name) if region.mode == INVERTIBLE and region.record_branches else None
     masks = dropout_masks.DropoutMasks(region.name) if region.mode == CHECKPOINT and region.dropout_masks else None
+    statistics = norm_stats.NormStatistics(region.name) if region.mode == CHECKPOINT and region.norms_marked \
+        else None
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
         with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), \
-                dropout_masks.recording(masks, region.dropouts_marked):
+                dropout_masks.recording(masks, region.dropouts_marked), norm_stats.recording(statistics):
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -296,7 +302,8 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
         with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
-                recording(branches), dropout_masks.recording(masks, region.dropouts_marked):
+                recording(branches), dropout_masks.recording(masks, region.dropouts_marked), \
+                norm_stats.recording(statistics):
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -332,6 +339,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     call.stash = stash
     call.branches = branches if branches else None  # (nothing recorded: nothing to replay)
     call.masks = masks if masks else None
+    call.statistics = statistics if statistics else None
     del result
     returned = cast("tuple[torch.Tensor, ...]",
                     RegionFunction.apply(call, *inputs, *params))  # type: ignore[no-untyped-call]
@@ -463,6 +471,7 @@ class _RegionCall:
     stash: OutputStash | None = None  # a selective checkpoint's kept op outputs, set by run_region
     branches: BranchRecord | None = None  # what its sub-networks' branching ops took, set by run_region
     masks: dropout_masks.DropoutMasks | None = None  # a checkpoint's dropout masks, set by run_region
+    statistics: norm_stats.NormStatistics | None = None  # a checkpoint's BatchNorm statistics, set by run_region
 
     def __init__(self, region: Region, args: tuple[Any, ...], positions: list[int], inputs: list[torch.Tensor],
                  params: list[torch.Tensor], structure: _Structure, result: Any, outputs: list[torch.Tensor],
@@ -911,18 +920,22 @@ class ReplayContext:
 
 def _replay_checkpoint(context: ReplayContext) -> Any:
     call = context._call
-    stash, masks = call.stash, call.masks
+    stash, masks, statistics = call.stash, call.masks, call.statistics
     stashing = _stash_scope(stash.replaying(), call.region.keep_marked) if stash is not None \
         else contextlib.nullcontext()
     try:
-        with stashing, dropout_masks.replaying(masks, call.region.dropouts_marked):
+        with stashing, dropout_masks.replaying(masks, call.region.dropouts_marked), \
+                norm_stats.replaying(statistics):
             return context.call_function()
     finally:
-        # (a second backward recomputes everything, and draws its dropouts again from the restored generator)
+        # (a second backward recomputes everything, draws its dropouts again from the restored generator and
+        # measures its BatchNorms' statistics again, the forward's, whose running statistics are restored)
         if stash is not None:
             stash.clear()
         if masks is not None:
             masks.clear()
+        if statistics is not None:
+            statistics.clear()
 
 
 def _stash_scope(mode: Any, marked: bool) -> Any:
