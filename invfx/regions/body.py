@@ -133,33 +133,36 @@ def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
             continue
         args, kwargs = node.args, dict(node.kwargs)
         if node.op == "call_function" and node.target is F.dropout:
-            rewrites[node] = (dropout_masks.dropout, args, kwargs)
+            rewrites[node] = (dropout_masks.dropout, args, kwargs, None)
         elif node.op == "call_function" and node.target is torch.ops.aten.dropout.default:
             if "train" in kwargs:  # (aten's name for F.dropout's ``training``)
                 kwargs["training"] = kwargs.pop("train")
-            rewrites[node] = (dropout_masks.dropout, args, kwargs)
+            rewrites[node] = (dropout_masks.dropout, args, kwargs, None)
         elif node.op == "call_module" and type(body.get_submodule(node.target)) is dropout_masks.LeanDropout:
             continue  # (calls the record itself)
         elif node.op == "call_module" and type(body.get_submodule(node.target)) is nn.Dropout \
                 and len(args) + len(kwargs) == 1:
-            rewrites[node] = (dropout_masks.module_dropout, ((node.target,) + tuple(args) + tuple(kwargs.values())),
-                              {})
+            rewrites[node] = (dropout_masks.module_dropout, tuple(args) + tuple(kwargs.values()), {}, node.target)
         else:
             return None
-    if not rewrites:
-        return body
+    return _calls_replaced(body, rewrites) if rewrites else body
+
+
+def _calls_replaced(body: fx.GraphModule, rewrites: dict) -> fx.GraphModule:
+    """``body`` with each node of ``rewrites`` (``{node: (function, args, kwargs, module)}``) calling
+    ``function(*args, **kwargs)`` instead, under its own name, with ``module`` (a submodule's target), where
+    given, read by a ``get_attr`` and passed first: the module itself, whose flags are read at the call."""
     graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
     env: dict[fx.Node, fx.Node] = {}
     for node in body.graph.nodes:
         if node not in rewrites:
             env[node] = graph.node_copy(node, env.__getitem__)
             continue
-        target, args, kwargs = rewrites[node]
+        function, args, kwargs, module = rewrites[node]
         args, kwargs = fx.map_arg(args, env.__getitem__), fx.map_arg(kwargs, env.__getitem__)
-        if target is dropout_masks.module_dropout:
-            # (the module itself: its p and training, read at the call)
-            args = (graph.create_node("get_attr", args[0], name=f"{node.name}_module"),) + args[1:]
-        env[node] = graph.create_node("call_function", target, args, kwargs, name=node.name)
+        if module is not None:
+            args = (graph.create_node("get_attr", module, name=f"{node.name}_module"),) + tuple(args)
+        env[node] = graph.create_node("call_function", function, args, kwargs, name=node.name)
         env[node].meta = dict(node.meta)
     return fx.GraphModule(body, graph, type(body).__name__)
 
@@ -169,22 +172,10 @@ def norms_called_directly(body: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
     :func:`invfx.runtime.norm_stats.module_batch_norm`, whose batch statistics a checkpoint keeps from its
     forward for its recomputation (``Region(norms_marked=True)``); and whether it calls any. Other calls are left
     as they are: a BatchNorm the graph does not show measures again when recomputed, as before."""
-    calls = [node for node in body.graph.nodes if node.op == "call_module" and len(node.args) == 1
-             and not node.kwargs and type(body.get_submodule(node.target)) in norm_stats.RECORDED_MODULES]
-    if not calls:
-        return body, False
-    graph = fx.Graph(tracer_cls=body.graph._tracer_cls)
-    env: dict[fx.Node, fx.Node] = {}
-    for node in body.graph.nodes:
-        if node not in calls:
-            env[node] = graph.node_copy(node, env.__getitem__)
-            continue
-        # (the module itself: its flags and statistics, read at the call)
-        module = graph.create_node("get_attr", node.target, name=f"{node.name}_module")
-        env[node] = graph.create_node("call_function", norm_stats.module_batch_norm,
-                                      (module, env[node.args[0]]), name=node.name)
-        env[node].meta = dict(node.meta)
-    return fx.GraphModule(body, graph, type(body).__name__), True
+    rewrites = {node: (norm_stats.module_batch_norm, node.args, {}, node.target) for node in body.graph.nodes
+                if node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+                and type(body.get_submodule(node.target)) in norm_stats.RECORDED_MODULES}
+    return (_calls_replaced(body, rewrites), True) if rewrites else (body, False)
 
 
 class Inverse(nn.Module):
