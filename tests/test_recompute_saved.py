@@ -2,6 +2,7 @@
 keeps no copy of the LayerNorm or GELU output it reads; backward rebuilds it from the op's input. Bit for bit
 against plain autograd, first and second order; the model's state_dict untouched; less memory, measured."""
 
+import collections
 import gc
 import weakref
 
@@ -78,6 +79,10 @@ def test_optimize_trains_as_plain_with_the_models_state_dict(budget):
     assert not result.missing_keys and not result.unexpected_keys
     params = list(model.parameters())
     assert_same(one_step(optimized, x, params), one_step(model, x, params))
+    visits = collections.Counter()
+    optimized.apply(lambda m: visits.update([id(m)]))
+    assert set(visits.values()) == {1}  # (each module once: the rebuilt Linears too, re-initialising runs once)
+    assert all(id(m) in visits for m in model.modules() if m is not model)
 
 
 class MLP(nn.Module):

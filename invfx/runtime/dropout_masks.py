@@ -245,6 +245,11 @@ class LeanDropout(torch.nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return module_dropout(self.dropout, input, lean=True)
 
+    def apply(self, fn: Any) -> LeanDropout:
+        # (its child is the model's own nn.Dropout, which ``apply`` reaches under its own name: once)
+        fn(self)
+        return self
+
 
 class _DropoutMode(TorchFunctionMode):
     def __init__(self, active: _Active) -> None:

@@ -85,6 +85,12 @@ class RecomputedInput(nn.Module):
         release_saved(out, value, source, self.producer)
         return out
 
+    def apply(self, fn: Any) -> RecomputedInput:
+        # (its children are the model's own modules, which ``apply`` reaches under their own names: once each,
+        # so a function that is not idempotent, re-initialising weights, runs on them once)
+        fn(self)
+        return self
+
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         # (the model's modules, saved under their own names; positional arguments are torch's old signature)
         if args:
