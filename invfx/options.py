@@ -32,7 +32,7 @@ class OptimizeOptions:
     lean_dropout: bool = True
     # a LayerNorm's or GELU's output that Linear calls save for backward is rebuilt from its input when backward
     # needs it (invfx.passes.recompute_saved): on the benchmark transformer 6 of a block's 18 MiB for about 1 ms
-    # of its backward; not done where lean_dropout is not
+    # of its backward; under a budget, only where the plan needs the memory; not done where lean_dropout is not
     recompute_saved: bool = True
 
     def __post_init__(self):

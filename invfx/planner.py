@@ -62,7 +62,8 @@ Extra compute of a plan: ``flops_i`` per checkpointed segment, ``flops_i + inver
 chain has a measured time (``seconds``), the plan minimizes extra *time* instead, by the same formulas in seconds
 (``seconds_i``, ``stash_seconds_i``, less ``replay_seconds_i`` in checkpoint and selective modes: the time its
 recorded dropout masks and BatchNorm statistics save the recomputation; an inverse's time is its FLOPs at the
-segment's own measured rate): FLOPs count a convolution's arithmetic, not BatchNorm's and ReLU's memory traffic,
+segment's own measured rate), plus ``rebuild_seconds_i`` in every mode but invertible (saved inputs rebuilt in
+backward, keep included): FLOPs count a convolution's arithmetic, not BatchNorm's and ReLU's memory traffic,
 which on a CPU take as long.
 
 Ties. With ``budget=None``: least peak, then least extra compute; with a budget: least extra compute, then least
@@ -110,6 +111,7 @@ The peak a plan reports is always recomputed with :func:`chain_peak`.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 import operator
@@ -200,6 +202,11 @@ class SegmentCost:
     # recording adds to the forward)
     mask_bytes: int = 0
     replay_seconds: float = 0.0
+    # every mode but invertible: outputs of LayerNorm / GELU calls its Linear calls save as how to rebuild them
+    # (invfx.runtime.recompute_saved), which saved_bytes leaves out, and the time rebuilding them takes its
+    # backward (their forward again), charged in every mode; rebuilt_bytes is what turning it off adds back
+    rebuilt_bytes: int = 0
+    rebuild_seconds: float = 0.0
     # measured wall time of its forward, and of the ops a selective checkpoint keeps the outputs of; None: not
     # measured (the planner then weighs FLOPs)
     seconds: float | None = None
@@ -212,7 +219,7 @@ class SegmentCost:
 
     def __post_init__(self) -> None:
         for field_name in ("input_bytes", "output_bytes", "saved_bytes", "transient_bytes",
-                           "forward_transient_bytes", "branch_bytes", "mask_bytes"):
+                           "forward_transient_bytes", "branch_bytes", "mask_bytes", "rebuilt_bytes"):
             value = getattr(self, field_name)
             try:
                 value = operator.index(value)
@@ -228,7 +235,8 @@ class SegmentCost:
                 if value < 0:
                     raise ValueError(f"segment {self.name!r}: {field_name} is negative ({value})")
                 object.__setattr__(self, field_name, value)
-        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds", "replay_seconds"):
+        for field_name in ("flops", "inverse_flops", "stash_flops", "seconds", "stash_seconds", "replay_seconds",
+                           "rebuild_seconds"):
             value = getattr(self, field_name)
             if value is None and field_name in ("inverse_flops", "seconds"):
                 continue
@@ -312,16 +320,24 @@ class SegmentCost:
 
     def recompute_seconds(self, mode: str, level: int | None = None) -> float | None:
         """Its extra time in ``mode`` (None: not measured). An inverse is charged its FLOPs at the segment's rate.
-        Selective: at stash ``level`` (None for the last)."""
+        Selective: at stash ``level`` (None for the last). Rebuilding saved inputs takes ``rebuild_seconds`` in
+        every mode (an invertible segment has none)."""
         if self.seconds is None:
             return None
         if mode == CHECKPOINT:
-            return max(self.seconds - self.replay_seconds, 0.0)
+            return max(self.seconds - self.replay_seconds, 0.0) + self.rebuild_seconds
         if mode == INVERTIBLE:
             return self.seconds + self.inverse_seconds()
         if mode == SELECTIVE:
-            return max(self.seconds - self._level(level).seconds - self.replay_seconds, 0.0)
-        return 0.0
+            return max(self.seconds - self._level(level).seconds - self.replay_seconds, 0.0) + self.rebuild_seconds
+        return self.rebuild_seconds
+
+    def without_rebuild(self) -> SegmentCost:
+        """The same segment with its saved inputs kept as they are (nothing rebuilt): more bytes, less time."""
+        if not self.rebuilt_bytes and not self.rebuild_seconds:
+            return self
+        return dataclasses.replace(self, saved_bytes=self.saved_bytes + self.rebuilt_bytes, rebuilt_bytes=0,
+                                   rebuild_seconds=0.0)
 
 
 @dataclass(frozen=True)

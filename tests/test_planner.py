@@ -408,13 +408,15 @@ SECONDS = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 0.125, 5.0])
 def _seconds(cost, mode, level=None) -> Fraction:
     """A segment's extra time in ``mode`` (selective: at stash ``level``), by the definition (an inverse at the
     segment's own FLOP rate)."""
+    # (saved inputs rebuilt in backward take rebuild_seconds in every mode but invertible)
     if mode == "keep":
-        return Fraction(0)
+        return Fraction(cost.rebuild_seconds)
     # (a checkpoint's recorded dropout masks save its recomputation replay_seconds)
     if mode == "selective":
-        return Fraction(max(cost.seconds - cost.stash_levels[level].seconds - cost.replay_seconds, 0.0))
+        return Fraction(max(cost.seconds - cost.stash_levels[level].seconds - cost.replay_seconds, 0.0)
+                        + cost.rebuild_seconds)
     if mode == "checkpoint":
-        return Fraction(max(cost.seconds - cost.replay_seconds, 0.0))
+        return Fraction(max(cost.seconds - cost.replay_seconds, 0.0) + cost.rebuild_seconds)
     rate = cost.seconds / cost.flops if cost.flops else 0.0
     return Fraction(cost.seconds) + Fraction((cost.inverse_flops or 0.0) * rate)  # (each rounded once, as stated)
 
@@ -423,7 +425,8 @@ def _seconds(cost, mode, level=None) -> Fraction:
 @given(costs=chains(max_segments=8), data=st.data())
 def test_timed_plans_are_the_least_time_plans(costs, data):
     costs = tuple(dataclasses.replace(
-        c, seconds=data.draw(SECONDS), replay_seconds=data.draw(SECONDS), stash_levels=tuple(
+        c, seconds=data.draw(SECONDS), replay_seconds=data.draw(SECONDS), rebuild_seconds=data.draw(SECONDS),
+        stash_levels=tuple(
             dataclasses.replace(level, seconds=data.draw(SECONDS)) for level in c.stash_levels)) for c in costs)
     assert timed(costs)
     plans = [(peak, sum(_seconds(c, m, k) for c, m, k in zip(costs, modes, levels)), order, modes, levels)
@@ -456,3 +459,15 @@ def test_time_decides_where_flops_mislead():
     assert timed_plan.modes == ("keep", "checkpoint", "keep")  # 1 s against 1.6
     assert timed_plan.extra_seconds == 1.0 and timed_plan.extra_flops == 100.0
     assert not timed(by_time[:1] + by_flops[1:])  # one unmeasured segment: FLOPs for the whole chain
+
+
+def test_without_rebuild_keeps_the_inputs_for_their_time():
+    cost = SegmentCost(name="a", input_bytes=10, output_bytes=10, saved_bytes=30, transient_bytes=0,
+                       forward_transient_bytes=0, saves_input=True, saves_output=False, flops=1.0,
+                       inverse_flops=None, input_freeable=False, modes=frozenset({"keep", "checkpoint"}),
+                       seconds=2.0, rebuilt_bytes=12, rebuild_seconds=0.5)
+    plain = cost.without_rebuild()
+    assert (plain.saved_bytes, plain.rebuilt_bytes, plain.rebuild_seconds) == (42, 0, 0.0)
+    assert (cost.recompute_seconds("keep"), plain.recompute_seconds("keep")) == (0.5, 0.0)
+    assert (cost.recompute_seconds("checkpoint"), plain.recompute_seconds("checkpoint")) == (2.5, 2.0)
+    assert plain.without_rebuild() is plain

@@ -13,6 +13,7 @@ from torch import nn
 
 import invfx
 from invfx.examples import Transformer
+from invfx.passes import pipeline
 from invfx.runtime.recompute_saved import RecomputedInput, release_saved
 
 DT = torch.float64
@@ -70,8 +71,10 @@ def test_optimize_trains_as_plain_with_the_models_state_dict(budget):
         assert any(row.mode != "keep" for row in optimized.plan.rows), str(optimized.plan)
     rebuilt = optimized.plan.recomputed_saved
     # each block: ln1 -> qkv, ln2 -> fc1, gelu -> fc2
-    assert sorted(rebuilt) == sorted(f"recompute_blocks_{i}_{m}" for i in range(3)
-                                     for m in ("qkv", "mlp_0", "mlp_2"))
+    every = sorted(f"recompute_blocks_{i}_{m}" for i in range(3) for m in ("qkv", "mlp_0", "mlp_2"))
+    # (least memory: every rebuild; here a budget with room keeps them too, since dropping them saves a tiny
+    # model next to nothing: test_a_budget_with_room_drops_the_rebuilds_it_does_not_need)
+    assert sorted(rebuilt) == every
     assert sum(rebuilt.values()) == 3 * (2 * 2 * 6 * 16 + 2 * 6 * 32) * 8
     assert "9 Linear calls keep no copy" in str(optimized.plan)
     assert list(optimized.state_dict()) == list(model.state_dict())
@@ -105,7 +108,8 @@ def test_second_order_gradients_are_plain_autograds():
     model, x = MLP().to(DT), torch.randn(4, 5, 8, dtype=DT)
     plain_peak = invfx.measure(model, x, steps=1).peak_bytes
     optimized = invfx.optimize(model, x, memory_budget=10 * plain_peak, check_gradients=False)
-    assert len(optimized.plan.recomputed_saved) == 6 and all(r.mode == "keep" for r in optimized.plan.rows)
+    assert all(r.mode == "keep" for r in optimized.plan.rows)
+    assert _rebuild_all(optimized) == 6  # (a budget with this much room needs none: every one on, to test them)
     params = list(model.parameters())
     assert_same(one_step(optimized, x, params, second_order=True), one_step(model, x, params, second_order=True))
 
@@ -187,7 +191,48 @@ def test_kept_segments_measure_less_memory_by_what_the_plan_says():
     plain = invfx.measure(model, x, steps=1).peak_bytes
     optimized = invfx.optimize(model, x, memory_budget=10 * plain, check_gradients=False)
     assert all(row.mode == "keep" for row in optimized.plan.rows)
-    saved = sum(optimized.plan.recomputed_saved.values())
+    assert not optimized.plan.recomputed_saved  # (room to spare: no rebuild planned; every one on, to measure)
+    assert _rebuild_all(optimized) == 9
+    least = invfx.optimize(model, x, check_gradients=False)  # (what the plan says each saves: least memory)
+    saved = sum(least.plan.recomputed_saved.values())
     assert saved == 3 * (2 * 4 * 32 * 64 + 4 * 32 * 128) * 4
     measured = invfx.measure(optimized, x, steps=1).peak_bytes
     assert 2 / 3 * saved <= plain - measured <= saved, (plain, measured, saved)
+
+
+def test_a_budget_with_room_drops_the_rebuilds_it_does_not_need(monkeypatch):
+    """A rebuild trades backward time for memory: under a budget the plan keeps only the rebuilds it needs (the
+    plan with every rebuild, less those its estimated peak does without, or the plan with none, whichever is
+    estimated faster, here with no tolerance for near ties); the RecomputedInputs of the others run their Linear
+    as it is, and the report names only those that rebuild."""
+    monkeypatch.setattr(pipeline, "REBUILD_TOLERANCE", 0.0)
+    model, x = small_transformer()
+    params = list(model.parameters())
+    least = invfx.optimize(model, x)  # (no budget: least memory, every rebuild)
+    assert len(least.plan.recomputed_saved) == 9
+    plans = {budget: invfx.optimize(model, x, memory_budget=budget) for budget in (0.99, 0.8)}
+    counts = {}
+    for budget, optimized in plans.items():
+        active = {name for name, m in optimized.named_modules()
+                  if isinstance(m, RecomputedInput) and m.active}
+        assert active == set(optimized.plan.recomputed_saved)
+        counts[budget] = len(active)
+        calibration = optimized.plan.calibration
+        assert calibration["peak_bytes"] <= calibration["target_bytes"]
+        assert_same(one_step(optimized, x, params), one_step(model, x, params))
+    assert counts[0.99] < counts[0.8] < 9  # (the more room, the fewer rebuilds)
+
+
+def _rebuild_all(optimized) -> int:
+    """Turn every RecomputedInput of ``optimized`` on (whatever the plan chose); how many there are."""
+    modules = [m for m in optimized.modules() if isinstance(m, RecomputedInput)]
+    for module in modules:
+        module.active = True
+    return len(modules)
+
+
+def test_where_dropping_rebuilds_buys_little_time_the_plan_keeps_the_lower_peak(monkeypatch):
+    """Plans within REBUILD_TOLERANCE of a forward's time of the fastest are decided by their estimated peak."""
+    model, x = small_transformer()
+    monkeypatch.setattr(pipeline, "REBUILD_TOLERANCE", 1e9)
+    assert len(invfx.optimize(model, x, memory_budget=0.99).plan.recomputed_saved) == 9

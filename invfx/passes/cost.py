@@ -19,6 +19,9 @@ the time (by storage, so a tensor saved twice, or saved by two ops, counts once)
   convolutions, matrix products and attention calls, measured by keeping each as the runtime does, with the
   FLOPs (and, timed, the seconds) each takes, which its recomputation then skips. Offered to the planner as the
   Pareto frontier of subsets (:mod:`invfx.stash_levels`): for each amount of memory, the calls that save most.
+* ``rebuilt_bytes``: what its Linear calls no longer keep of the LayerNorm and GELU outputs they read
+  (:mod:`invfx.runtime.recompute_saved`), as the runtime lets go of them; timed, ``rebuild_seconds``: those
+  producers' forward time, which rebuilding them takes in backward;
 * ``mask_bytes``: what a checkpoint of it keeps of its dropouts' masks (:mod:`invfx.runtime.dropout_masks`),
   measured by recording them as the runtime does; timed, ``replay_seconds``: what the records of a checkpoint
   save its recomputation (each recorded dropout's, and each BatchNorm's whose batch statistics it keeps,
@@ -148,8 +151,10 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
 
     def released(value: torch.Tensor) -> None:
         """A RecomputedInput would have let go of ``value`` here (the runtime rebuilds it in backward)."""
-        target = records[current[0]]["saved"] if current[0] is not None else outside
-        target.pop(storage_key(value), None)
+        record = records[current[0]] if current[0] is not None else None
+        nbytes = (record["saved"] if record is not None else outside).pop(storage_key(value), None)
+        if record is not None and nbytes is not None:
+            record["rebuilt"] = record.get("rebuilt", 0) + nbytes
 
     try:
         with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad(), \
@@ -205,6 +210,10 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
             # (a dropout's replay only where its mask was recorded; a BatchNorm's wherever it is recomputed)
             replay_seconds=max(sum(replays.get(n.name, 0.0) for n in body
                                    if record.get("mask_bytes") or n.name in normalising), 0.0),
+            rebuilt_bytes=record.get("rebuilt", 0),
+            # (each rebuild runs its LayerNorm or GELU again in backward)
+            rebuild_seconds=sum(seconds.get(n.args[0].name, 0.0) for n in body if _rebuilds(module, n))
+            if record.get("rebuilt") else 0.0,
             stash_levels=levels, stash_levels_whole=whole))
     for i, cost in enumerate(costs):
         if not cost.allowed_modes:  # (selective asked for alone, where the segment keeps no op's output)
@@ -269,6 +278,11 @@ def _fused_working_bytes(region: InvertibleRegion, args: tuple, constant: set,
 #: on a shared CPU only adds time, and the median of three still let two of eight identical transformer blocks
 #: measure 30-50 % slower than the others (which moved plans), where the least of five kept all eight within 1 %.
 TIMED_RUNS = 5
+
+
+def _rebuilds(module: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` calls a RecomputedInput (its first argument the output it rebuilds, its producer's)."""
+    return node.op == "call_module" and isinstance(module.get_submodule(node.target), recompute_saved.RecomputedInput)
 
 
 def _normalises(module: fx.GraphModule, node: fx.Node) -> bool:

@@ -54,6 +54,8 @@ def group_cost(members: Sequence[SegmentCost]) -> SegmentCost:
         modes=modes or frozenset({Mode.KEEP}),
         seconds=sum(m.seconds for m in members) if timed else None,  # type: ignore[misc]
         mask_bytes=sum(m.mask_bytes for m in members), replay_seconds=sum(m.replay_seconds for m in members),
+        rebuilt_bytes=sum(m.rebuilt_bytes for m in members),
+        rebuild_seconds=sum(m.rebuild_seconds for m in members),
         stash_levels=levels, stash_levels_whole=whole and all(m.stash_levels_whole for m in members))
 
 

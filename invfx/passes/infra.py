@@ -70,6 +70,8 @@ class Compilation:
     groups: list[tuple[str, ...]] = field(default_factory=list)  # the planned chain: segments run as one, in order
     merged: dict[tuple[str, ...], Segment | None] = field(default_factory=dict)  # groups as one segment (None: not)
     calibration: dict[str, int] | None = None  # the example step measured when planning under a budget
+    # segments whose Linear calls keep their LayerNorm / GELU inputs as they are: the budget has room for them
+    rebuilds_dropped: frozenset[str] = frozenset()
     # GroupRegions: the regions the module runs, a chain per run of invertible segments
     units: list[RegionUnit] | None = None
     solved_runs: dict[tuple[str, ...], Segment | str] = field(default_factory=dict)

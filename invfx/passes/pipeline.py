@@ -21,7 +21,16 @@ from torch import nn
 
 from ..errors import BudgetError
 from ..modes import Mode
-from ..planner import ChainPlan, SegmentCost, StashLevel, plain_peak, plan_chain, timed
+from ..planner import (
+    ChainPlan,
+    SegmentCost,
+    StashLevel,
+    chain_extra_seconds,
+    chain_peak,
+    plain_peak,
+    plan_chain,
+    timed,
+)
 from ..regions.fused import tensors_in
 from ..regions.modules import BodyRegion, InvertibleRegion, OptimizedModule
 from ..report import Plan, PlanRow, _budget
@@ -251,7 +260,7 @@ class PlanModes(CompilationPass):
             _plain_within(state)
             state.chain, state.chosen = None, {}
             return
-        _take(state, *_plan_grouped(state, _chain_budget(state)))
+        _take(state, *_plan(state, _chain_budget(state)))
 
     def ensures(self, state: Compilation) -> None:
         self.need(set(state.chosen) <= set(state.candidates()), "gave a mode to a segment that is not a candidate")
@@ -305,6 +314,7 @@ class WriteModule(_AfterSegments):
             if unit.mode == Mode.SELECTIVE:  # (the calls whose outputs it keeps: the plan's stash level)
                 region.kept_calls = frozenset(call for part in unit.parts for call in state.kept_calls.get(part, ()))
             regions[unit.name] = region
+        _set_rebuilds(state)
         graph = write_graph(traced.graph, [(unit.name, unit.segment) for unit in state.units])
         # (the GraphModule takes each submodule a node calls from its root: the regions stand there meanwhile)
         for name, region in regions.items():
@@ -327,6 +337,15 @@ class WriteModule(_AfterSegments):
         called = [n.target for n in state.optimized.graph.nodes
                   if n.op == "call_module" and isinstance(state.optimized.get_submodule(n.target), BodyRegion)]
         self.need(called == [u.name for u in state.units], "the module does not call each region once, in order")
+
+
+def _set_rebuilds(state: Compilation) -> None:
+    """Each RecomputedInput on or off, as the plan says (``state.rebuilds_dropped``: its segment's Linear calls
+    keep their inputs)."""
+    for name, segment in zip(state.names, state.segments):
+        for node in segment.nodes:
+            if node.op == "call_module" and node.target in state.recomputed_saved:
+                state.traced.get_submodule(node.target).active = name not in state.rebuilds_dropped
 
 
 class Calibrate(CompilationPass):
@@ -361,9 +380,9 @@ class Calibrate(CompilationPass):
                                                           "measures on the example inputs")
             chain_budget -= int(math.ceil(max(peak - target, 0.02 * target)))  # (at least 2%: converge)
             try:
-                planned = _plan_grouped(state, chain_budget)
+                planned = _plan(state, chain_budget)
             except BudgetError:  # nothing fits the lowered budget: the plan of least memory is the last to try
-                planned = _plan_grouped(state, None)
+                planned = _plan(state, None)
                 least = planned[1]
             _take(state, *planned)
             GroupRegions()(state)
@@ -387,7 +406,7 @@ class Report(CompilationPass):
             constants=state.constants,
             forward_seconds=sum(c.seconds for c in costs.costs) if timed(costs.costs) and costs.costs else None,
             thinned_stashes=[c.name for c in costs.costs if not c.stash_levels_whole and Mode.SELECTIVE in c.modes],
-            lean_dropouts=state.lean_dropouts, recomputed_saved=state.recomputed_saved)
+            lean_dropouts=state.lean_dropouts, recomputed_saved=_rebuilt(state))
 
     def ensures(self, state: Compilation) -> None:
         self.need(len(state.optimized.plan.rows) == len(state.segments), "the plan has not one row per segment")
@@ -401,10 +420,12 @@ PIPELINE: tuple[type[CompilationPass], ...] = (Trace, Annotate, SimplifyCats, Le
 
 # --- planning within a budget -------------------------------------------------------------------------------
 
-def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan, coarse: list[SegmentCost]) -> None:
-    """The plan, on the state: each segment's mode (its group's), and the calls a selective one keeps (its
-    group's stash level, from the group's cost the chain was planned on: the calls of all its members)."""
-    state.groups, state.chain = groups, chain
+def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan, coarse: list[SegmentCost],
+          rebuilds_dropped: frozenset[str] = frozenset()) -> None:
+    """The plan, on the state: each segment's mode (its group's), the calls a selective one keeps (its
+    group's stash level, from the group's cost the chain was planned on: the calls of all its members), and the
+    segments that rebuild no saved input."""
+    state.groups, state.chain, state.rebuilds_dropped = groups, chain, rebuilds_dropped
     state.chosen = {name: Mode(mode) for group, mode in zip(groups, chain.modes) for name in group}
     state.kept_calls = {}
     for index, (group, mode, cost) in enumerate(zip(groups, chain.modes, coarse)):
@@ -419,7 +440,57 @@ def _take(state: Compilation, groups: list[tuple[str, ...]], chain: ChainPlan, c
 GROUP_SIZES = tuple(range(1, 9))
 
 
-def _plan_grouped(state: Compilation, chain_budget: int | None
+#: Where plans with more and fewer rebuilds of saved inputs differ in estimated extra time by less than this
+#: fraction of the forward's time, the one of least peak is taken: rebuilding costs about its producers'
+#: forward again, so dropping some buys little (the benchmark transformer at budget 0.75: 1.03x plain's step
+#: with some dropped at 0.711 of plain's peak, 1.04x with all at 0.631), and a lower peak leaves room.
+REBUILD_TOLERANCE = 0.05
+
+
+def _plan(state: Compilation, chain_budget: int | None
+          ) -> tuple[list[tuple[str, ...]], ChainPlan, list[SegmentCost], frozenset[str]]:
+    """:func:`_plan_grouped`, and which segments need not rebuild their saved LayerNorm / GELU inputs
+    (``recompute_saved``): a rebuild saves memory for backward time, which a budget with room to spare need
+    not pay. Three plans are weighed: the plan made with every rebuild; the same plan with the rebuilds its
+    estimated peak does without dropped, group by group (most time saved per byte first); and the plan made
+    with none. The least estimated extra time wins, and of those within :data:`REBUILD_TOLERANCE` of a
+    forward's time of it, the least estimated peak. With no budget (least memory), or where time is not
+    measured (the planner weighs FLOPs, which do not see a rebuild), every rebuild stays."""
+    groups, plan, coarse = _plan_grouped(state, chain_budget)
+    costs = state.costs.costs
+    if chain_budget is None or not any(c.rebuilt_bytes for c in costs) or plan.extra_seconds is None:
+        return groups, plan, coarse, frozenset()
+    candidates = [(plan.extra_seconds, plan.peak, groups, plan, coarse, frozenset())]
+    # the plan made with every rebuild, less the rebuilds its budget does not need
+    mixed = list(coarse)
+    for i in sorted((i for i, c in enumerate(coarse) if c.rebuilt_bytes),
+                    key=lambda i: -coarse[i].rebuild_seconds / coarse[i].rebuilt_bytes):
+        trial = mixed[:i] + [coarse[i].without_rebuild()] + mixed[i + 1:]
+        if chain_peak(trial, plan.modes, plan.levels or None) <= chain_budget:
+            mixed = trial
+    lean = dataclasses.replace(plan, peak=chain_peak(mixed, plan.modes, plan.levels or None),
+                               extra_seconds=chain_extra_seconds(mixed, plan.modes, plan.levels or None))
+    dropped = frozenset(name for group, before, after in zip(groups, coarse, mixed) if after is not before
+                        for name in group)
+    candidates.append((lean.extra_seconds, lean.peak, groups, lean, mixed, dropped))
+    # the plan made with none
+    try:
+        none_groups, none_plan, none_coarse = _plan_grouped(state, chain_budget,
+                                                            [c.without_rebuild() for c in costs])
+    except BudgetError:
+        pass
+    else:
+        if none_plan.extra_seconds is not None:
+            every = frozenset(c.name for c in costs if c.rebuilt_bytes)
+            candidates.append((none_plan.extra_seconds, none_plan.peak, none_groups, none_plan, none_coarse, every))
+    fastest = min(c[0] for c in candidates)
+    tolerance = REBUILD_TOLERANCE * sum(c.seconds or 0.0 for c in costs)
+    _, _, groups, plan, coarse, dropped = min((c for c in candidates if c[0] <= fastest + tolerance),
+                                              key=lambda c: (c[1], c[0]))
+    return groups, plan, coarse, dropped
+
+
+def _plan_grouped(state: Compilation, chain_budget: int | None, segment_costs: list[SegmentCost] | None = None
                   ) -> tuple[list[tuple[str, ...]], ChainPlan, list[SegmentCost]]:
     """The best plan over the chain's granularities: each segment alone, segments checkpointed two at a time,
     and so on up to GROUP_SIZES (groups.coarsen). With a budget, the least extra compute (measured time where
@@ -431,8 +502,9 @@ def _plan_grouped(state: Compilation, chain_budget: int | None
     of recomputation, one at a time +104 ms). A coarser plan that recomputes no group is a plan of a finer chain
     seen through the coarser chain's derived costs, and is not taken once a finer chain has a plan. Returns the
     groups, the plan and the groups' costs it was made on. Raises BudgetError, with the least peak of any, if
-    none fits."""
+    none fits. ``segment_costs``: the segments' costs to plan on, where not the measured ones."""
     costs = state.costs
+    segment_costs = costs.costs if segment_costs is None else segment_costs
     may_join = _joinable(state)
     least = None
     best: tuple | None = None  # ((compute, order), names, plan, coarse)
@@ -444,7 +516,7 @@ def _plan_grouped(state: Compilation, chain_budget: int | None
     order_of = {size: order for order, size in enumerate(GROUP_SIZES)}
     sizes = sorted(GROUP_SIZES, reverse=True) if chain_budget is not None else [min(GROUP_SIZES)]
     for size in sizes:
-        grouping = coarsen(costs.costs, size, may_join)
+        grouping = coarsen(segment_costs, size, may_join)
         names = tuple(g for g, _ in grouping)
         if names in tried:
             continue  # (no more joins at this size than at a larger one)
@@ -514,6 +586,12 @@ def _chain_budget(state: Compilation) -> int | None:
     return budget - costs.outside_bytes
 
 
+def _rebuilt(state: Compilation) -> dict[str, int]:
+    """``state.recomputed_saved`` less the RecomputedInputs the plan turned off."""
+    return {name: nbytes for name, nbytes in state.recomputed_saved.items()
+            if state.traced.get_submodule(name).__dict__.get("active", True)}
+
+
 def _plain_chain_peak(state: Compilation) -> int:
     """The chain's peak in plain training of the model as written: the segments' own, measured with
     LeanDropouts and RecomputedInputs, and what those save (dropouts' noise, LayerNorm and GELU outputs: alive at
@@ -581,7 +659,7 @@ def _share_everything(optimized: fx.GraphModule, model: nn.Module) -> None:
 def _rows(state: Compilation) -> list[PlanRow]:
     """A plan row per segment, in graph order, saying what it keeps, what it costs, why, and which region
     runs it (``region``: its own, or the chain it is a link of)."""
-    costs = {c.name: c for c in state.costs.costs}
+    costs = {c.name: c.without_rebuild() if c.name in state.rebuilds_dropped else c for c in state.costs.costs}
     own_name: dict[str, str] = {}  # the name of the region that runs a segment alone, or would (a chain's link)
     runs_in: dict[str, str] = {}
     unfused: dict[str, str] = {}
