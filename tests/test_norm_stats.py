@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from helpers import CountOps
 from torch import nn
 
@@ -16,7 +17,14 @@ from invfx.examples import ResNet
 from invfx.passes.cost import node_seconds
 from invfx.regions.body import norms_called_directly
 from invfx.runtime import Region, run_region
-from invfx.runtime.norm_stats import NormStatistics, module_batch_norm, recording, records, replaying
+from invfx.runtime.norm_stats import (
+    NormStatistics,
+    batch_norm,
+    module_batch_norm,
+    recording,
+    records,
+    replaying,
+)
 
 BN = torch.ops.aten.native_batch_norm
 
@@ -259,3 +267,72 @@ def test_the_machine_check_holds_here_and_a_machine_where_it_fails_recomputes_as
     with torch.no_grad(), recording(statistics):
         module_batch_norm(bn, x)
     assert not statistics
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: F.batch_norm on its own buffers, then an activation (traced through: not
+    a torch.nn module)."""
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return torch.relu(x)
+
+
+def test_function_calls_record_and_replay_as_f_batch_norm():
+    torch.manual_seed(5)
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64)
+    weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    mean, var = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    plain_mean, plain_var = mean.clone(), var.clone()
+    leaf = x.clone().requires_grad_()
+    expected = F.batch_norm(leaf, plain_mean, plain_var, weight, bias, True, 0.1, 1e-5)
+    expected.square().sum().backward()
+    statistics = NormStatistics("t")
+    with torch.no_grad(), recording(statistics):
+        recorded = batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+        batch_norm(x, mean.clone(), var.clone(), weight, bias, False)  # (eval: not recorded)
+    assert torch.equal(recorded, expected.detach()) and len(statistics) == 1
+    assert torch.equal(mean, plain_mean) and torch.equal(var, plain_var)
+    replay_leaf = x.clone().requires_grad_()
+    with replaying(statistics), CountOps() as ops:
+        other = batch_norm(x, mean.clone(), var.clone(), weight, bias, True)  # (other tensors: measures again)
+        replayed = batch_norm(replay_leaf, mean, var, weight, bias, True, 0.1, 1e-5)
+    assert ops.counts[BN] == 1 and torch.equal(other, replayed)  # (one measured again: the other call)
+    assert torch.equal(replayed, expected)
+    replayed.square().sum().backward()
+    assert torch.equal(replay_leaf.grad, leaf.grad)
+    assert torch.equal(mean, plain_mean) and torch.equal(var, plain_var)  # (not updated again)
+
+
+def test_optimize_replays_batchnorms_the_tracer_went_through():
+    torch.manual_seed(6)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(*(nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), BatchNormAct(6),
+                                                        nn.Conv2d(6, 6, 3, padding=1), BatchNormAct(6))
+                                          for _ in range(6)))
+
+        def forward(self, x):
+            return self.blocks(x).mean()
+
+    model = Net().double().train()
+    x = torch.randn(8, 6, 16, 16, dtype=torch.float64)
+    plain = copy.deepcopy(model)
+    opt = invfx.optimize(model, x, memory_budget=0.6, check_gradients=False)
+    regions = [m for m in opt.modules() if getattr(m, "invfx_region", False) and m.mode != "keep"]
+    assert regions and all(r._region().norms_marked for r in regions)
+    with CountOps() as ops:
+        out = opt(x)
+        forward_bns = ops.counts[BN]
+        out.backward()
+    assert ops.counts[BN] == forward_bns == 12  # (none measured again in backward)
+    plain(x).backward()
+    for (name, p), q in zip(plain.named_parameters(), opt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(plain.named_buffers(), opt.buffers()):
+        assert torch.equal(b, c), name

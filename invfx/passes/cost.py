@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..modes import Mode
 from ..planner import SegmentCost, StashLevel
-from ..regions.body import keeps_output, may_drop
+from ..regions.body import calls_batch_norm, keeps_output, may_drop
 from ..regions.fused import tensors_in
 from ..runtime import dropout_masks, norm_stats, recompute_saved
 from ..runtime.branches import BranchRecord, recording
@@ -175,7 +175,7 @@ def measure_costs(module: fx.GraphModule, example_inputs: Sequence, segments: Ma
     stash_calls: dict[str, dict[str, StashLevel]] = {}
     replays: dict[str, float] = {}
     seconds = node_seconds(module, example_inputs, replays=replays) if timed and order else {}
-    normalising = {n.name for n in module.graph.nodes if _normalises(module, n)}
+    normalising = {n.name for n in module.graph.nodes if calls_batch_norm(module, n)}
     caller = {storage_key(x) for x in inputs if isinstance(x, torch.Tensor)}
     for name in dict.fromkeys(order):
         record, segment = records[name], segments[name]
@@ -285,13 +285,6 @@ def _rebuilds(module: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(module.get_submodule(node.target), recompute_saved.RecomputedInput)
 
 
-def _normalises(module: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether a checkpoint's body calls ``node`` through :func:`invfx.runtime.norm_stats.module_batch_norm`
-    (:func:`invfx.regions.body.norms_called_directly`): a BatchNorm module call whose statistics it may keep."""
-    return node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
-        and type(module.get_submodule(node.target)) in norm_stats.RECORDED_MODULES
-
-
 class _NodeTimer(fx.Interpreter):
     """Runs the module, adding each node's wall time to ``seconds[node.name]`` (synchronizing CUDA around it).
     Each of ``dropping`` (node names) that runs a dropout a checkpoint records the mask of runs twice more,
@@ -329,13 +322,16 @@ class _NodeTimer(fx.Interpreter):
                     _, replayed = self._timed(node)
                 self.replays.setdefault(node.name, []).append((recorded, replayed))
         elif node.name in self.normalising:
-            bn, (x,) = self.fetch_attr(node.target), self.fetch_args_kwargs_from_env(node)[0]
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            if node.op == "call_module":
+                args = (self.fetch_attr(node.target), *args)
+            function = norm_stats.module_batch_norm if node.op == "call_module" else norm_stats.batch_norm
             statistics = norm_stats.NormStatistics(node.name)
             with norm_stats.recording(statistics):  # (a second update of the running statistics: example_run
-                _, recorded = self._timed(node, lambda: norm_stats.module_batch_norm(bn, x))  # restores them)
+                _, recorded = self._timed(node, lambda: function(*args, **kwargs))  # restores them)
             if statistics:
                 with norm_stats.replaying(statistics):
-                    _, replayed = self._timed(node, lambda: norm_stats.module_batch_norm(bn, x))
+                    _, replayed = self._timed(node, lambda: function(*args, **kwargs))
                 self.replays.setdefault(node.name, []).append((recorded, replayed))
         return result
 
@@ -356,7 +352,7 @@ def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = T
     cuda = any(t.is_cuda for t in (*module.parameters(), *(x for x in example_inputs if isinstance(x, torch.Tensor))))
     # (masks are recorded on CPU only)
     dropping = set() if replays is None or cuda else {n.name for n in module.graph.nodes if may_drop(module, n)}
-    normalising = set() if replays is None else {n.name for n in module.graph.nodes if _normalises(module, n)}
+    normalising = set() if replays is None else {n.name for n in module.graph.nodes if calls_batch_norm(module, n)}
     with example_run(module, example_inputs, requires_grad=True) as inputs, torch.enable_grad():
         for run in range(runs + 1):  # (run 0 is a warm-up: its times are dropped)
             timer = _NodeTimer(module, seconds if run else {}, cuda, dropping, recorded if run else {}, normalising)

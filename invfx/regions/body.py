@@ -18,7 +18,8 @@ from ..runtime.dropout_masks import DROPOUT_FUNCTIONS
 from ..runtime.stash import EXPENSIVE_OPS, stash_begin, stash_end
 
 __all__ = ["Inverse", "RngMark", "ShapeMeta", "is_rng_mark", "portable_graph", "named_objects", "keeps_output",
-           "may_drop", "marked_body", "dropouts_called_directly", "norms_called_directly", "updated_buffers"]
+           "may_drop", "marked_body", "dropouts_called_directly", "norms_called_directly", "calls_batch_norm",
+           "updated_buffers"]
 
 # What a selective checkpoint keeps the outputs of: the calls that run convolutions, matrix products and
 # attention (invfx.runtime.stash.EXPENSIVE_OPS are the aten ops they run)
@@ -169,13 +170,29 @@ def _calls_replaced(body: fx.GraphModule, rewrites: dict) -> fx.GraphModule:
 
 def norms_called_directly(body: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
     """``body`` with each ``nn.BatchNorm1d/2d/3d`` it calls (exactly those types, one argument) called through
-    :func:`invfx.runtime.norm_stats.module_batch_norm`, whose batch statistics a checkpoint keeps from its
+    :func:`invfx.runtime.norm_stats.module_batch_norm`, and each ``F.batch_norm`` through
+    :func:`~invfx.runtime.norm_stats.batch_norm`, whose batch statistics a checkpoint keeps from its
     forward for its recomputation (``Region(norms_marked=True)``); and whether it calls any. Other calls are left
     as they are: a BatchNorm the graph does not show measures again when recomputed, as before."""
-    rewrites = {node: (norm_stats.module_batch_norm, node.args, {}, node.target) for node in body.graph.nodes
-                if node.op == "call_module" and len(node.args) == 1 and not node.kwargs
-                and type(body.get_submodule(node.target)) in norm_stats.RECORDED_MODULES}
+    rewrites = {}
+    for node in body.graph.nodes:
+        if calls_batch_norm(body, node) == "module":
+            rewrites[node] = (norm_stats.module_batch_norm, node.args, {}, node.target)
+        elif calls_batch_norm(body, node) == "function":
+            rewrites[node] = (norm_stats.batch_norm, node.args, dict(node.kwargs), None)
     return (_calls_replaced(body, rewrites), True) if rewrites else (body, False)
+
+
+def calls_batch_norm(root: nn.Module, node: fx.Node) -> str | None:
+    """``"module"`` where ``node`` calls an ``nn.BatchNorm1d/2d/3d`` (exactly, one argument), ``"function"``
+    where it calls ``F.batch_norm`` (code the tracer went through: timm's ``BatchNormAct2d``): the calls whose
+    batch statistics a checkpoint keeps (:func:`norms_called_directly`); else None."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs \
+            and type(root.get_submodule(node.target)) in norm_stats.RECORDED_MODULES:
+        return "module"
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return "function"
+    return None
 
 
 class Inverse(nn.Module):

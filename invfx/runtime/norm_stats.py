@@ -24,8 +24,10 @@ running statistics, subclasses of the BatchNorm modules and modules with hooks a
 they are (the region then restores the running statistics the recomputation updated, as before).
 
 Where the calls are. A region's body calls :func:`module_batch_norm` instead of each ``nn.BatchNorm1d/2d/3d``
-it shows (:func:`invfx.regions.body.norms_called_directly`). Inside a record it records (the region's
-forward) or replays (its recomputation) in call order; elsewhere it is ``module(input)``. A replay takes
+it shows, and :func:`batch_norm` instead of each ``F.batch_norm`` (code the tracer went through: timm's
+``BatchNormAct2d``) (:func:`invfx.regions.body.norms_called_directly`). Inside a record they record (the
+region's forward) or replay (its recomputation) in call order; elsewhere they are ``module(input)`` and
+``F.batch_norm``. A function call is known by the tensors it is given (weight, bias, running statistics). A replay takes
 the record's next statistics where the call is the module that recorded them (whatever its ``training`` flag
 says now: the gradient is the forward's), and raises :class:`~invfx.RegionError` where the input's shape or
 dtype differs from the forward's; any other call runs as it is.
@@ -44,11 +46,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RegionError
 
-__all__ = ["NormStatistics", "recording", "replaying", "module_batch_norm", "records", "exact_here",
+__all__ = ["NormStatistics", "recording", "replaying", "module_batch_norm", "batch_norm", "records", "exact_here",
            "RECORDED_MODULES"]
 
 #: The modules whose forward :func:`module_batch_norm` runs op for op (exactly these types: a subclass may
@@ -58,7 +61,9 @@ RECORDED_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 @dataclass
 class _Statistics:
-    module: nn.Module  # the BatchNorm that measured them (a replay checks it meets the same one)
+    # who measured them, which a replay checks it meets again: the BatchNorm module, or for a function call the
+    # tensors it was given (weight, bias, running mean and variance)
+    owner: tuple[object, ...]
     shape: torch.Size
     dtype: torch.dtype
     mean: torch.Tensor
@@ -81,8 +86,8 @@ class NormStatistics:
     def __len__(self) -> int:
         return len(self.items)
 
-    def add(self, module: nn.Module, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> None:
-        self.items.append(_Statistics(module, x.shape, x.dtype, mean.detach(), invstd.detach()))
+    def add(self, owner: tuple[object, ...], x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> None:
+        self.items.append(_Statistics(owner, x.shape, x.dtype, mean.detach(), invstd.detach()))
         self.nbytes += mean.untyped_storage().nbytes() + invstd.untyped_storage().nbytes()
 
     def clear(self) -> None:
@@ -104,14 +109,21 @@ def records(module: nn.Module, x: Any) -> bool:
     """Whether ``module(x)`` is a BatchNorm whose statistics a record keeps (else it runs as it is): one of
     :data:`RECORDED_MODULES` exactly, normalising with its batch's statistics, without hooks, on a contiguous
     float32 or float64 CPU tensor, its parameters (if any) of the same dtype, outside autocast and torch.func."""
-    if type(module) not in RECORDED_MODULES or type(x) not in (torch.Tensor, nn.Parameter):
+    if type(module) not in RECORDED_MODULES:
         return False
     bn = module
     batch_statistics = bn.training or (bn.running_mean is None and bn.running_var is None)
-    return (batch_statistics and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not x.is_nested and x.is_contiguous() and x.dim() >= 2 and x.numel() > 0
-            and all(p is None or (p.dtype == x.dtype and p.device.type == "cpu") for p in (bn.weight, bn.bias))
-            and not (bn._forward_hooks or bn._forward_pre_hooks or _global_hooks())
+    return (batch_statistics and not (bn._forward_hooks or bn._forward_pre_hooks or _global_hooks())
+            and _normalisable(x, bn.weight, bn.bias))
+
+
+def _normalisable(x: Any, weight: Any, bias: Any) -> bool:
+    """Whether a training batch norm of ``x`` with ``weight`` and ``bias`` may be recorded and replayed."""
+    return (type(x) in (torch.Tensor, nn.Parameter) and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and not x.is_nested and x.is_contiguous() and x.dim() >= 2
+            and x.numel() > 0
+            and all(p is None or (type(p) in (torch.Tensor, nn.Parameter) and p.dtype == x.dtype
+                                  and p.device.type == "cpu") for p in (weight, bias))
             and not torch.is_autocast_enabled("cpu") and not torch._C._are_functorch_transforms_active()
             and exact_here(x.dtype))
 
@@ -160,7 +172,7 @@ def _recorded(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, statistics: 
         raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
     out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean if tracked else None,
                                                 bn.running_var if tracked else None, True, factor, bn.eps)
-    statistics.add(bn, x, mean, invstd)
+    statistics.add((bn,), x, mean, invstd)
     return out
 
 
@@ -179,19 +191,56 @@ def module_batch_norm(module: nn.Module, input: torch.Tensor) -> torch.Tensor:
         return _recorded(module, input, statistics)  # type: ignore[arg-type]
     # The replay follows the record, whatever the module's flags say now: the forward normalised with these
     # statistics (a module put in eval mode between forward and backward still gets the forward's gradient).
-    item = statistics.items[active.index] if active.index < len(statistics.items) else None
-    if item is None or item.module is not module:
+    item = _next(active, (module,), input, type(module).__name__)
+    if item is None:
         out = module(input)  # not recorded: it runs as it is (measuring again)
         return out
-    if (item.shape, item.dtype) != (input.shape, input.dtype):
-        raise RegionError(
-            f"{statistics.name}: the recomputation ran {type(module).__name__} {active.index} on "
-            f"{tuple(input.shape)} {input.dtype} where the forward ran it on {tuple(item.shape)} {item.dtype}; "
-            "a region must run the same ops when recomputed")
-    active.index += 1
     bn = module
     out = _Normalised.apply(input, bn.weight, bn.bias, item.mean, item.invstd, bn.eps)  # type: ignore[no-untyped-call]
     return out
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """``F.batch_norm``, as code the tracer went through calls it (timm's ``BatchNormAct2d``). Run by a region
+    that records statistics, a call in training has its batch statistics recorded (the forward) or normalised
+    with (the recomputation), known by the tensors it is given; elsewhere it is ``F.batch_norm``."""
+    active = _ACTIVE.get()
+    owner = (weight, bias, running_mean, running_var)
+    if active is None:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if active.phase == "record":
+        if not (training is True and _normalisable(input, weight, bias)):
+            return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        F._verify_batch_size(input.size())  # type: ignore[attr-defined]  # (F.batch_norm's checks in training)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        normalised, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var, True,
+                                                           momentum, eps)
+        active.statistics.add(owner, input, mean, invstd)
+        return normalised
+    item = _next(active, owner, input, "batch_norm")
+    if item is None:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out: torch.Tensor = _Normalised.apply(input, weight, bias, item.mean, item.invstd, eps)  # type: ignore[no-untyped-call]
+    return out
+
+
+def _next(active: _Active, owner: tuple[object, ...], x: torch.Tensor, what: str) -> _Statistics | None:
+    """The replay's next statistics, where ``owner`` recorded them (else None: the call runs as it is); a
+    recorded call on an input of another shape or dtype raises."""
+    statistics = active.statistics
+    item = statistics.items[active.index] if active.index < len(statistics.items) else None
+    if item is None or len(item.owner) != len(owner) or any(a is not b for a, b in zip(item.owner, owner)):
+        return None
+    if (item.shape, item.dtype) != (x.shape, x.dtype):
+        raise RegionError(
+            f"{statistics.name}: the recomputation ran {what} {active.index} on {tuple(x.shape)} {x.dtype} where "
+            f"the forward ran it on {tuple(item.shape)} {item.dtype}; a region must run the same ops when "
+            "recomputed")
+    active.index += 1
+    return item
 
 
 class _Normalised(torch.autograd.Function):
