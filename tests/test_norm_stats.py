@@ -213,24 +213,31 @@ def test_a_checkpoint_region_replays_statistics_and_trains_as_plain(retain):
         assert torch.equal(got, want)
 
 
-def test_optimize_recomputes_a_resnets_batchnorms_from_their_statistics():
-    torch.manual_seed(4)
-    model = ResNet(depth=6, channels=8, classes=10, in_channels=3).double().train()
-    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+def _optimized_like_plain(model, x, budget, loss):
+    """``optimize(model, x, budget)``: its checkpoints replay their BatchNorms, one step of it runs none again in
+    backward and matches a plain step bit for bit (gradients, running statistics); how many ran in forward."""
     plain = copy.deepcopy(model)
-    opt = invfx.optimize(model, x, memory_budget=0.6, check_gradients=False)
+    opt = invfx.optimize(model, x, memory_budget=budget, check_gradients=False)
     regions = [m for m in opt.modules() if getattr(m, "invfx_region", False) and m.mode != "keep"]
     assert regions and all(r._region().norms_marked for r in regions)
     with CountOps() as ops:
         out = opt(x)
         forward_bns = ops.counts[BN]
-        out.square().sum().backward()
+        loss(out).backward()
     assert ops.counts[BN] == forward_bns  # (the recomputation measured none again)
-    plain(x).square().sum().backward()
+    loss(plain(x)).backward()
     for (name, p), q in zip(plain.named_parameters(), opt.parameters()):
         assert torch.equal(p.grad, q.grad), name
     for (name, b), c in zip(plain.named_buffers(), opt.buffers()):
         assert torch.equal(b, c), name
+    return forward_bns
+
+
+def test_optimize_recomputes_a_resnets_batchnorms_from_their_statistics():
+    torch.manual_seed(4)
+    model = ResNet(depth=6, channels=8, classes=10, in_channels=3).double().train()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    assert _optimized_like_plain(model, x, 0.6, lambda out: out.square().sum()) == 13
 
 
 def test_the_cost_model_times_what_a_batchnorms_replay_saves():
@@ -322,17 +329,4 @@ def test_optimize_replays_batchnorms_the_tracer_went_through():
 
     model = Net().double().train()
     x = torch.randn(8, 6, 16, 16, dtype=torch.float64)
-    plain = copy.deepcopy(model)
-    opt = invfx.optimize(model, x, memory_budget=0.6, check_gradients=False)
-    regions = [m for m in opt.modules() if getattr(m, "invfx_region", False) and m.mode != "keep"]
-    assert regions and all(r._region().norms_marked for r in regions)
-    with CountOps() as ops:
-        out = opt(x)
-        forward_bns = ops.counts[BN]
-        out.backward()
-    assert ops.counts[BN] == forward_bns == 12  # (none measured again in backward)
-    plain(x).backward()
-    for (name, p), q in zip(plain.named_parameters(), opt.parameters()):
-        assert torch.equal(p.grad, q.grad), name
-    for (name, b), c in zip(plain.named_buffers(), opt.buffers()):
-        assert torch.equal(b, c), name
+    assert _optimized_like_plain(model, x, 0.6, lambda out: out) == 12
