@@ -314,26 +314,27 @@ class _NodeTimer(fx.Interpreter):
         result, elapsed = self._timed(node)
         self.seconds.setdefault(node.name, []).append(elapsed)
         if node.name in self.dropping:
-            masks = dropout_masks.DropoutMasks(node.name)
-            with dropout_masks.recording(masks):
-                _, recorded = self._timed(node)
-            if masks:
-                with dropout_masks.replaying(masks):
-                    _, replayed = self._timed(node)
-                self.replays.setdefault(node.name, []).append((recorded, replayed))
+            self._time_replay(node, dropout_masks.DropoutMasks(node.name), dropout_masks.recording,
+                              dropout_masks.replaying)
         elif node.name in self.normalising:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             if node.op == "call_module":
                 args = (self.fetch_attr(node.target), *args)
             function = norm_stats.module_batch_norm if node.op == "call_module" else norm_stats.batch_norm
-            statistics = norm_stats.NormStatistics(node.name)
-            with norm_stats.recording(statistics):  # (a second update of the running statistics: example_run
-                _, recorded = self._timed(node, lambda: function(*args, **kwargs))  # restores them)
-            if statistics:
-                with norm_stats.replaying(statistics):
-                    _, replayed = self._timed(node, lambda: function(*args, **kwargs))
-                self.replays.setdefault(node.name, []).append((recorded, replayed))
+            # (recording updates the running statistics a second time: example_run restores them)
+            self._time_replay(node, norm_stats.NormStatistics(node.name), norm_stats.recording,
+                              norm_stats.replaying, lambda: function(*args, **kwargs))
         return result
+
+    def _time_replay(self, node: fx.Node, record, recording, replaying, run=None) -> None:
+        """``node`` run twice more, ``recording`` into ``record`` and then ``replaying`` it, those times added to
+        ``replays[node.name]`` (where it recorded anything)."""
+        with recording(record):
+            _, recorded = self._timed(node, run)
+        if record:
+            with replaying(record):
+                _, replayed = self._timed(node, run)
+            self.replays.setdefault(node.name, []).append((recorded, replayed))
 
 
 def node_seconds(module: fx.GraphModule, example_inputs: Sequence, runs: int = TIMED_RUNS,

@@ -462,14 +462,15 @@ def _plan(state: Compilation, chain_budget: int | None
         return groups, plan, coarse, frozenset()
     candidates = [(plan.extra_seconds, plan.peak, groups, plan, coarse, frozenset())]
     # the plan made with every rebuild, less the rebuilds its budget does not need
+    levels = plan.levels or None
     mixed = list(coarse)
     for i in sorted((i for i, c in enumerate(coarse) if c.rebuilt_bytes),
                     key=lambda i: -coarse[i].rebuild_seconds / coarse[i].rebuilt_bytes):
         trial = mixed[:i] + [coarse[i].without_rebuild()] + mixed[i + 1:]
-        if chain_peak(trial, plan.modes, plan.levels or None) <= chain_budget:
+        if chain_peak(trial, plan.modes, levels) <= chain_budget:
             mixed = trial
-    lean = dataclasses.replace(plan, peak=chain_peak(mixed, plan.modes, plan.levels or None),
-                               extra_seconds=chain_extra_seconds(mixed, plan.modes, plan.levels or None))
+    lean = dataclasses.replace(plan, peak=chain_peak(mixed, plan.modes, levels),
+                               extra_seconds=chain_extra_seconds(mixed, plan.modes, levels))
     dropped = frozenset(name for group, before, after in zip(groups, coarse, mixed) if after is not before
                         for name in group)
     candidates.append((lean.extra_seconds, lean.peak, groups, lean, mixed, dropped))
@@ -588,8 +589,7 @@ def _chain_budget(state: Compilation) -> int | None:
 
 def _rebuilt(state: Compilation) -> dict[str, int]:
     """``state.recomputed_saved`` less the RecomputedInputs the plan turned off."""
-    return {name: nbytes for name, nbytes in state.recomputed_saved.items()
-            if state.traced.get_submodule(name).__dict__.get("active", True)}
+    return {name: nbytes for name, nbytes in state.recomputed_saved.items() if state.traced.get_submodule(name).active}
 
 
 def _plain_chain_peak(state: Compilation) -> int:

@@ -128,7 +128,7 @@ def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
     around the whole body (``Region(dropouts_marked=True)``). None where some call may run a dropout the graph
     does not show (:func:`may_drop`: a leaf module of the user's, a function the tracer did not enter): that
     body needs the mode. ``body`` itself where it runs no dropout."""
-    rewrites: dict[fx.Node, tuple[object, tuple, dict]] = {}
+    rewrites: dict[fx.Node, tuple[object, tuple, dict, str | None]] = {}
     for node in body.graph.nodes:
         if not may_drop(body, node):
             continue
@@ -149,7 +149,8 @@ def dropouts_called_directly(body: fx.GraphModule) -> fx.GraphModule | None:
     return _calls_replaced(body, rewrites) if rewrites else body
 
 
-def _calls_replaced(body: fx.GraphModule, rewrites: dict) -> fx.GraphModule:
+def _calls_replaced(body: fx.GraphModule, rewrites: dict[fx.Node, tuple[object, tuple, dict, str | None]]
+                    ) -> fx.GraphModule:
     """``body`` with each node of ``rewrites`` (``{node: (function, args, kwargs, module)}``) calling
     ``function(*args, **kwargs)`` instead, under its own name, with ``module`` (a submodule's target), where
     given, read by a ``get_attr`` and passed first: the module itself, whose flags are read at the call."""
@@ -174,11 +175,12 @@ def norms_called_directly(body: fx.GraphModule) -> tuple[fx.GraphModule, bool]:
     :func:`~invfx.runtime.norm_stats.batch_norm`, whose batch statistics a checkpoint keeps from its
     forward for its recomputation (``Region(norms_marked=True)``); and whether it calls any. Other calls are left
     as they are: a BatchNorm the graph does not show measures again when recomputed, as before."""
-    rewrites = {}
+    rewrites: dict[fx.Node, tuple[object, tuple, dict, str | None]] = {}
     for node in body.graph.nodes:
-        if calls_batch_norm(body, node) == "module":
+        kind = calls_batch_norm(body, node)
+        if kind == "module":
             rewrites[node] = (norm_stats.module_batch_norm, node.args, {}, node.target)
-        elif calls_batch_norm(body, node) == "function":
+        elif kind == "function":
             rewrites[node] = (norm_stats.batch_norm, node.args, dict(node.kwargs), None)
     return (_calls_replaced(body, rewrites), True) if rewrites else (body, False)
 

@@ -65,19 +65,18 @@ class RecomputedInput(nn.Module):
     found), but not in the ``state_dict``, which stays the model's. ``active`` (the plan's choice, True unless
     the budget leaves room for the saved copy): False runs ``consumer(value)`` as it is."""
 
+    active = True  # (the class's default: also what one pickled before the flag existed reads)
+
     def __init__(self, consumer: nn.Module, producer: nn.Module, name: str) -> None:
         super().__init__()
         self.consumer = consumer
         self.producer = producer
         self.name = name  # (its name in the optimized module: whose keys are the model's, not missing)
-        self.active = True
         self.register_load_state_dict_post_hook(_not_missing)  # type: ignore[no-untyped-call]
 
     def forward(self, value: torch.Tensor, source: torch.Tensor) -> Any:
         out = self.consumer(value)
-        if not self.__dict__.get("active", True):  # (pickled before it had the flag: active)
-            return out
-        if not _may_release(value, source, out) or not _plain_parameters(self.producer):
+        if not self.active or not _may_release(value, source, out) or not _plain_parameters(self.producer):
             return out
         if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
             # the caller's saved-tensor hooks have what the consumer saved (even reading it back would call

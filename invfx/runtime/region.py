@@ -288,10 +288,10 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     masks = dropout_masks.DropoutMasks(region.name) if region.mode == CHECKPOINT and region.dropout_masks else None
     statistics = norm_stats.NormStatistics(region.name) if region.mode == CHECKPOINT and region.norms_marked \
         else None
+    records = _records(region, rng, stashing, branches, masks, statistics)
     if known:
         # the same graph with the same flags as the last call: what the dry run would find is known
-        with torch.no_grad(), rng_marks("record", rng), stashing, recording(branches), \
-                dropout_masks.recording(masks, region.dropouts_marked), norm_stats.recording(statistics):
+        with torch.no_grad(), records:
             result = region.function(*args)
     else:
         # The dry run: grad on, so autograd tells which outputs need grad and which parameters were read, but
@@ -301,9 +301,7 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
         for position, leaf in zip(positions, leaves):
             dry_args[position] = leaf
         first_node = _next_sequence_nr()
-        with torch.enable_grad(), _dry_mode(region.name), rng_marks("record", rng), stashing, \
-                recording(branches), dropout_masks.recording(masks, region.dropouts_marked), \
-                norm_stats.recording(statistics):
+        with torch.enable_grad(), _dry_mode(region.name), records:
             result = region.function(*dry_args)
 
     for position, tensor, version in zip(positions, inputs, versions):
@@ -347,6 +345,17 @@ def run_region(region: Region, args: Sequence[Any]) -> Any:
     if node is not None:
         node.register_prehook(call.take_output_grads)
     return structure.rebuild(call.non_tensor_result, returned)
+
+
+@contextlib.contextmanager
+def _records(region: Region, rng: RngState | None, stashing: Any, branches: BranchRecord | None,
+             masks: dropout_masks.DropoutMasks | None, statistics: norm_stats.NormStatistics | None
+             ) -> Iterator[None]:
+    """What a region's forward records for its backward's replay: RNG marks, kept op outputs, branches, dropout
+    masks and BatchNorm statistics (each None or empty where the region keeps none)."""
+    with rng_marks("record", rng), stashing, recording(branches), \
+            dropout_masks.recording(masks, region.dropouts_marked), norm_stats.recording(statistics):
+        yield
 
 
 def _leaf_like(tensor: torch.Tensor) -> torch.Tensor:
